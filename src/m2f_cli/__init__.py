@@ -1,0 +1,29 @@
+"""m2f: Mask2Former instance segmentation over folders of images.
+
+Library first: ``Segmenter`` for in-memory images, ``run(RunConfig)`` for whole folders.
+Heavy modules (torch, transformers) are imported on first use, so importing m2f_cli is cheap.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["Segmenter", "RunConfig", "run", "ImageResult", "Instance", "CategoryTable"]
+
+
+def __getattr__(name: str):
+    if name == "Segmenter":
+        from .segmenter import Segmenter
+        return Segmenter
+    if name == "run":
+        from .pipeline import run
+        return run
+    if name == "RunConfig":
+        from .config import RunConfig
+        return RunConfig
+    if name in ("ImageResult", "Instance"):
+        from . import records
+        return getattr(records, name)
+    if name == "CategoryTable":
+        from .categories import CategoryTable
+        return CategoryTable
+    raise AttributeError(name)

@@ -1,0 +1,115 @@
+"""Stage 3b: decode and preprocess in DataLoader workers, then group samples into batches.
+
+Workers turn ImageRefs into Samples (decoding failures become Samples with an error, never a
+substitute image). The main process groups samples of equal padded shape into batches through a
+bounded buffer, so a batch never mixes shapes (no padding ever changes a prediction) and memory
+and latency stay bounded. Batches can come out of input order; the pipeline restores it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .decode import DecodeError, decode
+from .preprocess import PreprocessSpec, preprocess
+from .records import ImageRef
+
+
+@dataclass
+class Sample:
+    """One preprocessed image, or the reason it could not be.
+
+    seq: position in this run's work list (results are emitted in seq order).
+    pixel_values: (3, Hp, Wp) float32 tensor, None on error.
+    valid: (h, w) unpadded part of pixel_values; original: (H0, W0) upright image size.
+    """
+
+    seq: int
+    ref: ImageRef
+    pixel_values: Optional[torch.Tensor]
+    valid: tuple[int, int]
+    original: tuple[int, int]
+    error: Optional[str] = None
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.pixel_values.shape[-2:]) if self.pixel_values is not None else (0, 0)
+
+
+class ImageDataset(Dataset):
+    """refs -> Samples. Pure function of the file, so any worker can do any item."""
+
+    def __init__(self, refs: Sequence[ImageRef], spec: PreprocessSpec, max_pixels: Optional[int],
+                 fast_decode: bool = False):
+        self.refs = list(refs)
+        self.spec = spec
+        self.max_pixels = max_pixels
+        self.fast_decode = fast_decode
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> Sample:
+        ref = self.refs[i]
+        t0 = time.perf_counter()
+        try:
+            img = decode(ref.path, self.max_pixels, draft=self.spec if self.fast_decode else None)
+        except DecodeError as e:
+            return Sample(i, ref, None, (0, 0), (0, 0), error=str(e), decode_s=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        mi = preprocess(img.rgb, self.spec, original=(img.height, img.width))
+        t2 = time.perf_counter()
+        return Sample(i, ref, torch.from_numpy(mi.pixel_values), mi.valid, (img.height, img.width),
+                      decode_s=t1 - t0, preprocess_s=t2 - t1)
+
+
+def _worker_init(_: int) -> None:
+    # One intra-op thread per worker: the model's threads own the cores. Ctrl-C is the main
+    # process's business; workers must not die with a traceback of their own.
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: ImageDataset, workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                      worker_init_fn=_worker_init if workers > 0 else None,
+                      pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
+                      persistent_workers=False)
+
+
+def group_batches(samples: Iterable[Sample], batch_size: int, max_buffered: Optional[int] = None
+                  ) -> Iterator[list[Sample]]:
+    """Group samples of equal padded shape into batches of at most batch_size.
+
+    Failed samples come out alone at once. When more than max_buffered samples wait (default
+    4 x batch_size), the oldest group is flushed even if it is not full. The rest is flushed at the end.
+    """
+    limit = max_buffered if max_buffered is not None else 4 * batch_size
+    groups: "OrderedDict[tuple[int, int], list[Sample]]" = OrderedDict()
+    waiting = 0
+    for s in samples:
+        if s.error is not None:
+            yield [s]
+            continue
+        g = groups.setdefault(s.shape, [])
+        g.append(s)
+        waiting += 1
+        if len(g) >= batch_size:
+            del groups[s.shape]
+            waiting -= len(g)
+            yield g
+        elif waiting > limit:
+            _, oldest = groups.popitem(last=False)
+            waiting -= len(oldest)
+            yield oldest
+    for g in groups.values():
+        yield g

@@ -1,0 +1,203 @@
+"""The ``m2f`` command: parse, call the library, render, pick the exit code.
+
+No torch/transformers import at module level: ``m2f --help`` must stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import List, Optional
+
+import typer
+
+from .config import DEFAULT_MODEL, ExitCode, RunConfig
+from .decode import DEFAULT_MAX_PIXELS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mask2Former instance segmentation over folders of images.")
+
+_D = RunConfig(inputs=[], out="")  # the defaults, from their one place
+
+# Kept in sync with writers.REGISTRY by a test (the registry imports torch-free modules only,
+# but importing it here would pull numpy/Pillow/pycocotools into --help).
+FORMATS = {
+    "png": "<out>/<name>.png 16-bit instance map + <name>.json sidecar",
+    "coco": "<out>/predictions.json COCO results (+ predictions_bbox.json, images.json)",
+    "overlay": "<out>/<name>.overlay.jpg: masks, contours and labels drawn on the image",
+    "jsonl": "<out>/predictions.jsonl, or stdout with --out -: one JSON object per image",
+}
+
+
+def _error(msg: str, code: int) -> "typer.Exit":
+    typer.echo(f"m2f: error: {msg}", err=True)
+    return typer.Exit(code)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
+                        format="m2f: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+def segment(
+    inputs: List[str] = typer.Argument(..., help="Image files, folders (walked recursively), glob "
+                                       "patterns, or - to read paths from stdin."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (created), or - for JSON Lines on stdout."),
+    formats: List[str] = typer.Option(list(_D.formats), "--format", "-f",
+                                      help="Output format, repeatable: " + "; ".join(
+                                          f"{k}: {v}" for k, v in FORMATS.items())),
+    model: str = typer.Option(_D.model, "--model", "-m", help="Hub id or local save_pretrained folder."),
+    revision: Optional[str] = typer.Option(_D.revision, help="Hub revision (branch, tag or commit) to pin."),
+    allow_pickle: bool = typer.Option(_D.allow_pickle, "--allow-pickle",
+                                      help="Allow loading pytorch_model.bin (pickle) when there are no safetensors."),
+    device: str = typer.Option(_D.device, "--device", "-d", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option(_D.dtype, help="auto (float32 on CPU, bfloat16/float16 on CUDA), float32, "
+                              "bfloat16 or float16."),
+    batch_size: Optional[int] = typer.Option(_D.batch_size, "--batch-size", "-b",
+                                             help="Images per forward pass [default: 2 on CPU, 16 on CUDA]."),
+    workers: Optional[int] = typer.Option(_D.workers, help="Decode/preprocess worker processes "
+                                          "[default: 1 on small CPUs, up to 8 on CUDA]; 0 decodes in-process."),
+    threads: Optional[int] = typer.Option(_D.threads, help="Torch intra-op threads [default: torch's]."),
+    threshold: Optional[float] = typer.Option(_D.threshold, "--threshold", "-t",
+                                              help="Minimum instance score for every format "
+                                              "[default: 0.5; coco: 0.0, the COCO protocol]."),
+    top_k: int = typer.Option(_D.top_k, "--top-k", help="Candidates (query, class) per image, as in the paper."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Keep only these classes: names or "
+                                          "COCO ids, comma-separated (see m2f labels)."),
+    resize: str = typer.Option(_D.resize, help="checkpoint (the model's preprocessor: 384x384), paper "
+                               "(shortest edge 800, longest <= 1333, aspect kept) or SHORT[,LONG]."),
+    fast_decode: bool = typer.Option(_D.fast_decode, "--fast-decode",
+                                     help="Decode JPEGs at reduced size (draft mode): faster on big photos, "
+                                     "pixels differ slightly from the checkpoint's preprocessing."),
+    max_pixels: int = typer.Option(_D.max_pixels, help="Refuse images with more pixels (decompression bombs)."),
+    overwrite: bool = typer.Option(_D.overwrite, "--overwrite", help="Redo images whose outputs exist."),
+    max_failures: Optional[int] = typer.Option(_D.max_failures, help="Stop after this many failed inputs."),
+    coco_annotations: Optional[str] = typer.Option(_D.coco_annotations, help="COCO annotation file: take "
+                                                   "image ids and categories from it (matched by file name)."),
+    overlay_format: str = typer.Option(_D.overlay_format, help="Overlay image format: jpg or png."),
+    overlay_alpha: float = typer.Option(_D.overlay_alpha, help="Mask opacity in overlays, 0..1."),
+    rle: bool = typer.Option(_D.rle, "--rle", help="Include RLE masks in JSON Lines records."),
+    compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the model (slow first batch "
+                                 "per input shape; pays off on long runs)."),
+    null: bool = typer.Option(False, "--null", "-0", help="With -, paths on stdin are NUL-separated."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+) -> None:
+    """Segment images and write instance maps, overlays, COCO results or JSON Lines."""
+    _setup_logging(quiet)
+    if "-" in inputs:
+        from .walk import read_path_list
+        listed = read_path_list(sys.stdin, null=null)
+        inputs = [p for i in inputs for p in (listed if i == "-" else [i])]
+        if not inputs:
+            raise _error("no paths on stdin", ExitCode.USAGE)
+    for f in formats:
+        if f not in FORMATS:
+            raise _error(f"--format {f!r}: expected one of {', '.join(FORMATS)}", ExitCode.USAGE)
+    config = RunConfig(
+        inputs=inputs, out=out, formats=tuple(dict.fromkeys(formats)), model=model, revision=revision,
+        allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
+        threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
+        resize=resize, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
+        max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
+        overlay_alpha=overlay_alpha, rle=rle, compile=compile)
+
+    from .model import ModelLoadError
+    from .pipeline import UsageError, run
+    from .progress import make_reporter
+    from .state import OutputError, OutputLockedError
+
+    try:
+        summary = run(config, make_reporter(quiet=quiet))
+    except UsageError as e:
+        raise _error(str(e), ExitCode.USAGE)
+    except OutputLockedError as e:
+        raise _error(str(e), ExitCode.LOCKED)
+    except (ModelLoadError, OutputError) as e:
+        raise _error(str(e.args[-1] if isinstance(e, OutputError) else e), ExitCode.FATAL)
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def labels(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id or local folder."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list."),
+) -> None:
+    """List the model's classes: index, category id (COCO's for COCO models) and name."""
+    _setup_logging(False)
+    from .categories import CategoryTable
+    from .model import ModelLoadError, resolve_model
+    from .segmenter import read_categories
+    try:
+        table = read_categories(resolve_model(model, revision))
+    except ModelLoadError as e:
+        if model != DEFAULT_MODEL:
+            raise _error(str(e), ExitCode.FATAL)
+        typer.echo(f"m2f: note: {e}; showing the built-in COCO table of the default model", err=True)
+        table = CategoryTable.coco()
+    if as_json:
+        typer.echo(json.dumps([{"index": c.index, "id": c.id, "name": c.name} for c in table.categories]))
+        return
+    for c in table.categories:
+        typer.echo(f"{c.index:>3}  {c.id:>3}  {c.name}")
+
+
+@app.command()
+def info(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id or local folder to resolve."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision."),
+) -> None:
+    """Versions, available devices and the resolved model."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    from .model import ModelLoadError, resolve_model
+    for pkg in ("m2f", "torch", "transformers", "pillow", "numpy", "pycocotools", "typer", "rich"):
+        try:
+            v = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v = "not installed"
+        typer.echo(f"{pkg}: {v}")
+    typer.echo(f"python: {platform.python_version()} ({sys.executable})")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    typer.echo(f"devices: {', '.join(devices)}")
+    typer.echo(f"threads: {torch.get_num_threads()}")
+    try:
+        src = resolve_model(model, revision)
+        typer.echo(f"model: {src.spec}")
+        typer.echo(f"revision: {src.revision or 'default'}" + (f" (commit {src.commit})" if src.commit else ""))
+        typer.echo(f"model path: {src.local_dir}")
+    except ModelLoadError as e:
+        typer.echo(f"model: {model} (not available: {e})")
+
+
+@app.command("eval")
+def eval_cmd(
+    gt: str = typer.Option(..., "--gt", help="COCO annotation file (ground truth)."),
+    pred: str = typer.Option(..., "--pred", help="COCO results file (m2f's predictions.json)."),
+    iou_type: str = typer.Option("segm", "--iou-type", help="segm (masks) or bbox (use predictions_bbox.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the 12 numbers as JSON."),
+) -> None:
+    """Evaluate predictions with pycocotools' COCOeval and print the standard table."""
+    from .evaluate import EvalError, evaluate, format_table
+    try:
+        stats = evaluate(gt, pred, iou_type)
+    except EvalError as e:
+        raise _error(str(e), ExitCode.USAGE)
+    typer.echo(json.dumps(stats) if as_json else format_table(stats))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

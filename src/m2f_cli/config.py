@@ -1,0 +1,59 @@
+"""The run configuration: every default lives here, and the CLI reads its defaults from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Optional
+
+from .decode import DEFAULT_MAX_PIXELS
+
+DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"
+
+
+class ExitCode(IntEnum):
+    """Process exit codes (documented in the README)."""
+
+    OK = 0               # every input written (or already complete and skipped)
+    FATAL = 1            # the run could not go on: model, output folder, unexpected error
+    USAGE = 2            # bad command line: option values, missing inputs, unknown class or device
+    INPUTS_FAILED = 3    # the run finished but some inputs failed (listed in failures.jsonl)
+    LOCKED = 4           # another m2f run is writing into the same --out
+    INTERRUPTED = 130    # SIGINT (Ctrl-C); 143 for SIGTERM (128 + signal number)
+
+
+@dataclass
+class RunConfig:
+    """One ``m2f segment`` run.
+
+    inputs: files, folders or glob patterns (the CLI turns ``-`` into paths read from stdin).
+    out: output folder, or "-" for JSON Lines on stdout.
+    threshold: None = each format's own default (png/overlay/jsonl 0.5, coco 0.0).
+    batch_size / workers / threads: None = chosen for the device (see pipeline.auto_settings).
+    """
+
+    inputs: list[str]
+    out: str
+    formats: tuple[str, ...] = ("png",)
+    model: str = DEFAULT_MODEL
+    revision: Optional[str] = None
+    allow_pickle: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: Optional[int] = None
+    workers: Optional[int] = None
+    threads: Optional[int] = None
+    threshold: Optional[float] = None
+    top_k: int = 100
+    classes: tuple[str, ...] = ()
+    resize: str = "checkpoint"
+    fast_decode: bool = False
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+    overwrite: bool = False
+    max_failures: Optional[int] = None
+    coco_annotations: Optional[str] = None
+    overlay_format: str = "jpg"
+    overlay_alpha: float = 0.5
+    rle: bool = False
+    compile: bool = False
+    options: dict = field(default_factory=dict)

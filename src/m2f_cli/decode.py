@@ -1,0 +1,114 @@
+"""Stage 2: read an image file into an upright RGB uint8 array.
+
+Handles, in one place: EXIF orientation, every Pillow mode (grayscale, RGBA, palette, CMYK,
+16-bit), the first frame of animated/multi-page files, a pixel limit checked before decoding,
+and the optional JPEG draft mode (decode at 1/2, 1/4 or 1/8 scale when the model needs fewer pixels).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's own default limit; above it we refuse to decode (decompression bombs).
+DEFAULT_MAX_PIXELS = 89_478_485
+
+_ROTATING_ORIENTATIONS = {5, 6, 7, 8}
+
+
+class DecodeError(Exception):
+    """The file is not a readable image; the message is one line without the path."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """rgb: (h, w, 3) uint8, upright. width, height: the ORIGINAL upright size, which differs from
+    rgb's shape only when a draft decode returned a reduced image."""
+
+    rgb: np.ndarray
+    width: int
+    height: int
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            top = max(float(arr.max(initial=1.0)), 1.0)
+        g = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2))
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot identify image file (empty, not an image, or an unsupported format)"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder"
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{text}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {text}"
+
+
+class DraftTarget(Protocol):
+    def draft_size(self, h: int, w: int) -> tuple[int, int]:
+        """(width, height) of pixels needed from an upright (h, w) image."""
+
+
+def decode(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+           draft: Optional[DraftTarget] = None) -> DecodedImage:
+    """Read path into an upright RGB image.
+
+    max_pixels: refuse images with more pixels (checked from the header, before decoding).
+    draft: what the model needs (a PreprocessSpec); with JPEGs, decode at the smallest 1/2^k
+        scale that still covers it. Changes pixels slightly, so it is opt-in (``--fast-decode``).
+    Raises DecodeError with a one-line reason.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            old_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # our own check below decides
+            try:
+                with Image.open(path) as img:
+                    w, h = img.size
+                    if max_pixels is not None and w * h > max_pixels:
+                        raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels "
+                                          f"> --max-pixels {max_pixels}")
+                    if w < 1 or h < 1:
+                        raise DecodeError(f"empty image ({w}x{h})")
+                    orientation = img.getexif().get(0x0112, 1)
+                    if orientation in _ROTATING_ORIENTATIONS:
+                        w, h = h, w
+                    if draft is not None and img.format == "JPEG":
+                        dw, dh = draft.draft_size(h, w)
+                        if orientation in _ROTATING_ORIENTATIONS:
+                            dw, dh = dh, dw
+                        img.draft("RGB", (dw, dh))
+                    img.seek(0)
+                    img.load()
+                    img = ImageOps.exif_transpose(img) if orientation != 1 else img
+                    rgb = np.asarray(_to_rgb(img), dtype=np.uint8)
+            finally:
+                Image.MAX_IMAGE_PIXELS = old_limit
+    except DecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+            MemoryError, IndexError, TypeError, KeyError) as e:
+        raise DecodeError(_message(e)) from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise DecodeError(f"unexpected decoded shape {rgb.shape}")
+    return DecodedImage(np.ascontiguousarray(rgb), w, h)

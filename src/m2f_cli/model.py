@@ -1,0 +1,169 @@
+"""Stage 4: resolve, load and run the model.
+
+Loading: a hub id (optionally pinned with a revision) or a local folder; safetensors only unless
+the user opts in to pickle. Every hub/file problem becomes one ModelLoadError line saying what to do.
+Running: a Predictor maps pixel_values (B, 3, H, W) to (class logits (B, Q, C+1), mask logits
+(B, Q, H/4, W/4)); tests plug in their own predictors through the same interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+from .categories import CategoryTable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be resolved or loaded; the message says what to do."""
+
+
+class DeviceError(ValueError):
+    """The requested device does not exist here."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from. local_dir is the folder actually loaded (a hub cache snapshot
+    for hub ids); revision is the requested revision, commit the resolved one when known."""
+
+    spec: str
+    local_dir: str
+    revision: Optional[str]
+    commit: Optional[str]
+    from_hub: bool
+
+
+def resolve_model(spec: str, revision: Optional[str] = None, allow_pickle: bool = False) -> ModelSource:
+    """Find a model folder: spec is a local folder or a hub id (downloaded or taken from the cache)."""
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "config.json")):
+            raise ModelLoadError(f"{spec}: no config.json in this folder; it is not a saved model")
+        return ModelSource(spec, os.path.abspath(spec), revision, None, False)
+    if os.path.exists(spec):
+        raise ModelLoadError(f"{spec}: --model must be a folder (save_pretrained output) or a hub id")
+    if spec.count("/") > 1 or spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{spec}: no such model folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    patterns = ["*.json", "*.safetensors"] + (["*.bin"] if allow_pickle else [])
+    try:
+        path = snapshot_download(spec, revision=revision, allow_patterns=patterns)
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"{spec}: revision {revision!r} does not exist") from None
+    except GatedRepoError:
+        raise ModelLoadError(f"{spec}: gated model; log in with `hf auth login` first") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{spec}: no such model on the hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{spec}: not in the local cache and the hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}; "
+            f"download it where there is network (`hf download {spec}`) or pass --model DIR "
+            f"with a save_pretrained folder") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{spec}: cannot download ({str(e).splitlines()[0]}); "
+                             f"retry, or pass --model DIR with a local copy") from None
+    commit = os.path.basename(os.path.normpath(path))
+    return ModelSource(spec, path, revision, commit, True)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda, then mps, then cpu. Raises DeviceError for a device that is not here."""
+    n = name.strip().lower()
+    if n == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(n)
+    except RuntimeError:
+        raise DeviceError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise DeviceError(f"--device {name}: MPS is not available here")
+    elif dev.type != "cpu":
+        raise DeviceError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: float32 on CPU and MPS, bfloat16 on CUDA cards that support it, else float16.
+    float16 on CPU is refused: it has no fast kernels there and is ~100x slower."""
+    n = name.strip().lower()
+    if n == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if n not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected auto, float32, bfloat16 or float16")
+    if n == "float16" and device.type == "cpu":
+        raise ValueError("--dtype float16 is not supported on CPU (no fast kernels); use bfloat16")
+    return DTYPES[n]
+
+
+class Predictor(Protocol):
+    """pixel_values (B, 3, H, W) float32 on its device -> (class logits (B, Q, C+1),
+    mask logits (B, Q, H/4, W/4)); any float dtype, post-processing casts to float32."""
+
+    device: torch.device
+    categories: CategoryTable
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class HFPredictor:
+    """A transformers Mask2FormerForUniversalSegmentation, run under inference_mode and autocast."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32,
+                 compile: bool = False):
+        self.model = model.to(device).eval()
+        self.device = device
+        self.dtype = dtype
+        id2label = getattr(model.config, "id2label", None) or {}
+        self.categories = CategoryTable.from_id2label(id2label) if id2label else CategoryTable.coco()
+        self._forward = torch.compile(self.model) if compile else self.model
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), self._autocast():
+            out = self._forward(pixel_values=pixel_values)
+        return out.class_queries_logits, out.masks_queries_logits
+
+
+def load_model(source: ModelSource, allow_pickle: bool = False) -> torch.nn.Module:
+    """Load the weights of a resolved source. safetensors only unless allow_pickle."""
+    has_st = any(f.endswith(".safetensors") for f in os.listdir(source.local_dir))
+    if not has_st and not allow_pickle:
+        raise ModelLoadError(f"{source.local_dir}: no .safetensors weights; pass --allow-pickle to load "
+                             f"pytorch_model.bin (it runs pickle: only for files you trust)")
+    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    try:
+        return Mask2FormerForUniversalSegmentation.from_pretrained(
+            source.local_dir, use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{source.local_dir}: cannot load the model ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,411 @@
+"""``run(config, reporter) -> Summary``: the whole ``m2f segment`` recipe, top to bottom.
+
+walk -> (skip what is done) -> decode + preprocess in DataLoader workers -> group into batches
+-> model -> postprocess -> restore input order -> writers (in a bounded background thread).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Iterator, Optional
+
+import torch
+
+from .batch import ImageDataset, Sample, group_batches, make_loader
+from .categories import CategoryTable
+from .config import ExitCode, RunConfig
+from .model import ModelSource, resolve_device, resolve_model
+from .progress import QuietReporter, Reporter, Summary
+from .records import Failure, ImageRef, ImageResult
+from .segmenter import Segmenter, read_categories, resolve_classes
+from .state import OutputError, OutputFolder
+from .walk import InputError, walk
+from .writers import REGISTRY, Writer, WriterContext
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """A bad option value or input, found before any work starts."""
+
+
+@dataclass
+class Stages:
+    """Seconds spent per stage (decode/preprocess are summed over workers)."""
+
+    decode: float = 0.0
+    preprocess: float = 0.0
+    forward: float = 0.0
+    postprocess: float = 0.0
+    write: float = 0.0
+    idle: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunSummary(Summary):
+    stages: Stages = field(default_factory=Stages)
+    failures: list = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 128 + self.interrupted
+        return int(ExitCode.INPUTS_FAILED if self.failed else ExitCode.OK)
+
+
+def auto_settings(device: torch.device, config: RunConfig) -> tuple[int, int, Optional[int]]:
+    """(batch_size, workers, threads) for the device unless the user chose them.
+
+    CPU: the model's threads own the cores; one decode worker (two on bigger machines) is enough
+    to keep up with a ~1 s forward, and batching does not pay on CPU. GPU: big batches, many workers.
+    """
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        bs, workers = 16, min(8, cores)
+    elif device.type == "mps":
+        bs, workers = 4, min(4, cores)
+    else:
+        bs, workers = 2, (1 if cores <= 4 else 2)
+    return (config.batch_size or bs,
+            workers if config.workers is None else config.workers,
+            config.threads)
+
+
+def validate(config: RunConfig) -> None:
+    """Every check that needs neither the inputs nor the model. Raises UsageError."""
+    if not config.formats:
+        raise UsageError("no --format given")
+    for f in config.formats:
+        if f not in REGISTRY:
+            raise UsageError(f"--format {f!r}: expected one of {', '.join(REGISTRY)}")
+    if config.out == "-":
+        if set(config.formats) != {"jsonl"}:
+            raise UsageError("--out - writes JSON Lines to stdout: use it with --format jsonl only")
+    if config.threshold is not None and not 0.0 <= config.threshold <= 1.0:
+        raise UsageError(f"--threshold {config.threshold}: expected a value in [0, 1]")
+    if not 1 <= config.top_k <= 65535:
+        raise UsageError(f"--top-k {config.top_k}: expected 1..65535")
+    for name, v in (("--batch-size", config.batch_size), ("--threads", config.threads)):
+        if v is not None and v < 1:
+            raise UsageError(f"{name} {v}: expected a positive number")
+    if config.workers is not None and config.workers < 0:
+        raise UsageError(f"--workers {config.workers}: expected 0 or more")
+    if config.max_failures is not None and config.max_failures < 1:
+        raise UsageError(f"--max-failures {config.max_failures}: expected 1 or more")
+    if config.coco_annotations and not os.path.isfile(config.coco_annotations):
+        raise UsageError(f"--coco-annotations {config.coco_annotations}: no such file")
+    if config.overlay_format not in ("jpg", "png"):
+        raise UsageError(f"--overlay-format {config.overlay_format!r}: expected jpg or png")
+    if not 0.0 <= config.overlay_alpha <= 1.0:
+        raise UsageError(f"--overlay-alpha {config.overlay_alpha}: expected a value in [0, 1]")
+    try:
+        from .preprocess import PreprocessSpec, spec_for_resize
+        spec_for_resize(config.resize, PreprocessSpec())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def writer_thresholds(config: RunConfig) -> dict[str, float]:
+    """Each format's score threshold: --threshold for all, else each writer's own default."""
+    return {f: (config.threshold if config.threshold is not None else REGISTRY[f].default_threshold)
+            for f in config.formats}
+
+
+def open_writers(config: RunConfig, folder: Optional[OutputFolder], categories: CategoryTable,
+                 model_id: str, stdout: IO[str]) -> list[Writer]:
+    writers = []
+    options = {"coco_annotations": config.coco_annotations, "overlay_format": config.overlay_format,
+               "overlay_alpha": config.overlay_alpha, "rle": config.rle, **config.options}
+    for fmt, thr in writer_thresholds(config).items():
+        ctx = WriterContext(folder=folder, categories=categories, model=model_id, revision=config.revision,
+                            top_k=config.top_k, threshold=thr, overwrite=config.overwrite, stdout=stdout,
+                            options=options)
+        try:
+            writers.append(REGISTRY[fmt](ctx))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return writers
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM: the first asks the run to stop after the batch in flight; a second SIGINT
+    exits at once (outputs are renamed into place only when complete, so nothing is corrupt)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            os._exit(128 + signum)
+        self.signum = signum
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+class _WriterThread:
+    """Writes results in a background thread through a bounded queue (off the critical path).
+    The first OutputError stops writing and is re-raised in the main thread by check()."""
+
+    def __init__(self, writers: list[Writer], depth: int, stages: Stages):
+        self.writers = writers
+        self.q: "queue.Queue[Optional[ImageResult]]" = queue.Queue(maxsize=depth)
+        self.error: Optional[OutputError] = None
+        self.stages = stages
+        self.thread = threading.Thread(target=self._loop, name="m2f-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            r = self.q.get()
+            if r is None:
+                return
+            if self.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                for w in self.writers:
+                    w.write(r)
+            except OutputError as e:
+                self.error = e
+            self.stages.write += time.perf_counter() - t0
+
+    def put(self, result: ImageResult) -> None:
+        self.check()
+        self.q.put(result)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def join(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+
+def _in_order(items: Iterator[tuple[int, object]], first: int = 0) -> Iterator[object]:
+    """Re-emit (seq, item) pairs in seq order; seqs are 0..n-1, each exactly once."""
+    heap: list = []
+    nxt = first
+    for seq, item in items:
+        heapq.heappush(heap, (seq, id(item), item))
+        while heap and heap[0][0] == nxt:
+            yield heapq.heappop(heap)[2]
+            nxt += 1
+    while heap:
+        yield heapq.heappop(heap)[2]
+
+
+def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optional[Segmenter] = None,
+        stdout: Optional[IO[str]] = None) -> RunSummary:
+    """Segment every input of config and write the requested formats. Returns the summary.
+
+    Raises UsageError (bad options/inputs), ModelLoadError, DeviceError, OutputError,
+    OutputLockedError before any image is processed; per-image problems become failures.
+    segmenter: a ready Segmenter (tests, long-lived services) instead of loading config.model.
+    """
+    reporter = reporter or QuietReporter()
+    stdout = stdout or sys.stdout
+    t_start = time.perf_counter()
+    validate(config)
+    if segmenter is None:
+        try:
+            device = resolve_device(config.device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    else:
+        device = segmenter.device
+
+    folder = None if config.out == "-" else OutputFolder(config.out)
+    try:
+        found = walk(config.inputs, exclude=None if folder is None else folder.out)
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if folder is not None:
+        folder.check_writable()
+        folder.lock()
+    try:
+        return _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start)
+    finally:
+        if folder is not None:
+            folder.unlock()
+
+
+def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start) -> RunSummary:
+    thresholds = writer_thresholds(config)
+    if segmenter is None:
+        source: ModelSource = resolve_model(config.model, config.revision, config.allow_pickle)
+        categories = read_categories(source)
+        try:
+            resolve_classes(categories, config.classes)
+        except KeyError as e:
+            raise UsageError(e.args[0]) from None
+        model_id = config.model
+    else:
+        categories, model_id = segmenter.categories, segmenter.model_id
+    writers = open_writers(config, folder, categories, model_id, stdout)
+
+    summary = RunSummary(total=len(found.refs) + len(found.failures))
+    todo: list[ImageRef] = []
+    for ref in found.refs:
+        if not config.overwrite and all(w.done(ref) for w in writers):
+            summary.skipped += 1
+        else:
+            todo.append(ref)
+
+    if segmenter is None and todo:
+        try:
+            segmenter = Segmenter(config.model, device=config.device, dtype=config.dtype,
+                                  revision=config.revision, allow_pickle=config.allow_pickle,
+                                  resize=config.resize, threshold=min(thresholds.values()),
+                                  map_threshold=_map_threshold(config, thresholds), top_k=config.top_k,
+                                  classes=config.classes, compile=config.compile, source=source)
+        except KeyError as e:
+            raise UsageError(e.args[0]) from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    elif segmenter is not None:
+        segmenter.options = segmenter.options.__class__(
+            threshold=min(thresholds.values()), map_threshold=_map_threshold(config, thresholds),
+            top_k=config.top_k, keep=resolve_classes(segmenter.categories, config.classes))
+
+    batch_size, workers, threads = auto_settings(device, config)
+    if threads:
+        torch.set_num_threads(threads)
+
+    reporter.start(len(todo) + len(found.failures), summary.skipped)
+    for f in found.failures:
+        _fail(summary, reporter, f)
+
+    interrupt = _Interrupt()
+    fatal: Optional[BaseException] = None
+    with interrupt.installed():
+        if todo:
+            writer = _WriterThread(writers, depth=2 * batch_size + 2, stages=summary.stages)
+            try:
+                _process(config, segmenter, todo, batch_size, workers, writer, summary, reporter, interrupt)
+            except OutputError as e:
+                fatal = e
+            finally:
+                writer.join()
+                if writer.error is not None and fatal is None:
+                    fatal = writer.error
+        for w in writers:
+            try:
+                w.close()
+            except OutputError as e:
+                fatal = fatal or e
+        if folder is not None:
+            try:
+                _write_failures(folder, summary.failures)
+            except OutputError as e:
+                fatal = fatal or e
+    summary.interrupted = interrupt.signum
+    summary.wall_s = time.perf_counter() - t_start
+    if segmenter is not None:
+        summary.stages.forward = segmenter.times.forward_s
+        summary.stages.postprocess = segmenter.times.postprocess_s
+    reporter.finish(summary)
+    if fatal is not None:
+        raise fatal
+    return summary
+
+
+def _map_threshold(config: RunConfig, thresholds: dict[str, float]) -> float:
+    """The instance map (PNG, overlay) is drawn at the PNG/overlay threshold."""
+    drawn = [thresholds[f] for f in ("png", "overlay") if f in thresholds]
+    return drawn[0] if drawn else (config.threshold if config.threshold is not None else 0.5)
+
+
+def _fail(summary: RunSummary, reporter: Reporter, failure: Failure) -> None:
+    summary.failed += 1
+    summary.failures.append(failure)
+    reporter.failure(failure)
+
+
+def _process(config, segmenter: Segmenter, todo, batch_size, workers, writer: _WriterThread,
+             summary: RunSummary, reporter: Reporter, interrupt: _Interrupt) -> None:
+    dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode)
+    loader = make_loader(dataset, workers, pin_memory=segmenter.device.type == "cuda")
+    stages = summary.stages
+    stop = False
+
+    def stopping() -> bool:
+        return (interrupt.signum is not None or
+                (config.max_failures is not None and summary.failed >= config.max_failures))
+
+    def samples() -> Iterator[Sample]:
+        it = iter(loader)
+        try:
+            while not stopping():
+                t0 = time.perf_counter()
+                try:
+                    s = next(it)
+                except StopIteration:
+                    return
+                stages.idle += time.perf_counter() - t0
+                stages.decode += s.decode_s
+                stages.preprocess += s.preprocess_s
+                yield s
+        finally:
+            del it  # shuts the workers down
+
+    def results() -> Iterator[tuple[int, object]]:
+        for batch in group_batches(samples(), batch_size):
+            if batch[0].error is not None:
+                s = batch[0]
+                yield s.seq, Failure(s.ref, "decode", s.error)
+                continue
+            x = torch.stack([s.pixel_values for s in batch])
+            try:
+                per_image = segmenter.infer(x, [s.valid for s in batch], [s.original for s in batch])
+            except (RuntimeError, ValueError) as e:  # e.g. out of memory on one odd batch
+                for s in batch:
+                    yield s.seq, Failure(s.ref, "model", str(e).splitlines()[0])
+                continue
+            for s, inst in zip(batch, per_image):
+                yield s.seq, segmenter.result(s.ref, s.original, inst)
+
+    for item in _in_order(results()):
+        if isinstance(item, Failure):
+            _fail(summary, reporter, item)
+        else:
+            writer.put(item)
+            summary.images += 1
+            summary.instances += len(item.instances_above(item.map_threshold))
+            reporter.advance(1, len(item.instances))
+        if stopping():
+            summary.stopped_early = interrupt.signum is None
+            stop = True
+            break
+    if not stop and stopping():
+        summary.stopped_early = interrupt.signum is None
+
+
+def _write_failures(folder: OutputFolder, failures: list[Failure]) -> None:
+    """<out>/failures.jsonl, rewritten each run: {"path", "stage", "error"} per failed input."""
+    data = "".join(json.dumps({"path": f.ref.path, "stage": f.stage, "error": f.error}, ensure_ascii=False)
+                   + "\n" for f in failures)
+    folder.write_bytes(os.path.join(folder.out, "failures.jsonl"), data.encode())

@@ -1,0 +1,99 @@
+"""Typed records passed between the stages: walk -> decode -> batch -> model -> postprocess -> writers.
+
+Writers only ever see these records, never Hugging Face outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One input image and its identity, carried through every stage.
+
+    path: where to read it (a local path as given or resolved).
+    name: the source name: the relative path with its extension (see walk.py), used to match
+          COCO annotation file names and recorded in images.json.
+    rel: the output name: a relative POSIX path *without* extension, unique within a run; every
+         output file of this image is ``<out>/<rel><suffix>``.
+    index: position in the run's input order (0-based); results are emitted in this order.
+    """
+
+    path: str
+    name: str
+    rel: str
+    index: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be processed. stage is one of walk, decode, model, postprocess, write."""
+
+    ref: ImageRef
+    stage: str
+    error: str
+
+    def line(self) -> str:
+        return f"{self.ref.path}: {self.stage}: {self.error}"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One predicted instance, at the original image resolution.
+
+    id: 1-based rank by descending score among the instances of its image (the PNG pixel value
+        when it is drawn in the instance map).
+    label: class name; category_id: output category id (COCO id for COCO labels); label_index:
+        the model's class index.
+    score: class probability x mean mask probability inside the mask, in [0, 1].
+    bbox: [x, y, width, height] in pixels, tight around the mask (COCO box format; zeros if empty).
+    area: mask pixel count.
+    rle: the full mask as COCO compressed RLE {"size": [H, W], "counts": str}.
+    """
+
+    id: int
+    label: str
+    category_id: int
+    label_index: int
+    score: float
+    bbox: tuple[int, int, int, int]
+    area: int
+    rle: dict
+
+    def to_json(self, with_rle: bool = True) -> dict:
+        d: dict[str, Any] = {
+            "id": self.id, "label": self.label, "category_id": self.category_id,
+            "score": round(self.score, 6), "bbox": list(self.bbox), "area": self.area,
+        }
+        if with_rle:
+            d["segmentation"] = self.rle
+        return d
+
+
+@dataclass
+class ImageResult:
+    """Everything the writers need for one image.
+
+    width, height: original image size (after EXIF orientation).
+    instances: all kept instances, descending score, ids 1..N.
+    instance_map: (H, W) uint16, 0 = background, k = instances[k-1]; each pixel owned by the
+        highest-scoring instance covering it. Only instances with score >= map_threshold are drawn.
+    map_threshold: the score threshold the map (and the sidecar) were drawn with.
+    image: the decoded RGB image (H, W, 3) uint8 when a writer asked for it (overlays), else None.
+    """
+
+    ref: ImageRef
+    width: int
+    height: int
+    instances: list[Instance]
+    instance_map: np.ndarray
+    map_threshold: float
+    image: Optional[np.ndarray] = None
+    extra: dict = field(default_factory=dict)
+
+    def instances_above(self, threshold: float) -> list[Instance]:
+        return [i for i in self.instances if i.score >= threshold]

@@ -1,0 +1,148 @@
+"""Never lose work: atomic file writes, the output-folder lock, and append-only journals.
+
+Everything we keep for ourselves lives in ``<out>/.m2f/``:
+- ``lock``: held with flock while a run writes into ``<out>``; the kernel drops it when the
+  process dies (SIGKILL included), so a killed run never leaves it stuck.
+- ``tmp/``: every output is written there first and renamed into place when complete
+  (same filesystem, so the rename is atomic). Emptied at the start of each run.
+- ``<writer>.journal.jsonl``: one line per finished image for the writers that build one file
+  for the whole run (COCO, JSON Lines); their final files are rebuilt from it atomically.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from typing import Callable, Iterator, Optional
+
+from .walk import STATE_DIR
+
+
+class OutputLockedError(RuntimeError):
+    """Another m2f run is writing into the same output folder."""
+
+
+class OutputError(OSError):
+    """An output cannot be written (disk full, permissions); names the path."""
+
+
+def state_dir(out: str) -> str:
+    return os.path.join(out, STATE_DIR)
+
+
+class OutputFolder:
+    """The run's output folder: lock, temporary area and atomic writes."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.state = state_dir(out)
+        self.tmp = os.path.join(self.state, "tmp")
+        self._lock_fd: Optional[int] = None
+
+    def check_writable(self) -> None:
+        """Create the folders and prove we can write there, before any model is loaded."""
+        try:
+            os.makedirs(self.tmp, exist_ok=True)
+            probe = os.path.join(self.tmp, f"probe-{uuid.uuid4().hex}")
+            with open(probe, "wb") as f:
+                f.write(b"ok")
+            os.remove(probe)
+        except OSError as e:
+            raise OutputError(e.errno, f"{self.out}: output folder is not writable ({e.strerror or e})") from None
+
+    def lock(self) -> None:
+        path = os.path.join(self.state, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            except OSError:
+                pass
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputLockedError(
+                    f"{self.out}: output folder is in use by another m2f run"
+                    f"{f' (pid {holder})' if holder else ''}") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        # A previous run killed mid-write may have left temporary files; they are ours to remove.
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        os.makedirs(self.tmp, exist_ok=True)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def path(self, rel: str, suffix: str) -> str:
+        return os.path.join(self.out, *rel.split("/")) + suffix
+
+    def write_atomic(self, final: str, write: Callable[[object], None], binary: bool = True) -> None:
+        """Call write(file) on a temporary file, then rename it to final. Raises OutputError."""
+        tmp = os.path.join(self.tmp, uuid.uuid4().hex)
+        try:
+            os.makedirs(os.path.dirname(final) or ".", exist_ok=True)
+            with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+                write(f)
+            os.replace(tmp, final)
+        except OSError as e:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise OutputError(e.errno, f"{final}: cannot write ({e.strerror or e})") from None
+
+    def write_bytes(self, final: str, data: bytes) -> None:
+        self.write_atomic(final, lambda f: f.write(data))
+
+
+class Journal:
+    """An append-only JSON Lines file of finished images, robust to being killed mid-line.
+
+    Each record is one line written with a single write() and flushed, so after a crash at most
+    the last line is partial; opening the journal drops it.
+    """
+
+    def __init__(self, path: str, fresh: bool = False):
+        self.path = path
+        if fresh and os.path.exists(path):
+            os.remove(path)
+        self._repair()
+        self._f = open(path, "ab")
+
+    def _repair(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            end = data.rfind(b"\n") + 1
+            if end != len(data):
+                f.truncate(end)
+
+    def records(self) -> Iterator[dict]:
+        with open(self.path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+    def append(self, record: dict) -> None:
+        try:
+            self._f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+            self._f.flush()
+        except OSError as e:
+            raise OutputError(e.errno, f"{self.path}: cannot write ({e.strerror or e})") from None
+
+    def close(self) -> None:
+        try:
+            self._f.close()
+        except OSError:
+            pass

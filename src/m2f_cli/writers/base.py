@@ -1,0 +1,63 @@
+"""The writer interface and registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import IO, ClassVar, Optional
+
+from ..categories import CategoryTable
+from ..records import ImageRef, ImageResult
+from ..state import OutputFolder
+
+
+@dataclass
+class WriterContext:
+    """What every writer may need. threshold: the score threshold this writer applies (set per
+    writer from its default unless the user gave --threshold)."""
+
+    folder: Optional[OutputFolder]
+    categories: CategoryTable
+    model: str
+    revision: Optional[str]
+    top_k: int
+    threshold: float = 0.5
+    overwrite: bool = False
+    stdout: Optional[IO[str]] = None
+    options: dict = field(default_factory=dict)
+
+
+class Writer:
+    """One output format. Subclasses set name/help/default_threshold and implement the methods.
+
+    done(ref): True when this image's output is complete on disk (resume skips the image when
+        every writer says so).
+    write(result): write one image's outputs atomically; raises OutputError on I/O failure.
+    close(): finalise run-level files (also after an interrupt); must leave only valid files.
+    """
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    default_threshold: ClassVar[float] = 0.5
+    needs_image: ClassVar[bool] = False
+    streams_to_stdout: ClassVar[bool] = False
+
+    def __init__(self, ctx: WriterContext):
+        self.ctx = ctx
+        self.threshold = ctx.threshold
+
+    def done(self, ref: ImageRef) -> bool:
+        return False
+
+    def write(self, result: ImageResult) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+REGISTRY: dict[str, type[Writer]] = {}
+
+
+def register(cls: type[Writer]) -> type[Writer]:
+    REGISTRY[cls.name] = cls
+    return cls

@@ -1,0 +1,64 @@
+"""``--format jsonl``: one JSON object per image, for pipelines.
+
+To ``<out>/predictions.jsonl`` (built from a journal, so resumable), or to stdout with ``--out -``,
+flushed per image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from ..records import ImageRef, ImageResult
+from ..state import Journal
+from .base import Writer, register
+
+
+def image_record(result: ImageResult, threshold: float, with_rle: bool) -> dict:
+    return {
+        "image": result.ref.path,
+        "name": result.ref.name,
+        "width": result.width,
+        "height": result.height,
+        "instances": [i.to_json(with_rle=with_rle) for i in result.instances_above(threshold)],
+    }
+
+
+@register
+class JsonlWriter(Writer):
+    name = "jsonl"
+    help = "<out>/predictions.jsonl, or stdout with --out - (one object per image; masks with --rle)"
+    streams_to_stdout = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.with_rle = bool(ctx.options.get("rle", False))
+        self.journal = None
+        self._done: set[str] = set()
+        if ctx.folder is not None:
+            self.journal = Journal(os.path.join(ctx.folder.state, "jsonl.journal.jsonl"), fresh=ctx.overwrite)
+            self._done = {r["rel"] for r in self.journal.records()}
+
+    def done(self, ref: ImageRef) -> bool:
+        return ref.rel in self._done
+
+    def write(self, result: ImageResult) -> None:
+        rec = image_record(result, self.threshold, self.with_rle)
+        if self.journal is None:
+            out = self.ctx.stdout
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            out.flush()
+            return
+        self.journal.append({"rel": result.ref.rel, "record": rec})
+        self._done.add(result.ref.rel)
+
+    def close(self) -> None:
+        if self.journal is None:
+            return
+        self.journal.close()
+        folder = self.ctx.folder
+
+        def write(f):
+            for r in self.journal.records():
+                f.write(json.dumps(r["record"], ensure_ascii=False).encode() + b"\n")
+        folder.write_atomic(os.path.join(folder.out, "predictions.jsonl"), write)
