@@ -81,6 +81,8 @@ def segment(
     rle: bool = typer.Option(_D.rle, "--rle", help="Include RLE masks in JSON Lines records."),
     compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the model (slow first batch "
                                  "per input shape; pays off on long runs)."),
+    summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Also write the run summary "
+                                               "(counts, wall time, per-stage seconds) to this JSON file."),
     null: bool = typer.Option(False, "--null", "-0", help="With -, paths on stdin are NUL-separated."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ) -> None:
@@ -116,6 +118,9 @@ def segment(
         raise _error(str(e), ExitCode.LOCKED)
     except (ModelLoadError, OutputError) as e:
         raise _error(str(e.args[-1] if isinstance(e, OutputError) else e), ExitCode.FATAL)
+    if summary_json:
+        with open(summary_json, "w", encoding="utf-8") as f:
+            json.dump(summary.as_dict(), f, indent=1)
     raise typer.Exit(summary.exit_code)
 
 

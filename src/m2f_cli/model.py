@@ -162,6 +162,7 @@ def load_model(source: ModelSource, allow_pickle: bool = False) -> torch.nn.Modu
     from transformers import Mask2FormerForUniversalSegmentation
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own progress only; stderr stays clean for logs
     try:
         return Mask2FormerForUniversalSegmentation.from_pretrained(
             source.local_dir, use_safetensors=None if allow_pickle else True)

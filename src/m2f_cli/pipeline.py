@@ -59,6 +59,13 @@ class RunSummary(Summary):
     stages: Stages = field(default_factory=Stages)
     failures: list = field(default_factory=list)
 
+    def as_dict(self) -> dict:
+        return {"total": self.total, "images": self.images, "skipped": self.skipped, "failed": self.failed,
+                "instances": self.instances, "wall_s": round(self.wall_s, 4),
+                "images_per_s": round(self.images_per_s, 4), "interrupted": self.interrupted,
+                "stopped_early": self.stopped_early, "exit_code": self.exit_code,
+                "stages": {k: round(v, 4) for k, v in self.stages.as_dict().items()}}
+
     @property
     def exit_code(self) -> int:
         if self.interrupted:

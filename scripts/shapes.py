@@ -1,0 +1,263 @@
+"""Synthetic "shapes" data for the trained fixture model (scripts/train_fixture.py) and the
+end-to-end accuracy tests (tests/test_trained_model.py).
+
+Images of varied sizes and aspect ratios (96..256 px per side) with textured, noisy coloured
+backgrounds and 1-5 instances of 4 shape classes. Shapes are drawn in order, so later shapes
+occlude earlier ones; the ground-truth masks are the VISIBLE parts. Placement is rejected when it
+would hide more than half of an earlier shape, and instances whose visible area is tiny are
+dropped, so every ground-truth instance is clearly visible.
+
+Class mapping (model label index -> shape -> COCO name, official COCO category id). The shapes
+borrow the names of COCO classes they loosely resemble, so the checkpoint's id2label is all COCO
+names and m2f's category table maps them to COCO ids:
+
+    0  disc      -> "sports ball" (37)
+    1  triangle  -> "kite"        (38)
+    2  ring      -> "frisbee"     (34)
+    3  square    -> "clock"       (85)
+
+Only numpy, Pillow and pycocotools: importable from tests without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+SHAPES: tuple[str, ...] = ("disc", "triangle", "ring", "square")
+COCO_NAMES: tuple[str, ...] = ("sports ball", "kite", "frisbee", "clock")
+COCO_IDS: tuple[int, ...] = (37, 38, 34, 85)
+ID2LABEL: dict[int, str] = dict(enumerate(COCO_NAMES))
+
+MIN_SIDE, MAX_SIDE = 96, 256
+MIN_VISIBLE_PX = 40          # drop instances with fewer visible pixels
+MIN_VISIBLE_FRACTION = 0.5   # placement never hides more than half of an earlier shape
+
+
+@dataclass
+class Sample:
+    """image: (H, W, 3) uint8. labels: model label indices. masks: (N, H, W) bool visible parts."""
+
+    image: np.ndarray
+    labels: list[int]
+    masks: np.ndarray
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1], (h, w): a random coarse grid upsampled bilinearly."""
+    g = rng.uniform(-1, 1, (cells, cells)).astype(np.float32)
+    img = Image.fromarray(g, mode="F").resize((w, h), resample=Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) float32 in 0..255: two-colour gradient + blotches + optional texture + noise."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c0, c1 = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
+    # keep the two gradient colours fairly close, so shapes can be made to stand out
+    c1 = c0 + (c1 - c0) * rng.uniform(0.2, 0.6)
+    ang = rng.uniform(0, 2 * np.pi)
+    t = (xx * np.cos(ang) + yy * np.sin(ang))
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1.0)
+    bg = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
+    for c in range(3):
+        bg[..., c] += rng.uniform(8, 25) * _smooth_noise(rng, h, w, int(rng.integers(3, 8)))
+    kind = rng.integers(0, 4)
+    if kind == 1:  # stripes
+        period = rng.uniform(6, 20)
+        a = rng.uniform(0, np.pi)
+        s = np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / period)
+        bg += rng.uniform(6, 18) * s[..., None]
+    elif kind == 2:  # checker
+        p = int(rng.integers(6, 18))
+        chk = (((xx // p) + (yy // p)) % 2) * 2 - 1
+        bg += rng.uniform(5, 15) * chk[..., None]
+    elif kind == 3:  # speckle
+        bg += rng.uniform(5, 15) * np.sign(rng.uniform(-1, 1, (h, w, 1))) * (rng.uniform(0, 1, (h, w, 1)) < 0.2)
+    # a few thin random lines (clutter that is not an instance)
+    for _ in range(int(rng.integers(0, 3))):
+        a = rng.uniform(0, np.pi)
+        off = rng.uniform(-0.5, 0.5) * max(h, w)
+        d = np.abs((xx - w / 2) * np.sin(a) - (yy - h / 2) * np.cos(a) - off)
+        line = d < rng.uniform(0.6, 1.5)
+        bg[line] = bg[line] * 0.5 + rng.uniform(0, 255, 3) * 0.5
+    return bg
+
+
+def _shape_mask(kind: str, h: int, w: int, cx: float, cy: float, r: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """(h, w) bool full mask of one shape, tested at pixel centres."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    x, y = xx + 0.5 - cx, yy + 0.5 - cy
+    if kind == "disc":
+        return x * x + y * y <= r * r
+    if kind == "ring":
+        inner = r * rng.uniform(0.45, 0.65)
+        d2 = x * x + y * y
+        return (d2 <= r * r) & (d2 >= inner * inner)
+    if kind == "square":
+        s = r * 0.85
+        a = rng.uniform(0, np.pi / 2)
+        u = x * np.cos(a) + y * np.sin(a)
+        v = -x * np.sin(a) + y * np.cos(a)
+        return (np.abs(u) <= s) & (np.abs(v) <= s)
+    if kind == "triangle":
+        a0 = rng.uniform(0, 2 * np.pi)
+        rr = r * 1.15
+        pts = []
+        for k in range(3):
+            a = a0 + 2 * np.pi * k / 3 + rng.uniform(-0.15, 0.15)
+            rk = rr * rng.uniform(0.9, 1.1)
+            pts.append((rk * np.cos(a), rk * np.sin(a)))
+        m = np.ones((h, w), bool)
+        for k in range(3):  # inside = same side of every edge as the centroid (0, 0), CCW order
+            (x0, y0), (x1, y1) = pts[k], pts[(k + 1) % 3]
+            m &= (x1 - x0) * (y - y0) - (y1 - y0) * (x - x0) >= 0
+        return m
+    raise ValueError(kind)
+
+
+def _shape_color(rng: np.random.Generator, avoid: Sequence[np.ndarray], min_dist: float) -> np.ndarray:
+    best, best_d = None, -1.0
+    for _ in range(60):
+        c = rng.uniform(0, 255, 3)
+        d = min((float(np.linalg.norm(c - a)) for a in avoid), default=1e9)
+        if d >= min_dist:
+            return c
+        if d > best_d:
+            best, best_d = c, d
+    return best
+
+
+def make_sample(rng: np.random.Generator, size: Optional[tuple[int, int]] = None,
+                max_instances: int = 5) -> Sample:
+    """One random image with 1..max_instances visible shape instances.
+
+    size: (height, width); random in 96..256 per side when None.
+    """
+    while True:
+        if size is None:
+            h, w = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, 2))
+        else:
+            h, w = size
+        img = _background(rng, h, w)
+        bg_mean = img.reshape(-1, 3).mean(0)
+        n_want = int(rng.integers(1, max_instances + 1))
+        m = min(h, w)
+        full: list[np.ndarray] = []
+        visible: list[np.ndarray] = []
+        labels: list[int] = []
+        colors: list[np.ndarray] = []
+        centres: list[tuple[float, float, float]] = []
+        for _ in range(n_want):
+            label = int(rng.integers(0, len(SHAPES)))
+            for _try in range(30):
+                r = float(rng.uniform(0.09, 0.24) * m)
+                if centres and rng.uniform() < 0.35:  # touch / overlap an earlier shape
+                    ocx, ocy, orr = centres[int(rng.integers(0, len(centres)))]
+                    a = rng.uniform(0, 2 * np.pi)
+                    dist = orr + r * rng.uniform(0.5, 1.1)
+                    cx, cy = ocx + dist * np.cos(a), ocy + dist * np.sin(a)
+                else:
+                    cx, cy = rng.uniform(0.6 * r, w - 0.6 * r), rng.uniform(0.6 * r, h - 0.6 * r)
+                if not (0.5 * r <= cx <= w - 0.5 * r and 0.5 * r <= cy <= h - 0.5 * r):
+                    continue
+                mk = _shape_mask(SHAPES[label], h, w, cx, cy, r, rng)
+                if mk.sum() < MIN_VISIBLE_PX * 2:
+                    continue
+                if all((v & ~mk).sum() >= MIN_VISIBLE_FRACTION * f.sum() for v, f in zip(visible, full)):
+                    break
+            else:
+                continue
+            visible = [v & ~mk for v in visible]
+            full.append(mk)
+            visible.append(mk.copy())
+            labels.append(label)
+            centres.append((cx, cy, r))
+            col = _shape_color(rng, [bg_mean] + colors, 90.0)
+            colors.append(col)
+            # flat colour with a gentle shading gradient and its own noise
+            shade = _smooth_noise(rng, h, w, 3)[..., None] * rng.uniform(5, 20)
+            img[mk] = (col[None, :] + shade[mk])
+        keep = [i for i, v in enumerate(visible) if v.sum() >= MIN_VISIBLE_PX]
+        if not keep:
+            continue
+        img += rng.normal(0, rng.uniform(2, 10), img.shape)
+        image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        masks = np.stack([visible[i] for i in keep]) if keep else np.zeros((0, h, w), bool)
+        return Sample(image, [labels[i] for i in keep], masks)
+
+
+# --------------------------------------------------------------------------------------------
+# COCO-format validation sets
+
+
+def coco_categories() -> list[dict]:
+    return [{"id": cid, "name": name, "supercategory": "shape"} for cid, name in zip(COCO_IDS, COCO_NAMES)]
+
+
+def coco_annotations_for(masks: np.ndarray, labels: Sequence[int], image_id: int, first_ann_id: int) -> list[dict]:
+    """COCO annotations (RLE segmentation, area, bbox, iscrowd 0, COCO category ids)."""
+    from pycocotools import mask as mask_utils
+    anns = []
+    for k, (mk, lab) in enumerate(zip(masks, labels)):
+        rle = mask_utils.encode(np.asfortranarray(mk.astype(np.uint8)))
+        area = float(mask_utils.area(rle))
+        if area <= 0:
+            continue
+        bbox = [float(v) for v in mask_utils.toBbox(rle)]
+        rle["counts"] = rle["counts"].decode("ascii")
+        anns.append({"id": first_ann_id + len(anns), "image_id": image_id, "category_id": COCO_IDS[lab],
+                     "segmentation": {"size": [int(rle["size"][0]), int(rle["size"][1])],
+                                      "counts": rle["counts"]},
+                     "area": area, "bbox": bbox, "iscrowd": 0})
+    return anns
+
+
+def save_image(path: str, image: np.ndarray, quality: int = 95) -> None:
+    ext = os.path.splitext(path)[1].lower()
+    img = Image.fromarray(image)
+    if ext in (".jpg", ".jpeg"):
+        img.save(path, quality=quality)
+    else:
+        img.save(path)
+
+
+def write_val_set(folder: str, n: int = 32, seed: int = 12345, ext: str = ".jpg",
+                  quality: int = 95) -> str:
+    """Write n images into folder plus folder/annotations.json (COCO); return the annotation path.
+
+    Images are named img_000.jpg, ...; file_name in the annotations is relative to folder.
+    The ground truth is computed on the generated pixel arrays (not re-read from the JPEGs).
+    """
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(n):
+        s = make_sample(rng)
+        name = f"img_{i:03d}{ext}"
+        save_image(os.path.join(folder, name), s.image, quality)
+        h, w = s.image.shape[:2]
+        image_id = i + 1
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        anns += coco_annotations_for(s.masks, s.labels, image_id, len(anns) + 1)
+    path = os.path.join(folder, "annotations.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"images": images, "annotations": anns, "categories": coco_categories()}, f)
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Write a synthetic shapes validation set (images + COCO json).")
+    ap.add_argument("folder")
+    ap.add_argument("-n", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--ext", default=".jpg")
+    a = ap.parse_args()
+    print(write_val_set(a.folder, a.n, a.seed, a.ext))

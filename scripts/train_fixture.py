@@ -1,0 +1,173 @@
+"""Train the tiny Mask2Former fixture used by tests/test_trained_model.py.
+
+    python scripts/train_fixture.py --out tests/fixtures/shapes_model
+
+A small Swin + Mask2Former (about 1.5M parameters) trained from scratch with the model's own
+loss (Hungarian matching, mask/dice/class losses with auxiliary decoder losses) on the synthetic
+shapes of scripts/shapes.py, 4 classes labelled with COCO names (see shapes.py for the mapping).
+
+Train and inference see exactly the same preprocessing: pixel_values come from m2f_cli.preprocess
+with the spec read from the very preprocessor_config.json dict that is saved with the checkpoint
+(a fixed SIZE x SIZE squash, bilinear, rescale 1/255, ImageNet mean/std). Ground-truth masks are
+squashed to SIZE x SIZE with the same geometry (PIL resize, nearest).
+
+Deterministic for a given seed and thread count (data come from a seeded numpy generator;
+torch.manual_seed for the initialisation and the loss's point sampling). Designed to finish in
+about 20 minutes on 2 CPU cores. Only training code here: nothing of it belongs in src/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes  # noqa: E402
+
+from m2f_cli.preprocess import preprocess, spec_from_processor_dict  # noqa: E402
+
+
+NO_DECAY_KEYS = ("relative_position_bias_table", "level_embed", "queries_embedder", "queries_features")
+
+
+def preprocessor_config(size: int) -> dict:
+    """The checkpoint's preprocessor_config.json: the key set of the COCO checkpoints
+    (tests/tiny.py CHECKPOINT_PREPROCESSOR) with a fixed size x size resize."""
+    return {
+        "do_normalize": True, "do_resize": True, "do_rescale": True, "ignore_index": 255,
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "image_processor_type": "Mask2FormerImageProcessor", "num_labels": len(shapes.ID2LABEL),
+        "reduce_labels": False, "resample": 2, "rescale_factor": 1 / 255,
+        "size": {"height": size, "width": size}, "size_divisor": 32,
+    }
+
+
+def model_config(args):
+    from transformers import Mask2FormerConfig, SwinConfig
+    e = args.embed_dim
+    backbone = SwinConfig(embed_dim=e, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4,
+                          image_size=args.size, out_features=["stage1", "stage2", "stage3", "stage4"])
+    id2label = dict(shapes.ID2LABEL)
+    hd = args.hidden
+    return Mask2FormerConfig(
+        backbone_config=backbone, hidden_dim=hd, mask_feature_size=hd, feature_size=hd,
+        num_queries=args.queries, encoder_layers=2, decoder_layers=args.decoder_layers,
+        dim_feedforward=hd * 4, encoder_feedforward_dim=hd * 4, num_attention_heads=4,
+        num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+        train_num_points=args.points)
+
+
+def training_example(rng: np.random.Generator, spec, size: int):
+    """(pixel_values (3, S, S) float32, masks (N, S, S) float32, labels (N,) int64)."""
+    s = shapes.make_sample(rng)
+    rgb = s.image
+    if rng.uniform() < 0.5:  # JPEG round trip: the validation images are JPEGs
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=int(rng.integers(70, 97)))
+        rgb = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    pv = preprocess(rgb, spec).pixel_values
+    assert pv.shape == (3, size, size), pv.shape
+    masks = np.stack([np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(
+        (size, size), resample=Image.Resampling.NEAREST)) > 127 for m in s.masks])
+    keep = masks.reshape(len(masks), -1).sum(1) > 0
+    return (pv, masks[keep].astype(np.float32), np.asarray(s.labels, np.int64)[keep])
+
+
+def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (save_pretrained + preprocessor_config.json)")
+    ap.add_argument("--size", type=int, default=128, help="model input size (square, multiple of 32)")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--embed-dim", type=int, default=24)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--queries", type=int, default=16)
+    ap.add_argument("--decoder-layers", type=int, default=6)
+    ap.add_argument("--points", type=int, default=4096, help="loss sample points per mask")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="stop early after this many minutes (the schedule still assumes --steps)")
+    ap.add_argument("--log-every", type=int, default=50)
+    args = ap.parse_args(argv)
+    assert args.size % 32 == 0
+
+    from transformers import Mask2FormerForUniversalSegmentation
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    prep = preprocessor_config(args.size)
+    spec = spec_from_processor_dict(prep)
+    model = Mask2FormerForUniversalSegmentation(model_config(args))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params: {n_params / 1e6:.2f}M  input {args.size}x{args.size}  steps {args.steps} x batch {args.batch}",
+          flush=True)
+
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        skip = p.ndim <= 1 or any(k in n for k in NO_DECAY_KEYS)
+        (no_decay if skip else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
+
+    model.train()
+    t0 = time.time()
+    run_loss, run_n = 0.0, 0
+    step = 0
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        batch = [training_example(rng, spec, args.size) for _ in range(args.batch)]
+        pv = torch.from_numpy(np.stack([b[0] for b in batch]))
+        out = model(pixel_values=pv, mask_labels=[torch.from_numpy(b[1]) for b in batch],
+                    class_labels=[torch.from_numpy(b[2]) for b in batch])
+        loss = out.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run_loss += float(loss)
+        run_n += 1
+        if (step + 1) % args.log_every == 0 or step == 0:
+            el = time.time() - t0
+            print(f"step {step + 1:5d}/{args.steps}  loss {run_loss / run_n:8.3f}  lr {opt.param_groups[0]['lr']:.2e}"
+                  f"  {el / 60:6.1f} min  {el / (step + 1):.2f} s/step", flush=True)
+            run_loss, run_n = 0.0, 0
+        if args.time_limit is not None and time.time() - t0 > args.time_limit * 60:
+            print(f"time limit reached at step {step + 1}", flush=True)
+            break
+    total = time.time() - t0
+    print(f"trained {step + 1} steps in {total / 60:.1f} min ({total:.0f} s)", flush=True)
+
+    model.eval()
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    with open(os.path.join(args.out, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(prep, f, indent=2)
+    with open(os.path.join(args.out, "training_args.json"), "w", encoding="utf-8") as f:
+        json.dump({**vars(args), "steps_done": step + 1, "train_seconds": round(total, 1),
+                   "params": n_params}, f, indent=2)
+    print(f"saved to {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may try the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+
+from tiny import make_tiny_model
+from planted import PlantedPredictor, planted_image
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A tiny random Mask2Former (80 COCO labels) saved with save_pretrained."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture()
+def planted():
+    return PlantedPredictor()
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    """A folder with planted images of several sizes (and a subfolder)."""
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    sizes = [(640, 480), (300, 500), (1000, 250), (384, 384)]
+    for n, (w, h) in enumerate(sizes):
+        img, _ = planted_image(w, h, seed=n)
+        img.save(d / (f"sub/img{n}.jpg" if n == 3 else f"img{n}.png"))
+    return d

@@ -1,0 +1,138 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from m2f_cli.cli import FORMATS, app
+from m2f_cli.config import ExitCode
+from m2f_cli.state import OutputFolder
+from m2f_cli.writers import REGISTRY
+
+runner = CliRunner()
+
+
+def _invoke(*args, input=None):
+    return runner.invoke(app, [str(a) for a in args], input=input)
+
+
+def test_cli_formats_are_the_writer_registry():
+    assert set(FORMATS) == set(REGISTRY)
+
+
+def test_labels_from_a_saved_model(tiny_model):
+    r = _invoke("labels", "--model", tiny_model)
+    assert r.exit_code == 0
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 80 and lines[11].split() == ["11", "13", "stop", "sign"]
+    j = json.loads(_invoke("labels", "--model", tiny_model, "--json").stdout)
+    assert j[-1] == {"index": 79, "id": 90, "name": "toothbrush"}
+
+
+def test_info_names_the_resolved_model(tiny_model):
+    r = _invoke("info", "--model", tiny_model)
+    assert r.exit_code == 0
+    assert "torch:" in r.stdout and "devices: cpu" in r.stdout
+    assert f"model path: {os.path.abspath(tiny_model)}" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--classes", "person,unicorn"], "unknown class 'unicorn'"),
+    (["--format", "tiff"], "--format 'tiff'"),
+    (["--device", "cuda:0"], "--device cuda:0"),
+    (["--threshold", "1.5"], "--threshold 1.5"),
+    (["--resize", "huge"], "--resize 'huge'"),
+    (["--out", "-", "--format", "png"], "--out -"),
+])
+def test_usage_errors_exit_2_before_any_work(tmp_path, image_dir, tiny_model, args, needle):
+    out = tmp_path / "out"
+    base = ["segment", image_dir, "--model", tiny_model]
+    if "--out" not in args:
+        base += ["--out", out]
+    r = _invoke(*base, *args)
+    assert r.exit_code == ExitCode.USAGE, r.output
+    assert needle in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert not list(out.glob("**/*.png"))
+
+
+def test_missing_input_is_a_usage_error(tmp_path, tiny_model):
+    r = _invoke("segment", tmp_path / "nope", "--out", tmp_path / "o", "--model", tiny_model)
+    assert r.exit_code == ExitCode.USAGE and "no such file or folder" in r.stderr
+
+
+def test_unreachable_hub_model_is_one_clear_line(tmp_path, image_dir):
+    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", "nobody/not-a-model-xyz")
+    assert r.exit_code == ExitCode.FATAL
+    assert "--model DIR" in r.stderr and "HF_HUB_OFFLINE" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, image_dir, tiny_model):
+    import shutil
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_model, d)
+    from safetensors.torch import load_file
+    import torch
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", d)
+    assert r.exit_code == ExitCode.FATAL and "--allow-pickle" in r.stderr
+    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", d, "--allow-pickle", "-q")
+    assert r.exit_code == ExitCode.OK, r.output
+
+
+def test_locked_output_folder_exit_4(tmp_path, image_dir, tiny_model):
+    out = tmp_path / "out"
+    other = OutputFolder(str(out))
+    other.check_writable()
+    other.lock()
+    try:
+        r = _invoke("segment", image_dir, "--out", out, "--model", tiny_model)
+        assert r.exit_code == ExitCode.LOCKED and "in use" in r.stderr
+    finally:
+        other.unlock()
+    assert _invoke("segment", image_dir, "--out", out, "--model", tiny_model, "-q").exit_code == 0
+
+
+def test_bad_inputs_are_reported_and_the_rest_written(tmp_path, image_dir, tiny_model):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image_dir / "full.jpg")
+    data = (image_dir / "full.jpg").read_bytes()
+    (image_dir / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (image_dir / "empty.jpg").write_bytes(b"")
+    (image_dir / "text.png").write_text("this is not a png")
+    out = tmp_path / "out"
+    r = _invoke("segment", image_dir, "--out", out, "--model", tiny_model, "--workers", "1")
+    assert r.exit_code == ExitCode.INPUTS_FAILED, r.output
+    for bad in ("truncated.jpg", "empty.jpg", "text.png"):
+        line = next(l for l in r.stderr.splitlines() if bad in l)
+        assert line.startswith("m2f: error:") and str(image_dir / bad) in line
+    good = ["img0", "img1", "img2", "sub/img3", "full"]
+    for rel in good:
+        assert Image.open(out / f"{rel}.png").size and json.loads((out / f"{rel}.json").read_text())
+    failures = [json.loads(l) for l in (out / "failures.jsonl").read_text().splitlines()]
+    assert sorted(os.path.basename(f["path"]) for f in failures) == ["empty.jpg", "text.png", "truncated.jpg"]
+    assert {f["stage"] for f in failures} == {"decode"}
+    assert "3 failed" in r.stderr
+
+
+def test_installed_entry_point_reads_stdin_without_a_terminal(tmp_path, image_dir, tiny_model):
+    paths = sorted(str(p) for p in image_dir.rglob("*") if p.is_file())
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    exe = os.path.join(os.path.dirname(sys.executable), "m2f")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "m2f_cli"]
+    p = subprocess.run(cmd + ["segment", "-", "--out", str(out), "--model", tiny_model],
+                       input="\n".join(paths) + "\n", capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "\x1b[" not in p.stderr and p.stdout == ""
+    assert "done: 4 images" in p.stderr
+    written = sorted(q.name for q in out.rglob("*.png"))
+    assert len(written) == 4
+    # a second run resumes: nothing to do, the same exit code
+    p2 = subprocess.run(cmd + ["segment", "-", "--out", str(out), "--model", tiny_model],
+                        input="\n".join(paths), capture_output=True, text=True, env=env, timeout=300)
+    assert p2.returncode == 0 and "4 skipped" in p2.stderr

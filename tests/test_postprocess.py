@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from m2f_cli.categories import CategoryTable
+from m2f_cli.postprocess import PostprocessOptions, instance_map, instances_from_logits
+
+COCO = CategoryTable.coco()
+
+
+def _logits(q=4, c=80, h=24, w=32):
+    cls = torch.full((q, c + 1), -8.0)
+    cls[:, c] = 8.0  # every query "no object" unless set
+    masks = torch.full((q, h, w), -10.0)
+    return cls, masks
+
+
+def test_scores_labels_boxes_and_coco_ids():
+    cls, masks = _logits()
+    cls[0, 11] = 9.0; cls[0, 80] = -8.0           # query 0: stop sign, confident
+    masks[0, 4:12, 8:20] = 10.0                   # at 1/4 of a 96x128 input
+    out = instances_from_logits(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
+                                PostprocessOptions(threshold=0.5))
+    assert len(out) == 1
+    inst = out[0]
+    assert (inst.id, inst.label, inst.category_id, inst.label_index) == (1, "stop sign", 13, 11)
+    p = torch.softmax(cls[0], -1)[11].item()
+    # mean sigmoid inside the mask: ~1 in the interior, lower on the bilinear edge pixels
+    assert 0.97 * p < inst.score < p
+    x, y, w, h = inst.bbox
+    assert abs(x - 32) <= 2 and abs(y - 16) <= 2 and abs(w - 48) <= 3 and abs(h - 32) <= 3
+    m = mask_utils.decode(inst.rle)
+    assert m.shape == (96, 128) and int(m.sum()) == inst.area
+    assert mask_utils.toBbox(inst.rle).tolist() == [float(v) for v in inst.bbox]
+
+
+def test_topk_threshold_and_query_with_two_classes():
+    cls, masks = _logits()
+    cls[0, 0] = 8.0; cls[0, 16] = 8.0; cls[0, 80] = -8.0  # query 0 is half person, half dog
+    masks[0, 2:10, 2:10] = 10.0
+    out = instances_from_logits(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
+                                PostprocessOptions(threshold=0.0, top_k=100))
+    assert len(out) == 100  # threshold 0 keeps all top-k pairs (the COCO protocol)
+    top = out[:2]
+    assert {i.label for i in top} == {"person", "dog"} and top[0].rle == top[1].rle
+    assert all(a.score >= b.score for a, b in zip(out, out[1:]))
+    assert [i.id for i in out] == list(range(1, 101))
+    strict = instances_from_logits(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
+                                   PostprocessOptions(threshold=0.4))
+    assert len(strict) == 2
+    only_dogs = instances_from_logits(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
+                                      PostprocessOptions(threshold=0.0, keep=frozenset({16})))
+    assert {i.label for i in only_dogs} == {"dog"}
+
+
+def test_padding_is_cropped_before_upsampling():
+    # padded input 128x128 of which the top-left 96x64 is the image; original is 300x200
+    cls, masks = _logits(h=32, w=32)
+    cls[0, 0] = 9.0; cls[0, 80] = -8.0
+    masks[0, :, :] = -10.0
+    masks[0, 0:24, 0:8] = 10.0  # the left half of the valid area (valid = 24x16 at 1/4)
+    out = instances_from_logits(cls, masks, (128, 128), (96, 64), (300, 200), COCO,
+                                PostprocessOptions(threshold=0.5))
+    m = mask_utils.decode(out[0].rle)
+    assert m.shape == (300, 200)
+    assert m[:, :90].mean() > 0.95 and m[:, 110:].mean() < 0.05  # left half of the ORIGINAL image
+
+
+def test_instance_map_owner_is_highest_score():
+    cls, masks = _logits()
+    cls[0, 0] = 9.0; cls[0, 80] = -8.0
+    cls[1, 16] = 5.0; cls[1, 80] = -8.0
+    masks[0, 4:12, 4:12] = 10.0
+    masks[1, 8:16, 8:16] = 10.0  # overlaps query 0 at [8:12, 8:12]
+    out = instances_from_logits(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
+                                PostprocessOptions(threshold=0.5))
+    assert [i.label for i in out] == ["person", "dog"]
+    m = instance_map(out, 96, 128, 0.5)
+    assert m.dtype == np.uint16 and m[40, 40] == 1  # overlap belongs to the better instance
+    assert m[56, 56] == 2 and m[0, 0] == 0
+    assert instance_map(out, 96, 128, 0.99).max() == 0
+
+
+def _reference(cls, masks, padded, valid, original, top_k=100):
+    """The original algorithm, straight: upsample ALL masks to full size, then score."""
+    ph, pw = padded
+    vh, vw = valid
+    up = F.interpolate(masks[None].float(), size=(ph, pw), mode="bilinear", align_corners=False)
+    up = up[:, :, :vh, :vw]
+    up = F.interpolate(up, size=original, mode="bilinear", align_corners=False)[0]
+    probs = cls.float().softmax(-1)[:, :-1]
+    c = probs.shape[1]
+    s, idx = probs.flatten().topk(top_k)
+    q = idx // c
+    binm = up[q] > 0
+    ms = (up[q].sigmoid() * binm).flatten(1).sum(1) / (binm.flatten(1).sum(1) + 1e-6)
+    return s * ms, idx % c, binm
+
+
+@pytest.mark.parametrize("padded,valid,original", [((96, 96), (96, 96), (480, 640)),
+                                                   ((128, 96), (110, 90), (333, 517)),
+                                                   ((64, 160), (50, 160), (37, 1000))])
+def test_agrees_with_straightforward_reference(padded, valid, original):
+    g = torch.Generator().manual_seed(0)
+    q = 30
+    cls = torch.randn(q, 81, generator=g) * 4
+    masks = torch.randn(q, padded[0] // 4, padded[1] // 4, generator=g) * 3
+    ref_scores, ref_labels, ref_masks = _reference(cls, masks, padded, valid, original)
+    ours = instances_from_logits(cls, masks, padded, valid, original, COCO,
+                                 PostprocessOptions(threshold=0.0, top_k=100))
+    ref = sorted(zip(ref_scores.tolist(), ref_labels.tolist(), range(100)), key=lambda t: -t[0])
+    assert len(ours) == len(ref) == 100
+    compared = 0
+    for inst, (s, lab, j) in zip(ours, ref):
+        assert inst.score == pytest.approx(s, abs=1e-3)
+        if abs(inst.score - s) < 1e-6 and inst.label_index == lab:
+            m = mask_utils.decode(inst.rle).astype(bool)
+            r = ref_masks[j].numpy()
+            union = (m | r).sum()
+            assert union == 0 or (m & r).sum() / union >= 0.99
+            compared += 1
+    assert compared > 50
