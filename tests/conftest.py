@@ -2,6 +2,10 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may try the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread for the tiny test models, here and in every m2f subprocess the tests start:
+# they gain nothing from threads, and two spinning OpenMP threads per process on a 2-core CI
+# machine shared with DataLoader workers and subprocesses make each forward ~20x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import numpy as np
 import pytest

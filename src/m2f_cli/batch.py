@@ -8,6 +8,7 @@ and latency stay bounded. Batches can come out of input order; the pipeline rest
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import OrderedDict
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from .decode import DecodeError, decode
 from .preprocess import PreprocessSpec, preprocess
 from .records import ImageRef
+from .state import HELD_LOCK_FDS
 
 
 @dataclass
@@ -77,6 +79,12 @@ def _worker_init(_: int) -> None:
     # process's business; workers must not die with a traceback of their own.
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for fd in list(HELD_LOCK_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    HELD_LOCK_FDS.clear()
 
 
 def make_loader(dataset: ImageDataset, workers: int, pin_memory: bool = False) -> DataLoader:

@@ -13,7 +13,6 @@ from typing import List, Optional
 import typer
 
 from .config import DEFAULT_MODEL, ExitCode, RunConfig
-from .decode import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Mask2Former instance segmentation over folders of images.")
@@ -56,13 +55,13 @@ def segment(
     dtype: str = typer.Option(_D.dtype, help="auto (float32 on CPU, bfloat16/float16 on CUDA), float32, "
                               "bfloat16 or float16."),
     batch_size: Optional[int] = typer.Option(_D.batch_size, "--batch-size", "-b",
-                                             help="Images per forward pass [default: 2 on CPU, 16 on CUDA]."),
+                                             help="Images per forward pass (auto: 2 on CPU, 16 on CUDA)."),
     workers: Optional[int] = typer.Option(_D.workers, help="Decode/preprocess worker processes "
-                                          "[default: 1 on small CPUs, up to 8 on CUDA]; 0 decodes in-process."),
-    threads: Optional[int] = typer.Option(_D.threads, help="Torch intra-op threads [default: torch's]."),
+                                          "(auto: 1 on small CPUs, up to 8 on CUDA); 0 decodes in-process."),
+    threads: Optional[int] = typer.Option(_D.threads, help="Torch intra-op threads (auto: torch's choice, one per core)."),
     threshold: Optional[float] = typer.Option(_D.threshold, "--threshold", "-t",
                                               help="Minimum instance score for every format "
-                                              "[default: 0.5; coco: 0.0, the COCO protocol]."),
+                                              "(auto: 0.5; coco 0.0, the COCO protocol)."),
     top_k: int = typer.Option(_D.top_k, "--top-k", help="Candidates (query, class) per image, as in the paper."),
     classes: Optional[str] = typer.Option(None, "--classes", help="Keep only these classes: names or "
                                           "COCO ids, comma-separated (see m2f labels)."),

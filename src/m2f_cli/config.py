@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Optional
 
-from .decode import DEFAULT_MAX_PIXELS
 
 DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"
+# Pillow's own default limit; above it we refuse to decode (decompression bombs).
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ExitCode(IntEnum):

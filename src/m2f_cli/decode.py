@@ -14,8 +14,7 @@ from typing import Optional, Protocol
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# Pillow's own default limit; above it we refuse to decode (decompression bombs).
-DEFAULT_MAX_PIXELS = 89_478_485
+from .config import DEFAULT_MAX_PIXELS
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 

@@ -20,7 +20,6 @@ from .categories import CategoryTable
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

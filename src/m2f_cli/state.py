@@ -22,6 +22,12 @@ from typing import Callable, Iterator, Optional
 from .walk import STATE_DIR
 
 
+# Lock descriptors this process holds. flock locks belong to the open file, which forked children
+# (DataLoader workers) share: batch._worker_init closes these so that a killed run's orphaned
+# workers cannot keep the folder locked.
+HELD_LOCK_FDS: set[int] = set()
+
+
 class OutputLockedError(RuntimeError):
     """Another m2f run is writing into the same output folder."""
 
@@ -74,12 +80,14 @@ class OutputFolder:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+        HELD_LOCK_FDS.add(fd)
         # A previous run killed mid-write may have left temporary files; they are ours to remove.
         shutil.rmtree(self.tmp, ignore_errors=True)
         os.makedirs(self.tmp, exist_ok=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
+            HELD_LOCK_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)
             self._lock_fd = None
 
