@@ -136,3 +136,13 @@ def test_installed_entry_point_reads_stdin_without_a_terminal(tmp_path, image_di
     p2 = subprocess.run(cmd + ["segment", "-", "--out", str(out), "--model", tiny_model],
                         input="\n".join(paths), capture_output=True, text=True, env=env, timeout=300)
     assert p2.returncode == 0 and "4 skipped" in p2.stderr
+
+
+def test_every_segment_option_is_documented_in_the_readme():
+    import typer.main
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    cmd = typer.main.get_command(app).commands["segment"]
+    opts = [o for p in cmd.params for o in p.opts if o.startswith("--")]
+    assert len(opts) > 20
+    missing = [o for o in opts if o != "--help" and f"`{o}" not in readme]
+    assert not missing, f"undocumented options: {missing}"
