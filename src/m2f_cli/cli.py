@@ -67,6 +67,8 @@ def segment(
                                           "COCO ids, comma-separated (see m2f labels)."),
     resize: str = typer.Option(_D.resize, help="checkpoint (the model's preprocessor: 384x384), paper "
                                "(shortest edge 800, longest <= 1333, aspect kept) or SHORT[,LONG]."),
+    task: str = typer.Option(_D.task, help="auto (from the checkpoint's name or label count), instance, "
+                             "panoptic or semantic."),
     fast_decode: bool = typer.Option(_D.fast_decode, "--fast-decode",
                                      help="Decode JPEGs at reduced size (draft mode): faster on big photos, "
                                      "pixels differ slightly from the checkpoint's preprocessing."),
@@ -100,7 +102,7 @@ def segment(
         inputs=inputs, out=out, formats=tuple(dict.fromkeys(formats)), model=model, revision=revision,
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
-        resize=resize, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
+        resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
         overlay_alpha=overlay_alpha, rle=rle, compile=compile)
 

@@ -48,6 +48,7 @@ class RunConfig:
     top_k: int = 100
     classes: tuple[str, ...] = ()
     resize: str = "checkpoint"
+    task: str = "auto"
     fast_decode: bool = False
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     overwrite: bool = False

@@ -27,7 +27,7 @@ from .config import ExitCode, RunConfig
 from .model import ModelSource, resolve_device, resolve_model
 from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
-from .segmenter import Segmenter, read_categories, resolve_classes
+from .segmenter import Segmenter, read_categories, resolve_classes, resolve_task
 from .state import OutputError, OutputFolder
 from .walk import InputError, walk
 from .writers import REGISTRY, Writer, WriterContext
@@ -270,8 +270,14 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         model_id = config.model
+        try:
+            task = resolve_task(config.task, config.model, len(categories))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     else:
-        categories, model_id = segmenter.categories, segmenter.model_id
+        categories, model_id, task = segmenter.categories, segmenter.model_id, segmenter.task
+    if task != "instance" and "coco" in config.formats:
+        raise UsageError(f"--format coco writes instance results; this is a {task} model (--task {task})")
     writers = open_writers(config, folder, categories, model_id, stdout)
 
     summary = RunSummary(total=len(found.refs) + len(found.failures))
@@ -288,7 +294,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
                                   revision=config.revision, allow_pickle=config.allow_pickle,
                                   resize=config.resize, threshold=min(thresholds.values()),
                                   map_threshold=_map_threshold(config, thresholds), top_k=config.top_k,
-                                  classes=config.classes, compile=config.compile, source=source)
+                                  classes=config.classes, compile=config.compile, task=task, source=source)
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         except ValueError as e:
@@ -387,13 +393,14 @@ def _process(config, segmenter: Segmenter, todo, batch_size, workers, writer: _W
                 continue
             x = torch.stack([s.pixel_values for s in batch])
             try:
-                per_image = segmenter.infer(x, [s.valid for s in batch], [s.original for s in batch])
+                per_image = segmenter.infer(x, [s.ref for s in batch], [s.valid for s in batch],
+                                            [s.original for s in batch])
             except (RuntimeError, ValueError) as e:  # e.g. out of memory on one odd batch
                 for s in batch:
                     yield s.seq, Failure(s.ref, "model", str(e).splitlines()[0])
                 continue
-            for s, inst in zip(batch, per_image):
-                yield s.seq, segmenter.result(s.ref, s.original, inst)
+            for s, result in zip(batch, per_image):
+                yield s.seq, result
 
     for item in _in_order(results()):
         if isinstance(item, Failure):
@@ -401,7 +408,7 @@ def _process(config, segmenter: Segmenter, todo, batch_size, workers, writer: _W
         else:
             writer.put(item)
             summary.images += 1
-            summary.instances += len(item.instances_above(item.map_threshold))
+            summary.instances += len(item.regions())
             reporter.advance(1, len(item.instances))
         if stopping():
             summary.stopped_early = interrupt.signum is None

@@ -148,3 +148,168 @@ def instance_map(instances: Sequence[Instance], height: int, width: int, thresho
         m = mask_utils.decode(inst.rle).astype(bool)
         out[m] = inst.id
     return out
+
+
+# --- panoptic and semantic checkpoints ------------------------------------------------------------
+#
+# Both need, for every pixel of the original image, a decision over all queries. Holding all
+# (Q, H0, W0) upsampled masks would take GBs on large photos, so the masks are upsampled in
+# stripes of output rows: bilinear interpolation is separable, so each stripe is computed exactly
+# from the few low-resolution rows it depends on.
+
+STRIPE_BYTES = 64 * 1024 * 1024
+
+# Thing classes of the label sets Mask2Former ships (COCO's 80 things, Cityscapes' 8); everything
+# else is stuff. ADE20K/Mapillary things that are not in these lists count as stuff.
+CITYSCAPES_THINGS = frozenset({"person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"})
+
+
+def is_thing(name: str) -> bool:
+    from .categories import COCO_NAMES
+    n = name.strip().lower()
+    return n in COCO_NAMES or n in CITYSCAPES_THINGS
+
+
+def _crop_to_valid(mask_logits: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
+    """(Q, h, w) logits -> (Q, vh, vw): bilinear to the padded input size, padding cropped."""
+    x = F.interpolate(mask_logits[None].float(), size=padded, mode="bilinear", align_corners=False)[0]
+    return x[:, : valid[0], : valid[1]]
+
+
+def _source_rows(out_rows: torch.Tensor, in_h: int, out_h: int):
+    """Bilinear (align_corners=False) source rows and weights for output rows, as torch computes them."""
+    scale = in_h / out_h
+    src = ((out_rows.double() + 0.5) * scale - 0.5).clamp(min=0)
+    y0 = src.floor().long().clamp(max=in_h - 1)
+    y1 = (y0 + 1).clamp(max=in_h - 1)
+    w1 = (src - y0.double()).float()
+    return y0, y1, w1
+
+
+def upsample_stripes(logits: torch.Tensor, size: tuple[int, int], stripe_rows: Optional[int] = None):
+    """Yield (r0, r1, stripe) with stripe = rows r0:r1 of the bilinear upsampling of logits
+    (Q, h, w) to size (H0, W0), i.e. (Q, r1 - r0, W0) float32, stripes covering all rows."""
+    q, h, w = logits.shape
+    h0, w0 = size
+    if stripe_rows is None:
+        stripe_rows = max(1, STRIPE_BYTES // max(1, q * w0 * 4 * 3))
+    # width first, at the low resolution (cheap): (Q, h, W0)
+    wide = F.interpolate(logits[None].float(), size=(h, w0), mode="bilinear", align_corners=False)[0]
+    for r0 in range(0, h0, stripe_rows):
+        r1 = min(h0, r0 + stripe_rows)
+        y0, y1, w1 = _source_rows(torch.arange(r0, r1, device=logits.device), h, h0)
+        w1 = w1.to(wide.device).view(1, -1, 1)
+        yield r0, r1, wide[:, y0] * (1 - w1) + wide[:, y1] * w1
+
+
+def _region_stats(label_map: np.ndarray, values: Sequence[int]) -> dict[int, tuple[int, tuple[int, int, int, int]]]:
+    """value -> (area, tight [x, y, w, h]) for each value present in label_map."""
+    out = {}
+    for v in values:
+        m = label_map == v
+        area = int(m.sum())
+        if not area:
+            continue
+        ys = np.flatnonzero(m.any(axis=1))
+        xs = np.flatnonzero(m.any(axis=0))
+        out[v] = (area, (int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)))
+    return out
+
+
+@dataclass(frozen=True)
+class PanopticOptions:
+    """The original panoptic inference's thresholds."""
+
+    object_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+
+
+def panoptic_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tuple[int, int],
+                         valid: tuple[int, int], original: tuple[int, int], categories: CategoryTable,
+                         options: PanopticOptions = PanopticOptions()):
+    """The original panoptic inference at the original resolution.
+
+    Keeps queries whose best class is not "no object" with probability > object_threshold;
+    each pixel goes to the query maximising prob x sigmoid(mask); a segment survives when its
+    won area is >= overlap_threshold of its own (sigmoid >= 0.5) area; stuff is merged per class.
+    Returns ((H0, W0) uint16 map of segment ids, 0 = void, list of Segment records).
+    """
+    from .records import Segment
+    probs = class_logits.float().softmax(-1)
+    scores, labels = probs.max(-1)
+    num_c = class_logits.shape[-1] - 1
+    keep = (labels != num_c) & (scores > options.object_threshold)
+    h0, w0 = original
+    if not bool(keep.any()):
+        return np.zeros((h0, w0), np.uint16), []
+    k_scores, k_labels = scores[keep], labels[keep]
+    cropped = _crop_to_valid(mask_logits[keep], padded, valid)
+    winner = torch.empty((h0, w0), dtype=torch.long)
+    confident = torch.empty((h0, w0), dtype=torch.bool)
+    own_area = torch.zeros(len(k_scores), dtype=torch.long)
+    for r0, r1, stripe in upsample_stripes(cropped, original):
+        sig = stripe.sigmoid()
+        arg = (k_scores.view(-1, 1, 1) * sig).argmax(0)
+        winner[r0:r1] = arg.cpu()
+        confident[r0:r1] = (sig.gather(0, arg[None])[0] >= 0.5).cpu()
+        own_area += (sig >= 0.5).flatten(1).sum(1).cpu()
+    won = torch.bincount(winner.flatten(), minlength=len(k_scores))
+    final = torch.bincount(winner[confident].flatten(), minlength=len(k_scores))
+    seg_of_query = torch.zeros(len(k_scores), dtype=torch.long)  # 0 = void
+    stuff_ids: dict[int, int] = {}
+    segs_meta = []
+    next_id = 1
+    for k in range(len(k_scores)):
+        lab = int(k_labels[k])
+        if not (won[k] > 0 and own_area[k] > 0 and final[k] > 0):
+            continue
+        if float(won[k]) / float(own_area[k]) < options.overlap_threshold:
+            continue
+        thing = is_thing(categories[lab].name)
+        if not thing and lab in stuff_ids:
+            seg_of_query[k] = stuff_ids[lab]
+            continue
+        if not thing:
+            stuff_ids[lab] = next_id
+        seg_of_query[k] = next_id
+        segs_meta.append((next_id, lab, thing, float(k_scores[k])))
+        next_id += 1
+    seg_map = torch.where(confident, seg_of_query[winner], torch.zeros_like(winner)).numpy().astype(np.uint16)
+    stats = _region_stats(seg_map, [m[0] for m in segs_meta])
+    segments = []
+    for sid, lab, thing, score in segs_meta:
+        if sid not in stats:
+            continue
+        area, bbox = stats[sid]
+        cat = categories[lab]
+        segments.append(Segment(id=sid, label=cat.name, category_id=cat.id, label_index=lab, isthing=thing,
+                                score=score, area=area, bbox=bbox))
+    return seg_map, segments
+
+
+def semantic_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tuple[int, int],
+                         valid: tuple[int, int], original: tuple[int, int], categories: CategoryTable):
+    """The original semantic inference: per pixel, argmax over classes of
+    sum_q softmax(class)[q, c] x sigmoid(mask)[q] ("no object" dropped), at the original size.
+    Returns ((H0, W0) map of category ids (uint8 when they fit, else uint16), list of Segment
+    records, one per class present, score None)."""
+    from .records import Segment
+    probs = class_logits.float().softmax(-1)[:, :-1]  # (Q, C)
+    cropped = _crop_to_valid(mask_logits, padded, valid)
+    ids = torch.tensor([c.id for c in categories.categories])
+    h0, w0 = original
+    dtype = np.uint8 if int(ids.max()) < 256 else np.uint16
+    out = np.zeros((h0, w0), dtype)
+    rows = max(1, STRIPE_BYTES // max(1, (cropped.shape[0] + probs.shape[1]) * w0 * 4 * 2))
+    for r0, r1, stripe in upsample_stripes(cropped, original, stripe_rows=rows):
+        sem = torch.einsum("qc,qhw->chw", probs, stripe.sigmoid())
+        out[r0:r1] = ids[sem.argmax(0).cpu()].numpy().astype(dtype)
+    present = [int(v) for v in np.unique(out)]
+    stats = _region_stats(out, present)
+    segments = []
+    for v in present:
+        cat = categories.by_id(v)
+        area, bbox = stats[v]
+        segments.append(Segment(id=v, label=cat.name, category_id=v, label_index=cat.index, isthing=False,
+                                score=None, area=area, bbox=bbox))
+    return out, segments

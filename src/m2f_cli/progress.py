@@ -138,7 +138,9 @@ class RichReporter(PlainReporter):
         self.failed += 1
         if self.task is not None:
             self.progress.update(self.task, advance=1, failed=self.failed)
-        self.console.print(f"[red]m2f: error:[/red] {failure.line()}", markup=True, highlight=False)
+        from rich.text import Text
+        # the path is data, not markup: a file named "[bold].jpg" must print as it is
+        self.console.print(Text.assemble(("m2f: error: ", "red"), failure.line()), highlight=False)
 
     def message(self, text: str) -> None:
         self.console.print(f"m2f: {text}", markup=False, highlight=False)

@@ -74,14 +74,44 @@ class Instance:
         return d
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One region of a panoptic or semantic result (COCO panoptic segments_info style).
+
+    id: the value of the region's pixels in the label map (panoptic: segment id 1..N;
+        semantic: the category id). isthing: a countable object (True) or stuff.
+    score: the query's class probability (panoptic); None for semantic regions.
+    """
+
+    id: int
+    label: str
+    category_id: int
+    label_index: int
+    isthing: bool
+    score: Optional[float]
+    area: int
+    bbox: tuple[int, int, int, int]
+
+    def to_json(self) -> dict:
+        d = {"id": self.id, "label": self.label, "category_id": self.category_id, "isthing": self.isthing,
+             "area": self.area, "bbox": list(self.bbox)}
+        if self.score is not None:
+            d["score"] = round(self.score, 6)
+        return d
+
+
 @dataclass
 class ImageResult:
     """Everything the writers need for one image.
 
     width, height: original image size (after EXIF orientation).
-    instances: all kept instances, descending score, ids 1..N.
-    instance_map: (H, W) uint16, 0 = background, k = instances[k-1]; each pixel owned by the
-        highest-scoring instance covering it. Only instances with score >= map_threshold are drawn.
+    task: "instance", "panoptic" or "semantic".
+    instances: (instance task) all kept instances, descending score, ids 1..N.
+    label_map: (H, W) uint16 (semantic: uint8 when ids fit). instance: 0 = background,
+        k = instances[k-1], each pixel owned by the highest-scoring instance covering it, only
+        instances with score >= map_threshold drawn; panoptic: segment ids, 0 = void;
+        semantic: category ids.
+    segments: (panoptic, semantic) the regions of label_map.
     map_threshold: the score threshold the map (and the sidecar) were drawn with.
     image: the decoded RGB image (H, W, 3) uint8 when a writer asked for it (overlays), else None.
     """
@@ -90,10 +120,18 @@ class ImageResult:
     width: int
     height: int
     instances: list[Instance]
-    instance_map: np.ndarray
+    label_map: np.ndarray
     map_threshold: float
     image: Optional[np.ndarray] = None
-    extra: dict = field(default_factory=dict)
+    task: str = "instance"
+    segments: list[Segment] = field(default_factory=list)
 
     def instances_above(self, threshold: float) -> list[Instance]:
         return [i for i in self.instances if i.score >= threshold]
+
+    def regions(self) -> list[tuple[int, int, str, Optional[float], tuple[int, int, int, int]]]:
+        """What the label map shows: (map value, category id, label, score or None, bbox)."""
+        if self.task == "instance":
+            return [(i.id, i.category_id, i.label, i.score, i.bbox)
+                    for i in self.instances if i.score >= self.map_threshold and i.area > 0]
+        return [(s.id, s.category_id, s.label, s.score, s.bbox) for s in self.segments]

@@ -24,9 +24,10 @@ from .config import DEFAULT_MODEL
 from .decode import _to_rgb
 from .model import (HFPredictor, ModelLoadError, ModelSource, Predictor, load_model, resolve_device,
                     resolve_dtype, resolve_model)
-from .postprocess import PostprocessOptions, instance_map, instances_from_logits
+from .postprocess import (PostprocessOptions, instance_map, instances_from_logits, panoptic_from_logits,
+                          semantic_from_logits)
 from .preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
-from .records import ImageRef, ImageResult, Instance
+from .records import ImageRef, ImageResult
 
 
 def read_categories(source: ModelSource) -> CategoryTable:
@@ -48,6 +49,27 @@ def resolve_classes(categories: CategoryTable, classes: Sequence[str]) -> Option
     return frozenset(categories.resolve(s).index for s in specs)
 
 
+TASKS = ("auto", "instance", "panoptic", "semantic")
+# num_labels of the published Mask2Former checkpoints -> their task (REFERENCE.md)
+_TASK_BY_NUM_LABELS = {80: "instance", 133: "panoptic", 150: "semantic", 19: "semantic", 8: "instance",
+                       65: "panoptic"}
+
+
+def resolve_task(task: str, model_name: Optional[str], num_labels: int) -> str:
+    """--task auto: from the checkpoint name's suffix (-instance/-panoptic/-semantic), else from
+    its number of labels, else instance."""
+    t = task.strip().lower()
+    if t not in TASKS:
+        raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    if t != "auto":
+        return t
+    name = (model_name or "").rstrip("/").lower()
+    for suffix in ("instance", "panoptic", "semantic"):
+        if name.endswith("-" + suffix):
+            return suffix
+    return _TASK_BY_NUM_LABELS.get(num_labels, "instance")
+
+
 @dataclass
 class BatchTimes:
     forward_s: float = 0.0
@@ -66,7 +88,7 @@ class Segmenter:
                  dtype: str = "auto", revision: Optional[str] = None, allow_pickle: bool = False,
                  resize: str = "checkpoint", threshold: float = 0.5, map_threshold: Optional[float] = None,
                  top_k: int = 100, classes: Sequence[str] = (), compile: bool = False,
-                 source: Optional[ModelSource] = None):
+                 task: str = "auto", source: Optional[ModelSource] = None):
         if isinstance(model, str):
             self.source = source or resolve_model(model, revision, allow_pickle)
             dev = resolve_device(device)
@@ -78,6 +100,8 @@ class Segmenter:
             self.predictor = model
             checkpoint_spec = getattr(model, "preprocess_spec", PreprocessSpec())
         self.categories: CategoryTable = self.predictor.categories
+        name = self.source.spec if self.source else None
+        self.task = resolve_task(task, name, len(self.categories))
         self.spec: PreprocessSpec = spec_for_resize(resize, checkpoint_spec)
         if not 1 <= top_k <= 65535:
             raise ValueError(f"--top-k {top_k}: expected 1..65535")
@@ -94,26 +118,36 @@ class Segmenter:
     def model_id(self) -> str:
         return self.source.spec if self.source else type(self.predictor).__name__
 
-    def infer(self, pixel_values: torch.Tensor, valids: Sequence[tuple[int, int]],
-              originals: Sequence[tuple[int, int]]) -> list[list[Instance]]:
-        """pixel_values: (B, 3, Hp, Wp) float32 (same padded shape); valids/originals: per image
-        (h, w) unpadded resized size and (H0, W0) original size. Returns instances per image."""
+    def infer(self, pixel_values: torch.Tensor, refs: Sequence[ImageRef], valids: Sequence[tuple[int, int]],
+              originals: Sequence[tuple[int, int]]) -> list[ImageResult]:
+        """pixel_values: (B, 3, Hp, Wp) float32 (one padded shape); per image its ref, (h, w)
+        unpadded resized size and (H0, W0) original size. Returns one ImageResult per image."""
         t0 = time.perf_counter()
         x = pixel_values.to(self.device, non_blocking=True)
         class_logits, mask_logits = self.predictor(x)
         t1 = time.perf_counter()
         padded = tuple(pixel_values.shape[-2:])
-        out = [instances_from_logits(class_logits[b], mask_logits[b], padded, valids[b], originals[b],
-                                     self.categories, self.options) for b in range(len(valids))]
+        out = [self._result(refs[b], class_logits[b], mask_logits[b], padded, valids[b], originals[b])
+               for b in range(len(refs))]
         self.times.forward_s += t1 - t0
         self.times.postprocess_s += time.perf_counter() - t1
         return out
 
-    def result(self, ref: ImageRef, original: tuple[int, int], instances: list[Instance],
-               image: Optional[np.ndarray] = None) -> ImageResult:
+    def _result(self, ref: ImageRef, class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int]) -> ImageResult:
         h, w = original
-        imap = instance_map(instances, h, w, self.options.map_threshold)
-        return ImageResult(ref, w, h, instances, imap, self.options.map_threshold, image)
+        if self.task == "instance":
+            inst = instances_from_logits(class_logits, mask_logits, padded, valid, original, self.categories,
+                                         self.options)
+            imap = instance_map(inst, h, w, self.options.map_threshold)
+            return ImageResult(ref, w, h, inst, imap, self.options.map_threshold)
+        if self.task == "panoptic":
+            seg_map, segments = panoptic_from_logits(class_logits, mask_logits, padded, valid, original,
+                                                     self.categories)
+        else:
+            seg_map, segments = semantic_from_logits(class_logits, mask_logits, padded, valid, original,
+                                                     self.categories)
+        return ImageResult(ref, w, h, [], seg_map, 0.0, task=self.task, segments=segments)
 
     def __call__(self, image) -> ImageResult:
         return self.segment([image])[0]
@@ -121,13 +155,14 @@ class Segmenter:
     def segment(self, images: Iterable) -> list[ImageResult]:
         """PIL images or (H, W, 3) uint8 RGB arrays -> ImageResults (one batch per image shape).
         PIL images are used as given: apply ImageOps.exif_transpose first if they came from a file."""
-        rgbs = [_as_rgb(im) for im in images]
         results = []
-        for n, rgb in enumerate(rgbs):
+        for n, image in enumerate(images):
+            rgb = _as_rgb(image)
             mi = preprocess(rgb, self.spec)
-            inst = self.infer(torch.from_numpy(mi.pixel_values)[None], [mi.valid], [rgb.shape[:2]])[0]
             ref = ImageRef(path=f"<image {n}>", name=f"image{n}", rel=f"image{n}", index=n)
-            results.append(self.result(ref, rgb.shape[:2], inst, rgb))
+            r = self.infer(torch.from_numpy(mi.pixel_values)[None], [ref], [mi.valid], [rgb.shape[:2]])[0]
+            r.image = rgb
+            results.append(r)
         return results
 
 

@@ -15,13 +15,12 @@ from .base import Writer, register
 
 
 def image_record(result: ImageResult, threshold: float, with_rle: bool) -> dict:
-    return {
-        "image": result.ref.path,
-        "name": result.ref.name,
-        "width": result.width,
-        "height": result.height,
-        "instances": [i.to_json(with_rle=with_rle) for i in result.instances_above(threshold)],
-    }
+    rec = {"image": result.ref.path, "name": result.ref.name, "width": result.width, "height": result.height}
+    if result.task == "instance":
+        rec["instances"] = [i.to_json(with_rle=with_rle) for i in result.instances_above(threshold)]
+    else:
+        rec["segments_info"] = [s.to_json() for s in result.segments]
+    return rec
 
 
 @register

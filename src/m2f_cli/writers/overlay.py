@@ -37,14 +37,14 @@ def _boundary(instance_map: np.ndarray) -> np.ndarray:
 def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: float = 0.5) -> Image.Image:
     """rgb: (H, W, 3) uint8 upright image; returns the RGB overlay at the same size."""
     h, w = rgb.shape[:2]
-    imap = result.instance_map
-    shown = [i for i in result.instances if i.id <= imap.max(initial=0) and i.area > 0]
-    palette = np.zeros((max((i.id for i in shown), default=0) + 1, 3), np.float32)
-    for inst in shown:
-        palette[inst.id] = categories.by_id(inst.category_id).color
+    imap = result.label_map
+    shown = result.regions()  # (value, category id, label, score, bbox)
+    palette = np.zeros((max(int(imap.max(initial=0)), max((r[0] for r in shown), default=0)) + 1, 3), np.float32)
+    for value, cid, _, _, _ in shown:
+        palette[value] = categories.by_id(cid).color
     out = rgb.astype(np.float32)
     fg = imap > 0
-    out[fg] = out[fg] * (1 - alpha) + palette[imap[fg]] * alpha
+    out[fg] = out[fg] * (1 - alpha) + palette[imap[fg]] * alpha  # semantic id 0 stays unpainted
     thick = max(1, round(min(h, w) / 320))
     edge = _boundary(imap)
     owner = imap
@@ -57,10 +57,10 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
     draw = ImageDraw.Draw(img)
     font = _font(max(10, round(min(h, w) / 40)))
     pad = max(1, round(min(h, w) / 300))
-    for inst in sorted(shown, key=lambda i: i.score):
-        color = tuple(int(c) for c in palette[inst.id])
-        text = f"{inst.label} {inst.score:.2f}"
-        x, y = inst.bbox[0], inst.bbox[1]
+    for value, _, label, score, bbox in sorted(shown, key=lambda r: -1.0 if r[3] is None else r[3]):
+        color = tuple(int(c) for c in palette[value])
+        text = label if score is None else f"{label} {score:.2f}"
+        x, y = bbox[0], bbox[1]
         l, t, r, b = draw.textbbox((0, 0), text, font=font)
         tw, th = r - l + 2 * pad, b - t + 2 * pad
         x = min(max(0, x), max(0, w - tw))

@@ -15,34 +15,41 @@ from .base import Writer, register
 PNG_COMPRESS_LEVEL = 1  # ~30% faster than Pillow's default for 16-bit maps, files about as small
 
 
-def encode_png16(instance_map: np.ndarray) -> bytes:
-    """(H, W) uint16 -> 16-bit grayscale PNG bytes."""
+def encode_label_png(label_map: np.ndarray) -> bytes:
+    """(H, W) uint16 -> 16-bit grayscale PNG bytes; uint8 -> 8-bit."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(instance_map, dtype=np.uint16)).save(
-        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    arr = label_map if label_map.dtype == np.uint8 else label_map.astype(np.uint16, copy=False)
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
 def sidecar(result: ImageResult, writer: Writer) -> dict:
     """The sidecar JSON document (schema in the README)."""
     ctx = writer.ctx
-    return {
+    doc = {
         "image": result.ref.path,
         "name": result.ref.name,
         "width": result.width,
         "height": result.height,
         "model": ctx.model,
         "revision": ctx.revision,
-        "threshold": writer.threshold,
-        "top_k": ctx.top_k,
-        "instances": [i.to_json() for i in result.instances_above(writer.threshold)],
+        "task": result.task,
     }
+    if result.task == "instance":
+        doc.update(threshold=writer.threshold, top_k=ctx.top_k,
+                   instances=[i.to_json() for i in result.instances_above(writer.threshold)])
+    else:
+        doc["segments_info"] = [s.to_json() for s in result.segments]
+    if result.task == "semantic":
+        doc["legend"] = [{"id": c.id, "label": c.name} for c in ctx.categories.categories]
+    return doc
 
 
 @register
 class PngWriter(Writer):
     name = "png"
-    help = "<out>/<name>.png (16-bit instance map) + <name>.json (instances with RLE masks)"
+    help = ("<out>/<name>.png (16-bit instance map; panoptic: segment ids; semantic: category ids) "
+            "+ <name>.json (instances with RLE masks, or segments_info)")
 
     def _paths(self, ref: ImageRef) -> tuple[str, str]:
         f = self.ctx.folder
@@ -54,5 +61,5 @@ class PngWriter(Writer):
     def write(self, result: ImageResult) -> None:
         png_path, json_path = self._paths(result.ref)
         folder = self.ctx.folder
-        folder.write_bytes(png_path, encode_png16(result.instance_map))
+        folder.write_bytes(png_path, encode_label_png(result.label_map))
         folder.write_bytes(json_path, json.dumps(sidecar(result, self), ensure_ascii=False).encode())
