@@ -70,4 +70,4 @@ def test_segmenter_api_on_arrays_and_pil():
     assert (r1.width, r1.height) == (320, 240)
     assert [i.label for i in r1.instances] == [i.label for i in r2.instances]
     red = next(i for i in r1.instances if i.label == "person")
-    assert iou(r1.instance_map == red.id, masks["red"]) >= 0.95
+    assert iou(r1.label_map == red.id, masks["red"]) >= 0.95
