@@ -56,15 +56,15 @@ def _upsample_t(logits_t: torch.Tensor, padded: tuple[int, int], valid: tuple[in
     return F.interpolate(x[None], size=(w0, h0), mode="bilinear", align_corners=False)[0]
 
 
-def _bbox_t(bin_t: torch.Tensor) -> tuple[int, int, int, int]:
-    """bin_t: (W0, H0) bool -> tight [x, y, w, h]; zeros when empty."""
-    cols = torch.nonzero(bin_t.any(dim=1)).flatten()  # x positions
-    if cols.numel() == 0:
-        return (0, 0, 0, 0)
-    rows = torch.nonzero(bin_t.any(dim=0)).flatten()  # y positions
-    x0, x1 = int(cols[0]), int(cols[-1])
-    y0, y1 = int(rows[0]), int(rows[-1])
-    return (x0, y0, x1 - x0 + 1, y1 - y0 + 1)
+def _c(rle: dict) -> dict:
+    """Our str-counts RLE -> the bytes-counts form pycocotools' C functions take."""
+    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+
+
+def _bbox(rle: dict) -> tuple[int, int, int, int]:
+    """Tight [x, y, w, h] of an RLE mask (integers; zeros when empty), straight from the runs."""
+    x, y, w, h = mask_utils.toBbox(_c(rle)).tolist()
+    return (int(x), int(y), int(w), int(h))
 
 
 def encode_rle(bin_t: np.ndarray) -> dict:
@@ -104,24 +104,25 @@ def instances_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     uniq = sorted(set(queries))
 
     h0, w0 = original
-    per_chunk = max(1, CHUNK_BYTES // max(1, h0 * w0 * 4))
+    n_pix = h0 * w0
+    per_chunk = max(1, CHUNK_BYTES // max(1, n_pix * 4))
     mask_score: dict[int, float] = {}
     geometry: dict[int, tuple[tuple[int, int, int, int], int, dict]] = {}
     lt = mask_logits.transpose(1, 2)  # (Q, w, h)
     for start in range(0, len(uniq), per_chunk):
         qs = uniq[start:start + per_chunk]
-        up = _upsample_t(lt[qs], padded, valid, original)  # (n, W0, H0)
-        binary = up > 0
-        sig_sum = (up.sigmoid() * binary).flatten(1).sum(1)
-        area = binary.flatten(1).sum(1)
-        scores = (sig_sum / (area + 1e-6)).tolist()
-        areas = area.tolist()
-        binary_cpu = binary.cpu()
+        up = _upsample_t(lt[qs], padded, valid, original)  # (n, W0, H0) float32
+        binary = (up > 0).cpu().numpy()
+        rles = [encode_rle(binary[j]) for j in range(len(qs))]
+        areas = mask_utils.area([_c(r) for r in rles]).tolist()
+        # Sum of sigmoid over the mask without a masked copy: sigmoid(max(x, 0)) is sigmoid(x)
+        # inside the mask and exactly 0.5 outside it. In place: no new full-size buffers.
+        sums = up.clamp_(min=0).sigmoid_().flatten(1).sum(1).cpu().tolist()
         del up, binary
         for j, q in enumerate(qs):
-            mask_score[q] = scores[j]
-            b = binary_cpu[j]
-            geometry[q] = (_bbox_t(b), int(areas[j]), encode_rle(b.numpy()))
+            area = int(areas[j])
+            mask_score[q] = (sums[j] - 0.5 * (n_pix - area)) / (area + 1e-6)
+            geometry[q] = (_bbox(rles[j]), area, rles[j])
 
     cand = []
     for rank, (p, lab, q) in enumerate(zip(top_p.tolist(), labels, queries)):
