@@ -7,9 +7,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine shared with DataLoader workers and subprocesses make each forward ~20x slower.
 os.environ["OMP_NUM_THREADS"] = "1"
 
-import numpy as np
 import pytest
-import torch
 
 from tiny import make_tiny_model
 from planted import PlantedPredictor, planted_image

@@ -41,12 +41,15 @@ def _snapshot(out):
     """Every output file (not our .m2f bookkeeping) -> its parsed or raw content."""
     snap = {}
     for p in sorted(out.rglob("*")):
-        if not p.is_file() or ".m2f" in p.parts or p.name == "failures.jsonl":
+        if (not p.is_file() or ".m2f" in p.parts or p.name.startswith(("failures", "m2f-run"))
+                or ".shard-" in p.name):  # bookkeeping and shard parts
             continue
         rel = p.relative_to(out).as_posix()
         if p.suffix == ".json" and p.name.startswith("predictions"):
             recs = json.loads(p.read_text())
             snap[rel] = sorted(json.dumps(r, sort_keys=True) for r in recs)
+        elif p.suffix == ".json":
+            snap[rel] = json.loads(p.read_text())
         elif p.suffix == ".png":
             with Image.open(p) as im:
                 snap[rel] = np.asarray(im).tobytes()

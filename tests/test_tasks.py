@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from m2f_cli import RunConfig, Segmenter, run
+from m2f_cli import RunConfig, run
 from m2f_cli.categories import COCO_NAMES, CategoryTable
 from m2f_cli.cli import app
 from m2f_cli.postprocess import panoptic_from_logits, semantic_from_logits

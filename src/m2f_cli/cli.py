@@ -82,6 +82,10 @@ def segment(
     rle: bool = typer.Option(_D.rle, "--rle", help="Include RLE masks in JSON Lines records."),
     compile: bool = typer.Option(_D.compile, "--compile", help="torch.compile the model (slow first batch "
                                  "per input shape; pays off on long runs)."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Run one worker per device over "
+                                          "disjoint shards: CUDA indices (0,1), all, or names (cuda:0,cpu)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process a stable 1/N of the inputs "
+                                        "(0 <= I < N), writing part files that m2f merge combines."),
     summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Also write the run summary "
                                                "(counts, wall time, per-stage seconds) to this JSON file."),
     null: bool = typer.Option(False, "--null", "-0", help="With -, paths on stdin are NUL-separated."),
@@ -95,6 +99,13 @@ def segment(
         inputs = [p for i in inputs for p in (listed if i == "-" else [i])]
         if not inputs:
             raise _error("no paths on stdin", ExitCode.USAGE)
+    shard_spec = None
+    if shard:
+        from .walk import parse_shard
+        try:
+            shard_spec = parse_shard(shard)
+        except ValueError as e:
+            raise _error(str(e), ExitCode.USAGE)
     for f in formats:
         if f not in FORMATS:
             raise _error(f"--format {f!r}: expected one of {', '.join(FORMATS)}", ExitCode.USAGE)
@@ -104,7 +115,7 @@ def segment(
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
-        overlay_alpha=overlay_alpha, rle=rle, compile=compile)
+        overlay_alpha=overlay_alpha, rle=rle, compile=compile, shard=shard_spec)
 
     from .model import ModelLoadError
     from .pipeline import UsageError, run
@@ -112,7 +123,20 @@ def segment(
     from .state import OutputError, OutputLockedError
 
     try:
-        summary = run(config, make_reporter(quiet=quiet))
+        if devices:
+            from .devices import WorkerError, parse_devices, run_devices
+            try:
+                device_list = parse_devices(devices)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            try:
+                summary = run_devices(config, device_list, make_reporter(quiet=quiet))
+            except WorkerError as e:
+                raise _error(str(e), ExitCode.FATAL)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        else:
+            summary = run(config, make_reporter(quiet=quiet))
     except UsageError as e:
         raise _error(str(e), ExitCode.USAGE)
     except OutputLockedError as e:
@@ -183,6 +207,31 @@ def info(
         typer.echo(f"model path: {src.local_dir}")
     except ModelLoadError as e:
         typer.echo(f"model: {model} (not available: {e})")
+
+
+@app.command()
+def merge(out: str = typer.Argument(..., help="The --out folder the shards wrote into.")) -> None:
+    """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl
+    and failures.jsonl; exit 3 when a shard is missing or incomplete."""
+    from .merge import MergeError, merge as merge_parts
+    from .state import OutputError, OutputLockedError
+    try:
+        report = merge_parts(out)
+    except MergeError as e:
+        raise _error(str(e), ExitCode.USAGE)
+    except OutputLockedError as e:
+        raise _error(str(e), ExitCode.LOCKED)
+    except OutputError as e:
+        raise _error(str(e.args[-1]), ExitCode.FATAL)
+    for i in report.missing:
+        typer.echo(f"m2f: error: shard {i}/{report.count} is missing (no m2f-run.shard-{i}-of-{report.count}.json)",
+                   err=True)
+    for i in report.incomplete:
+        typer.echo(f"m2f: error: shard {i}/{report.count} is incomplete (interrupted or stopped); rerun it",
+                   err=True)
+    typer.echo(f"m2f: merged {report.count} shards: {report.images} images, {report.records} records -> "
+               f"{', '.join(report.written)}", err=True)
+    raise typer.Exit(ExitCode.OK if report.ok else ExitCode.INPUTS_FAILED)
 
 
 @app.command("eval")

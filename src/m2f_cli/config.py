@@ -58,4 +58,5 @@ class RunConfig:
     overlay_alpha: float = 0.5
     rle: bool = False
     compile: bool = False
+    shard: Optional[tuple[int, int]] = None
     options: dict = field(default_factory=dict)

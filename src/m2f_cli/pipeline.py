@@ -29,7 +29,7 @@ from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
 from .segmenter import Segmenter, read_categories, resolve_classes, resolve_task
 from .state import OutputError, OutputFolder
-from .walk import InputError, walk
+from .walk import InputError, WalkResult, shard_of, walk
 from .writers import REGISTRY, Writer, WriterContext
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ def validate(config: RunConfig) -> None:
             raise UsageError(f"{name} {v}: expected a positive number")
     if config.workers is not None and config.workers < 0:
         raise UsageError(f"--workers {config.workers}: expected 0 or more")
+    if config.shard is not None and not (config.shard[1] >= 1 and 0 <= config.shard[0] < config.shard[1]):
+        raise UsageError(f"--shard {config.shard[0]}/{config.shard[1]}: expected 0 <= I < N")
     if config.max_failures is not None and config.max_failures < 1:
         raise UsageError(f"--max-failures {config.max_failures}: expected 1 or more")
     if config.coco_annotations and not os.path.isfile(config.coco_annotations):
@@ -245,11 +247,15 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
     else:
         device = segmenter.device
 
-    folder = None if config.out == "-" else OutputFolder(config.out)
+    folder = None if config.out == "-" else OutputFolder(config.out, config.shard)
     try:
         found = walk(config.inputs, exclude=None if folder is None else folder.out)
     except InputError as e:
         raise UsageError(str(e)) from None
+    if config.shard is not None:
+        i, n = config.shard
+        found = WalkResult([r for r in found.refs if shard_of(r.rel, n) == i],
+                           [f for f in found.failures if shard_of(f.ref.rel, n) == i])
     if folder is not None:
         folder.check_writable()
         folder.lock()
@@ -330,16 +336,17 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
                 w.close()
             except OutputError as e:
                 fatal = fatal or e
+        summary.interrupted = interrupt.signum
+        summary.wall_s = time.perf_counter() - t_start
+        if segmenter is not None:
+            summary.stages.forward = segmenter.times.forward_s
+            summary.stages.postprocess = segmenter.times.postprocess_s
         if folder is not None:
             try:
                 _write_failures(folder, summary.failures)
+                _write_manifest(folder, config, summary, complete=fatal is None)
             except OutputError as e:
                 fatal = fatal or e
-    summary.interrupted = interrupt.signum
-    summary.wall_s = time.perf_counter() - t_start
-    if segmenter is not None:
-        summary.stages.forward = segmenter.times.forward_s
-        summary.stages.postprocess = segmenter.times.postprocess_s
     reporter.finish(summary)
     if fatal is not None:
         raise fatal
@@ -418,8 +425,17 @@ def _process(config, segmenter: Segmenter, todo, batch_size, workers, writer: _W
         summary.stopped_early = interrupt.signum is None
 
 
+def _write_manifest(folder: OutputFolder, config: RunConfig, summary: RunSummary, complete: bool) -> None:
+    """<out>/m2f-run.json (m2f-run.shard-I-of-N.json for shards): what the last run did, and
+    whether it got through all its inputs; ``m2f merge`` reads it to find incomplete shards."""
+    doc = {"formats": list(config.formats), "shard": list(config.shard) if config.shard else None,
+           "complete": complete and not summary.interrupted and not summary.stopped_early,
+           **summary.as_dict()}
+    folder.write_bytes(folder.run_file("m2f-run", ".json"), json.dumps(doc, indent=1).encode())
+
+
 def _write_failures(folder: OutputFolder, failures: list[Failure]) -> None:
     """<out>/failures.jsonl, rewritten each run: {"path", "stage", "error"} per failed input."""
     data = "".join(json.dumps({"path": f.ref.path, "stage": f.stage, "error": f.error}, ensure_ascii=False)
                    + "\n" for f in failures)
-    folder.write_bytes(os.path.join(folder.out, "failures.jsonl"), data.encode())
+    folder.write_bytes(folder.run_file("failures", ".jsonl"), data.encode())

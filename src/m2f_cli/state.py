@@ -40,14 +40,31 @@ def state_dir(out: str) -> str:
     return os.path.join(out, STATE_DIR)
 
 
-class OutputFolder:
-    """The run's output folder: lock, temporary area and atomic writes."""
+def part_suffix(shard: Optional[tuple[int, int]]) -> str:
+    """The infix of a shard's run-level files: predictions.shard-2-of-8.json; "" without shards."""
+    return f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
 
-    def __init__(self, out: str):
+
+class OutputFolder:
+    """The run's output folder: lock, temporary area and atomic writes.
+
+    shard: (index, count) when this run is one shard of several writing into the same folder:
+    each shard has its own lock, temporary area, journals and run-level part files.
+    """
+
+    def __init__(self, out: str, shard: Optional[tuple[int, int]] = None):
         self.out = out
+        self.part = part_suffix(shard)
         self.state = state_dir(out)
-        self.tmp = os.path.join(self.state, "tmp")
+        self.tmp = os.path.join(self.state, "tmp" + self.part)
         self._lock_fd: Optional[int] = None
+
+    def run_file(self, stem: str, ext: str) -> str:
+        """A run-level output: <out>/<stem><part><ext>, e.g. predictions.shard-0-of-2.json."""
+        return os.path.join(self.out, f"{stem}{self.part}{ext}")
+
+    def journal_path(self, writer: str) -> str:
+        return os.path.join(self.state, f"{writer}{self.part}.journal.jsonl")
 
     def check_writable(self) -> None:
         """Create the folders and prove we can write there, before any model is loaded."""
@@ -61,7 +78,7 @@ class OutputFolder:
             raise OutputError(e.errno, f"{self.out}: output folder is not writable ({e.strerror or e})") from None
 
     def lock(self) -> None:
-        path = os.path.join(self.state, "lock")
+        path = os.path.join(self.state, "lock" + self.part)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -75,6 +92,7 @@ class OutputFolder:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise OutputLockedError(
                     f"{self.out}: output folder is in use by another m2f run"
+                    f"{' of this shard' if self.part else ''}"
                     f"{f' (pid {holder})' if holder else ''}") from None
             raise
         os.ftruncate(fd, 0)

@@ -15,9 +15,9 @@ Naming rule (documented in the README):
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator, Optional, Sequence
@@ -126,6 +126,29 @@ def _expand(inputs: Sequence[str], exclude: Optional[str]) -> Iterator[tuple[str
                     yield m, _source_name_for_path(m), None
         else:
             raise InputError(f"{arg}: no such file or folder")
+
+
+def shard_of(rel: str, count: int) -> int:
+    """The shard (0..count-1) an output name belongs to: a hash of the name, so the split is
+    stable across reruns, balanced, and independent of the order the inputs were listed in."""
+    digest = hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """"I/N" -> (I, N), 0 <= I < N. Raises ValueError."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {spec!r}: expected 0 <= I < N")
+    return i, n
+
+
+def order_key(name: str) -> tuple[str, ...]:
+    """Sort key that reproduces the walk's order for names under one folder (depth-first, sorted)."""
+    return tuple(name.split("/"))
 
 
 def _strip_ext(name: str) -> str:

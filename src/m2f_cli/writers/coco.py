@@ -62,7 +62,7 @@ class CocoWriter(Writer):
         super().__init__(ctx)
         ann = ctx.options.get("coco_annotations")
         self.index = AnnotationIndex(ann) if ann else None
-        self.journal = Journal(os.path.join(ctx.folder.state, "coco.journal.jsonl"), fresh=ctx.overwrite)
+        self.journal = Journal(ctx.folder.journal_path("coco"), fresh=ctx.overwrite)
         self._done: set[str] = set()
         self._next_id = 1
         self._unlisted: set[str] = set()
@@ -118,8 +118,8 @@ class CocoWriter(Writer):
                 f.write(b"]\n")
             return write
 
-        folder.write_atomic(os.path.join(folder.out, "predictions.json"), stream(("segmentation", "score")))
-        folder.write_atomic(os.path.join(folder.out, "predictions_bbox.json"), stream(("bbox", "score")))
+        folder.write_atomic(folder.run_file("predictions", ".json"), stream(("segmentation", "score")))
+        folder.write_atomic(folder.run_file("predictions_bbox", ".json"), stream(("bbox", "score")))
         if self.index is None:
             def images(f):
                 f.write(b'{"images":[')
@@ -127,4 +127,4 @@ class CocoWriter(Writer):
                     f.write((b"," if n else b"") + json.dumps(r["image"], ensure_ascii=False).encode())
                 f.write(b'],"annotations":[],"categories":')
                 f.write(json.dumps(self.ctx.categories.coco_categories()).encode() + b"}\n")
-            folder.write_atomic(os.path.join(folder.out, "images.json"), images)
+            folder.write_atomic(folder.run_file("images", ".json"), images)

@@ -7,7 +7,6 @@ flushed per image.
 from __future__ import annotations
 
 import json
-import os
 
 from ..records import ImageRef, ImageResult
 from ..state import Journal
@@ -35,7 +34,7 @@ class JsonlWriter(Writer):
         self.journal = None
         self._done: set[str] = set()
         if ctx.folder is not None:
-            self.journal = Journal(os.path.join(ctx.folder.state, "jsonl.journal.jsonl"), fresh=ctx.overwrite)
+            self.journal = Journal(ctx.folder.journal_path("jsonl"), fresh=ctx.overwrite)
             self._done = {r["rel"] for r in self.journal.records()}
 
     def done(self, ref: ImageRef) -> bool:
@@ -60,4 +59,4 @@ class JsonlWriter(Writer):
         def write(f):
             for r in self.journal.records():
                 f.write(json.dumps(r["record"], ensure_ascii=False).encode() + b"\n")
-        folder.write_atomic(os.path.join(folder.out, "predictions.jsonl"), write)
+        folder.write_atomic(folder.run_file("predictions", ".jsonl"), write)

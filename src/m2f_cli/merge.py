@@ -1,0 +1,123 @@
+"""``m2f merge OUT``: combine the part files of ``--shard I/N`` runs into the files one run writes.
+
+Reads ``m2f-run.shard-I-of-N.json`` manifests to find missing or incomplete shards, then writes
+predictions.json, predictions_bbox.json, images.json (image ids renumbered 1..n in sorted name
+order, as one run over a folder assigns them), predictions.jsonl and failures.jsonl, atomically.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from .state import OutputFolder
+from .walk import order_key
+
+_PART = re.compile(r"\.shard-(\d+)-of-(\d+)\.")
+
+
+class MergeError(ValueError):
+    """Nothing to merge, or parts of different shard counts."""
+
+
+@dataclass
+class MergeReport:
+    count: int = 0
+    missing: list[int] = field(default_factory=list)
+    incomplete: list[int] = field(default_factory=list)
+    images: int = 0
+    records: int = 0
+    written: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.incomplete
+
+
+def _parts(out: str, stem: str, ext: str, n: int) -> list[tuple[int, str]]:
+    """(shard index, path) of the part files of one output that exist."""
+    return [(i, p) for i in range(n) if os.path.exists(p := os.path.join(out, f"{stem}.shard-{i}-of-{n}{ext}"))]
+
+
+def _load(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def merge(out: str) -> MergeReport:
+    counts = {int(m.group(2)) for p in glob.glob(os.path.join(out, "*.shard-*-of-*.*"))
+              if (m := _PART.search(os.path.basename(p)))}
+    if not counts:
+        raise MergeError(f"{out}: no shard part files (m2f segment --shard I/N writes them)")
+    if len(counts) > 1:
+        raise MergeError(f"{out}: part files of different shard counts {sorted(counts)}; remove the stale ones")
+    n = counts.pop()
+    report = MergeReport(count=n)
+    for i in range(n):
+        manifest = os.path.join(out, f"m2f-run.shard-{i}-of-{n}.json")
+        if not os.path.exists(manifest):
+            report.missing.append(i)
+        elif not _load(manifest).get("complete"):
+            report.incomplete.append(i)
+
+    folder = OutputFolder(out)
+    folder.check_writable()
+    folder.lock()
+    try:
+        _merge_files(out, n, folder, report)
+    finally:
+        folder.unlock()
+    return report
+
+
+def _merge_files(out: str, n: int, folder: OutputFolder, report: MergeReport) -> None:
+    image_parts = _parts(out, "images", ".json", n)
+    remap: dict[tuple[int, int], int] = {}  # (shard, id in its part) -> merged id
+    if image_parts:
+        images = []
+        for k, p in image_parts:
+            doc = _load(p)
+            categories = doc["categories"]
+            images += [(order_key(im["file_name"]), k, im) for im in doc["images"]]
+        images.sort(key=lambda t: t[0])
+        merged_images = []
+        for new_id, (_, k, im) in enumerate(images, start=1):
+            remap[(k, im["id"])] = new_id
+            merged_images.append({**im, "id": new_id})
+        report.images = len(merged_images)
+        doc = {"images": merged_images, "annotations": [], "categories": categories}
+        folder.write_bytes(os.path.join(out, "images.json"), json.dumps(doc, ensure_ascii=False).encode())
+        report.written.append("images.json")
+
+    for stem in ("predictions", "predictions_bbox"):
+        parts = _parts(out, stem, ".json", n)
+        if not parts:
+            continue
+        recs = []
+        for k, p in parts:
+            for r in _load(p):
+                if remap:
+                    r["image_id"] = remap[(k, r["image_id"])]
+                recs.append(r)
+        recs.sort(key=lambda r: (r["image_id"], -r["score"]))
+        report.records = len(recs) if stem == "predictions" else report.records
+        folder.write_bytes(os.path.join(out, f"{stem}.json"),
+                           ("[" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in recs) + "]\n").encode())
+        report.written.append(f"{stem}.json")
+
+    for stem in ("predictions", "failures"):
+        parts = _parts(out, stem, ".jsonl", n)
+        if not parts:
+            continue
+        lines = []
+        for _, p in parts:
+            with open(p, encoding="utf-8") as f:
+                lines += [json.loads(line) for line in f if line.strip()]
+        key = "name" if stem == "predictions" else "path"
+        lines.sort(key=lambda r: order_key(str(r.get(key, ""))))
+        folder.write_bytes(os.path.join(out, f"{stem}.jsonl"),
+                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode())
+        report.written.append(f"{stem}.jsonl")
