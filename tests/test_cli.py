@@ -146,3 +146,16 @@ def test_every_segment_option_is_documented_in_the_readme():
     assert len(opts) > 20
     missing = [o for o in opts if o != "--help" and f"`{o}" not in readme]
     assert not missing, f"undocumented options: {missing}"
+
+
+def test_bf16_on_a_cpu_without_bf16_kernels_is_refused(tmp_path, image_dir, tiny_model):
+    from m2f_cli.model import cpu_has_fast_bf16
+    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", tiny_model, "--dtype", "bfloat16",
+                "--device", "cpu", "-q")
+    if cpu_has_fast_bf16():
+        assert r.exit_code == ExitCode.OK, r.output
+    else:
+        assert r.exit_code == ExitCode.USAGE and "bfloat16" in r.stderr
+    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", tiny_model, "--dtype", "float16",
+                "--device", "cpu")
+    assert r.exit_code == ExitCode.USAGE and "float16" in r.stderr

@@ -115,8 +115,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if n not in DTYPES:
         raise ValueError(f"--dtype {name!r}: expected auto, float32, bfloat16 or float16")
     if n == "float16" and device.type == "cpu":
-        raise ValueError("--dtype float16 is not supported on CPU (no fast kernels); use bfloat16")
+        raise ValueError("--dtype float16 is not supported on CPU (no fast kernels); use float32")
+    if n == "bfloat16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        raise ValueError("--dtype bfloat16: this CPU has no fast bfloat16 kernels (no AVX512-BF16 or AMX); "
+                         "it would run ~100x slower than float32")
     return DTYPES[n]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """oneDNN's own answer: AVX512-BF16/AMX present (measured here without it: bf16 100x slower)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class Predictor(Protocol):
