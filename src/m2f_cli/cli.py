@@ -117,8 +117,12 @@ def segment(
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
         overlay_alpha=overlay_alpha, rle=rle, compile=compile, shard=shard_spec)
 
+    import os
     from .model import ModelLoadError
     from .pipeline import UsageError, run
+    from .runtime import tune_malloc
+    if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
+        tune_malloc()
     from .progress import make_reporter
     from .state import OutputError, OutputLockedError
 

@@ -44,18 +44,6 @@ class PostprocessOptions:
     keep: Optional[frozenset[int]] = None
 
 
-def _upsample_t(logits_t: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int],
-                original: tuple[int, int]) -> torch.Tensor:
-    """logits_t: (n, w4, h4) transposed mask logits -> (n, W0, H0) float32 transposed logits."""
-    ph, pw = padded
-    vh, vw = valid
-    h0, w0 = original
-    x = F.interpolate(logits_t[None].float(), size=(pw, ph), mode="bilinear", align_corners=False)[0]
-    if (vh, vw) != (ph, pw):
-        x = x[:, :vw, :vh]
-    return F.interpolate(x[None], size=(w0, h0), mode="bilinear", align_corners=False)[0]
-
-
 def _c(rle: dict) -> dict:
     """Our str-counts RLE -> the bytes-counts form pycocotools' C functions take."""
     return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
@@ -75,17 +63,74 @@ def encode_rle(bin_t: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
 
 
-def instances_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor,
-                          padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int],
-                          categories: CategoryTable, options: PostprocessOptions) -> list[Instance]:
-    """One image's instances, descending score, ids 1..N.
+@dataclass
+class _Window:
+    """A query's mask where it can be positive: rows r0:r1, cols c0:c1 of the original image.
+    binary: (r1 - r0, c1 - c0) bool."""
+
+    r0: int
+    c0: int
+    binary: np.ndarray
+
+
+class _Sampler:
+    """Bilinear (align_corners=False) from the (vh, vw) valid-area logits to the original size,
+    evaluated only on output windows.
+
+    Exact shortcut: an output pixel is a blend of its (at most) four source pixels, so it can be
+    positive only if one of them is. Outside the window spanned by the source rows/columns that
+    hold a positive logit, the mask is 0 and contributes nothing to the mask score; the cost is
+    proportional to the object's area instead of the image's.
+    """
+
+    def __init__(self, valid: tuple[int, int], original: tuple[int, int], device: torch.device):
+        (vh, vw), (h0, w0) = valid, original
+        self.original, self.full_pixels = original, h0 * w0
+        self.ry0, self.ry1, self.wy = _source_rows(torch.arange(h0, device=device), vh, h0)
+        self.cx0, self.cx1, self.wx = _source_rows(torch.arange(w0, device=device), vw, w0)
+
+    @staticmethod
+    def _span(lo_idx: torch.Tensor, hi_idx: torch.Tensor, first: int, last: int) -> tuple[int, int]:
+        """Output range whose source indices touch [first, last] (indices are non-decreasing)."""
+        a = int(torch.searchsorted(hi_idx, torch.tensor(first, device=hi_idx.device)))
+        b = int(torch.searchsorted(lo_idx, torch.tensor(last, device=lo_idx.device), right=True))
+        return a, b
+
+    def window(self, low: torch.Tensor):
+        """low: (vh, vw) logits -> (r0, c0, logits window) or None when nothing is positive."""
+        pos = low > 0
+        rows = torch.nonzero(pos.any(1)).flatten()
+        if rows.numel() == 0:
+            return None
+        cols = torch.nonzero(pos.any(0)).flatten()
+        r0, r1 = self._span(self.ry0, self.ry1, int(rows[0]), int(rows[-1]))
+        c0, c1 = self._span(self.cx0, self.cx1, int(cols[0]), int(cols[-1]))
+        if (r1 - r0) * (c1 - c0) > 0.25 * self.full_pixels:
+            # a large object: torch's upsampling kernel beats gathering, then cut the window
+            full = F.interpolate(low[None, None], size=self.original, mode="bilinear", align_corners=False)[0, 0]
+            return r0, c0, full[r0:r1, c0:c1]
+        y0, y1, wy = self.ry0[r0:r1], self.ry1[r0:r1], self.wy[r0:r1, None]
+        x0, x1, wx = self.cx0[c0:c1], self.cx1[c0:c1], self.wx[c0:c1]
+        top, bottom = low[y0], low[y1]
+        top = top[:, x0] * (1 - wx) + top[:, x1] * wx
+        bottom = bottom[:, x0] * (1 - wx) + bottom[:, x1] * wx
+        return r0, c0, top * (1 - wy) + bottom * wy
+
+
+def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                      padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int],
+                      categories: CategoryTable, options: PostprocessOptions
+                      ) -> tuple[list[Instance], np.ndarray]:
+    """One image's instances (descending score, ids 1..N) and its instance map.
 
     class_logits: (Q, C+1) any float dtype; mask_logits: (Q, h, w) at 1/4 of the padded input.
     padded: (Hp, Wp) model input size; valid: (h, w) unpadded part; original: (H0, W0).
+    Returns the instances and the (H0, W0) uint16 map of those with score >= map_threshold.
     """
     class_logits = class_logits.float()
     num_q, num_c1 = class_logits.shape
     num_c = num_c1 - 1
+    h0, w0 = original
     probs = class_logits.softmax(-1)[:, :num_c]
     if options.keep is not None:
         drop = torch.ones(num_c, dtype=torch.bool, device=probs.device)
@@ -98,45 +143,72 @@ def instances_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         alive &= top_p >= 0
     top_p, top_i = top_p[alive].cpu(), top_i[alive].cpu()
     if top_p.numel() == 0:
-        return []
+        return [], np.zeros((h0, w0), np.uint16)
     labels = (top_i % num_c).tolist()
     queries = (top_i // num_c).tolist()
-    uniq = sorted(set(queries))
+    p_list = top_p.tolist()
+    best_p: dict[int, float] = {}
+    for p, q in zip(p_list, queries):
+        best_p[q] = max(best_p.get(q, 0.0), p)
+    uniq = sorted(best_p)
 
-    h0, w0 = original
-    n_pix = h0 * w0
-    per_chunk = max(1, CHUNK_BYTES // max(1, n_pix * 4))
+    sampler = _Sampler(valid, original, mask_logits.device)
     mask_score: dict[int, float] = {}
     geometry: dict[int, tuple[tuple[int, int, int, int], int, dict]] = {}
-    lt = mask_logits.transpose(1, 2)  # (Q, w, h)
+    windows: dict[int, _Window] = {}
+    empty = encode_rle(np.zeros((w0, h0), np.bool_))
+    per_chunk = max(1, CHUNK_BYTES // max(1, valid[0] * valid[1] * 4))
     for start in range(0, len(uniq), per_chunk):
         qs = uniq[start:start + per_chunk]
-        up = _upsample_t(lt[qs], padded, valid, original)  # (n, W0, H0) float32
-        binary = (up > 0).cpu().numpy()
-        rles = [encode_rle(binary[j]) for j in range(len(qs))]
-        areas = mask_utils.area([_c(r) for r in rles]).tolist()
-        # Sum of sigmoid over the mask without a masked copy: sigmoid(max(x, 0)) is sigmoid(x)
-        # inside the mask and exactly 0.5 outside it. In place: no new full-size buffers.
-        sums = up.clamp_(min=0).sigmoid_().flatten(1).sum(1).cpu().tolist()
-        del up, binary
+        low = _crop_to_valid(mask_logits[qs], padded, valid)  # (n, vh, vw), cheap
         for j, q in enumerate(qs):
-            area = int(areas[j])
-            mask_score[q] = (sums[j] - 0.5 * (n_pix - area)) / (area + 1e-6)
-            geometry[q] = (_bbox(rles[j]), area, rles[j])
+            win = sampler.window(low[j])
+            if win is None:
+                mask_score[q], geometry[q] = 0.0, ((0, 0, 0, 0), 0, empty)
+                continue
+            r0, c0, logits = win
+            binary = logits > 0
+            area = int(binary.sum())
+            # mean sigmoid inside the mask; sigmoid(max(x, 0)) is 0.5 exactly outside it
+            inside = float(logits.clamp_(min=0).sigmoid_().sum()) - 0.5 * (binary.numel() - area)
+            mask_score[q] = inside / (area + 1e-6)
+            b = binary.cpu().numpy()
+            full_t = np.zeros((w0, h0), np.bool_)  # transposed: its .T is the Fortran (H0, W0) mask
+            full_t[c0:c0 + b.shape[1], r0:r0 + b.shape[0]] = b.T
+            rle = encode_rle(full_t)
+            geometry[q] = (_bbox(rle), area, rle)
+            if area and best_p[q] * mask_score[q] >= options.map_threshold:
+                windows[q] = _Window(r0, c0, b)
 
     cand = []
-    for rank, (p, lab, q) in enumerate(zip(top_p.tolist(), labels, queries)):
+    for rank, (p, lab, q) in enumerate(zip(p_list, labels, queries)):
         s = p * mask_score[q]
         if s >= options.threshold:
             cand.append((-s, rank, s, lab, q))
     cand.sort()
     out: list[Instance] = []
+    imap = np.zeros((h0, w0), np.uint16)
     for n, (_, _, s, lab, q) in enumerate(cand, start=1):
         cat = categories[lab]
         bbox, area, rle = geometry[q]
         out.append(Instance(id=n, label=cat.name, category_id=cat.id, label_index=lab, score=float(s),
                             bbox=bbox, area=area, rle=rle))
-    return out
+    # Paint in ascending score so the best instance owns each pixel; a query listed with several
+    # classes is drawn once, as its best-scoring instance.
+    for inst, (_, _, s, _, q) in zip(reversed(out), reversed(cand)):
+        if s < options.map_threshold or q not in windows:
+            continue
+        w = windows[q]
+        region = imap[w.r0:w.r0 + w.binary.shape[0], w.c0:w.c0 + w.binary.shape[1]]
+        region[w.binary] = inst.id
+    return out, imap
+
+
+def instances_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                          padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int],
+                          categories: CategoryTable, options: PostprocessOptions) -> list[Instance]:
+    """The instances of segment_instances, without the map."""
+    return segment_instances(class_logits, mask_logits, padded, valid, original, categories, options)[0]
 
 
 def instance_map(instances: Sequence[Instance], height: int, width: int, threshold: float) -> np.ndarray:

@@ -24,8 +24,7 @@ from .config import DEFAULT_MODEL
 from .decode import _to_rgb
 from .model import (HFPredictor, ModelLoadError, ModelSource, Predictor, load_model, resolve_device,
                     resolve_dtype, resolve_model)
-from .postprocess import (PostprocessOptions, instance_map, instances_from_logits, panoptic_from_logits,
-                          semantic_from_logits)
+from .postprocess import PostprocessOptions, panoptic_from_logits, segment_instances, semantic_from_logits
 from .preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
 from .records import ImageRef, ImageResult
 
@@ -137,9 +136,8 @@ class Segmenter:
                 padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int]) -> ImageResult:
         h, w = original
         if self.task == "instance":
-            inst = instances_from_logits(class_logits, mask_logits, padded, valid, original, self.categories,
-                                         self.options)
-            imap = instance_map(inst, h, w, self.options.map_threshold)
+            inst, imap = segment_instances(class_logits, mask_logits, padded, valid, original, self.categories,
+                                           self.options)
             return ImageResult(ref, w, h, inst, imap, self.options.map_threshold)
         if self.task == "panoptic":
             seg_map, segments = panoptic_from_logits(class_logits, mask_logits, padded, valid, original,
