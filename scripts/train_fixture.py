@@ -52,10 +52,16 @@ def preprocessor_config(size: int) -> dict:
 
 
 def model_config(args):
-    from transformers import Mask2FormerConfig, SwinConfig
+    from transformers import Mask2FormerConfig, ResNetConfig, SwinConfig
     e = args.embed_dim
-    backbone = SwinConfig(embed_dim=e, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4,
-                          image_size=args.size, out_features=["stage1", "stage2", "stage3", "stage4"])
+    depths = [int(d) for d in args.depths.split(",")]
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if getattr(args, "backbone", "swin") == "resnet":
+        backbone = ResNetConfig(embedding_size=e, hidden_sizes=[e, 2 * e, 4 * e, 8 * e], depths=depths,
+                                layer_type="basic", out_features=stages)
+    else:
+        backbone = SwinConfig(embed_dim=e, depths=depths, num_heads=[1, 2, 4, 8], window_size=4,
+                              image_size=args.size, drop_path_rate=args.drop_path, out_features=stages)
     id2label = dict(shapes.ID2LABEL)
     hd = args.hidden
     return Mask2FormerConfig(
@@ -63,7 +69,7 @@ def model_config(args):
         num_queries=args.queries, encoder_layers=2, decoder_layers=args.decoder_layers,
         dim_feedforward=hd * 4, encoder_feedforward_dim=hd * 4, num_attention_heads=4,
         num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-        train_num_points=args.points)
+        train_num_points=args.points, class_weight=args.class_weight, no_object_weight=args.no_object_weight)
 
 
 def training_example(rng: np.random.Generator, spec, size: int):
@@ -82,11 +88,36 @@ def training_example(rng: np.random.Generator, spec, size: int):
     return (pv, masks[keep].astype(np.float32), np.asarray(s.labels, np.int64)[keep])
 
 
+class ShapesStream(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of training batches (made in a worker process so that data
+    generation overlaps the optimisation step)."""
+
+    def __init__(self, seed: int, size: int, batch: int):
+        self.seed, self.size, self.batch = seed, size, batch
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        rng = np.random.default_rng(self.seed)
+        spec = spec_from_processor_dict(preprocessor_config(self.size))
+        while True:
+            b = [training_example(rng, spec, self.size) for _ in range(self.batch)]
+            yield (torch.from_numpy(np.stack([x[0] for x in b])), [torch.from_numpy(x[1]) for x in b],
+                   [torch.from_numpy(x[2]) for x in b])
+
+
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def save(model, out: str, prep: dict) -> None:
+    model.eval()
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    with open(os.path.join(out, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(prep, f, indent=2)
 
 
 def main(argv=None) -> None:
@@ -99,24 +130,32 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=150)
     ap.add_argument("--embed-dim", type=int, default=24)
     ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--class-weight", type=float, default=2.0, help="weight of the classification loss (the "
+                    "model's default 2.0; masks have 5 + 5)")
+    ap.add_argument("--no-object-weight", type=float, default=0.1)
+    ap.add_argument("--depths", default="1,1,2,1", help="backbone blocks per stage")
+    ap.add_argument("--backbone", choices=["swin", "resnet"], default="swin")
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--decoder-layers", type=int, default=6)
-    ap.add_argument("--points", type=int, default=4096, help="loss sample points per mask")
+    ap.add_argument("--points", type=int, default=2048, help="loss sample points per mask")
+    ap.add_argument("--drop-path", type=float, default=0.0, help="Swin stochastic depth (0: none; it only slows a "
+                    "model this small)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 is fastest on a shared 2-core machine (2 threads stall "
+                    "badly when another process competes for the cores)")
+    ap.add_argument("--workers", type=int, default=1, help="data worker processes (0: in-process)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="stop early after this many minutes (the schedule still assumes --steps)")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--save-every", type=int, default=0, help="also save OUT/stepN checkpoints every N steps")
     args = ap.parse_args(argv)
     assert args.size % 32 == 0
 
     from transformers import Mask2FormerForUniversalSegmentation
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-
     prep = preprocessor_config(args.size)
-    spec = spec_from_processor_dict(prep)
     model = Mask2FormerForUniversalSegmentation(model_config(args))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params / 1e6:.2f}M  input {args.size}x{args.size}  steps {args.steps} x batch {args.batch}",
@@ -129,6 +168,10 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
 
+    loader = torch.utils.data.DataLoader(ShapesStream(args.seed, args.size, args.batch), batch_size=None,
+                                         num_workers=args.workers, prefetch_factor=4 if args.workers else None,
+                                         persistent_workers=False)
+    batches = iter(loader)
     model.train()
     t0 = time.time()
     run_loss, run_n = 0.0, 0
@@ -136,33 +179,30 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        batch = [training_example(rng, spec, args.size) for _ in range(args.batch)]
-        pv = torch.from_numpy(np.stack([b[0] for b in batch]))
-        out = model(pixel_values=pv, mask_labels=[torch.from_numpy(b[1]) for b in batch],
-                    class_labels=[torch.from_numpy(b[2]) for b in batch])
+        pv, mask_labels, class_labels = next(batches)
+        out = model(pixel_values=pv, mask_labels=mask_labels, class_labels=class_labels)
         loss = out.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        run_loss += float(loss)
+        run_loss += float(loss.detach())
         run_n += 1
         if (step + 1) % args.log_every == 0 or step == 0:
             el = time.time() - t0
             print(f"step {step + 1:5d}/{args.steps}  loss {run_loss / run_n:8.3f}  lr {opt.param_groups[0]['lr']:.2e}"
                   f"  {el / 60:6.1f} min  {el / (step + 1):.2f} s/step", flush=True)
             run_loss, run_n = 0.0, 0
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(model, os.path.join(args.out, f"step{step + 1}"), prep)
+            model.train()
         if args.time_limit is not None and time.time() - t0 > args.time_limit * 60:
             print(f"time limit reached at step {step + 1}", flush=True)
             break
     total = time.time() - t0
     print(f"trained {step + 1} steps in {total / 60:.1f} min ({total:.0f} s)", flush=True)
 
-    model.eval()
-    os.makedirs(args.out, exist_ok=True)
-    model.save_pretrained(args.out, safe_serialization=True)
-    with open(os.path.join(args.out, "preprocessor_config.json"), "w", encoding="utf-8") as f:
-        json.dump(prep, f, indent=2)
+    save(model, args.out, prep)
     with open(os.path.join(args.out, "training_args.json"), "w", encoding="utf-8") as f:
         json.dump({**vars(args), "steps_done": step + 1, "train_seconds": round(total, 1),
                    "params": n_params}, f, indent=2)
