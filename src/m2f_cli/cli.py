@@ -15,6 +15,7 @@ import typer
 from .config import DEFAULT_MODEL, ExitCode, RunConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # plain click help: no rich import, so --help stays fast
                   help="Mask2Former instance segmentation over folders of images.")
 
 _D = RunConfig(inputs=[], out="")  # the defaults, from their one place
