@@ -133,6 +133,8 @@ def main(argv=None) -> None:
     ap.add_argument("--class-weight", type=float, default=2.0, help="weight of the classification loss (the "
                     "model's default 2.0; masks have 5 + 5)")
     ap.add_argument("--no-object-weight", type=float, default=0.1)
+    ap.add_argument("--match-class-cost", type=float, default=None,
+                    help="class cost of the Hungarian matcher (default: the class weight, as in the model)")
     ap.add_argument("--depths", default="1,1,2,1", help="backbone blocks per stage")
     ap.add_argument("--backbone", choices=["swin", "resnet"], default="swin")
     ap.add_argument("--queries", type=int, default=16)
@@ -157,6 +159,12 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     prep = preprocessor_config(args.size)
     model = Mask2FormerForUniversalSegmentation(model_config(args))
+    if args.match_class_cost is not None:
+        # The Hungarian matcher's class cost is config.class_weight by default. With a strong class cost,
+        # training falls into a degenerate solution: several queries predict the same mask, each with a fixed
+        # class of its own, and the matcher picks the one whose class happens to be right (class accuracy
+        # stays at chance). Matching on the masks alone makes the class head learn from the image.
+        model.criterion.matcher.cost_class = args.match_class_cost
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params: {n_params / 1e6:.2f}M  input {args.size}x{args.size}  steps {args.steps} x batch {args.batch}",
           flush=True)
