@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from m2f_cli.categories import CategoryTable
-from m2f_cli.postprocess import PostprocessOptions, instance_map, instances_from_logits
+from m2f_cli.postprocess import PostprocessOptions, instances_from_logits, segment_instances
 
 COCO = CategoryTable.coco()
 
@@ -74,13 +74,14 @@ def test_instance_map_owner_is_highest_score():
     cls[1, 16] = 5.0; cls[1, 80] = -8.0
     masks[0, 4:12, 4:12] = 10.0
     masks[1, 8:16, 8:16] = 10.0  # overlaps query 0 at [8:12, 8:12]
-    out = instances_from_logits(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
-                                PostprocessOptions(threshold=0.5))
+    out, m = segment_instances(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
+                               PostprocessOptions(threshold=0.5, map_threshold=0.5))
     assert [i.label for i in out] == ["person", "dog"]
-    m = instance_map(out, 96, 128, 0.5)
     assert m.dtype == np.uint16 and m[40, 40] == 1  # overlap belongs to the better instance
     assert m[56, 56] == 2 and m[0, 0] == 0
-    assert instance_map(out, 96, 128, 0.99).max() == 0
+    _, none = segment_instances(cls, masks, (96, 128), (96, 128), (96, 128), COCO,
+                                PostprocessOptions(threshold=0.5, map_threshold=0.99))
+    assert none.max() == 0
 
 
 def _reference(cls, masks, padded, valid, original, top_k=100):

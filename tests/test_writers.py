@@ -178,3 +178,22 @@ def test_jsonl_streams_through_a_real_pipe(tmp_path, tiny_model):
     assert set(inst) >= {"label", "category_id", "score", "bbox", "area", "segmentation"}
     assert mask_utils.decode(inst["segmentation"]).shape == (240, 320)
     assert "done: 3 images" in p.stderr
+
+
+def test_image_redone_for_another_writer_keeps_one_record_and_its_id(tmp_path):
+    """A run killed after the COCO journal got an image but before the JSON Lines journal did
+    redoes that image for jsonl: COCO must keep one record per image, with its first id."""
+    d, _ = _planted_dir(tmp_path)
+    out = tmp_path / "out"
+    run(RunConfig(inputs=[str(d)], out=str(out), formats=("coco",), workers=0), segmenter=Segmenter(PlantedPredictor()))
+    first = (out / "predictions.json").read_text()
+    s = run(RunConfig(inputs=[str(d)], out=str(out), formats=("coco", "jsonl"), workers=0),
+            segmenter=Segmenter(PlantedPredictor()))
+    assert s.images == len(SIZES)  # redone for jsonl
+    assert (out / "predictions.json").read_text() == first
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert sorted(im["id"] for im in images) == [1, 2, 3]
+    s = run(RunConfig(inputs=[str(d)], out=str(out), formats=("jsonl",), workers=0),
+            segmenter=Segmenter(PlantedPredictor()))
+    assert s.skipped == len(SIZES)
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == len(SIZES)

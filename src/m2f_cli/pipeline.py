@@ -17,7 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Iterator, Optional
+from typing import IO, Callable, Iterable, Iterator, Optional, Protocol, Union
 
 import torch
 
@@ -227,13 +227,27 @@ def _in_order(items: Iterator[tuple[int, object]], first: int = 0) -> Iterator[o
         yield heapq.heappop(heap)[2]
 
 
+class Engine(Protocol):
+    """Where the per-batch work runs when it is not this process (``--ray``).
+
+    results(todo, stages, stopping): (seq, ImageResult or Failure) for every ref of todo (seq is
+    the ref's position in todo), in any order; add the stage seconds it measured to stages (forward
+    and postprocess included); stop early when stopping() is true. Outputs are written by the
+    caller, so resume, journals and the output folder work as in a local run.
+    """
+
+    def results(self, todo: list[ImageRef], stages: Stages, stopping: Callable[[], bool]
+                ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]: ...
+
+
 def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optional[Segmenter] = None,
-        stdout: Optional[IO[str]] = None) -> RunSummary:
+        stdout: Optional[IO[str]] = None, engine: Optional[Engine] = None) -> RunSummary:
     """Segment every input of config and write the requested formats. Returns the summary.
 
     Raises UsageError (bad options/inputs), ModelLoadError, DeviceError, OutputError,
     OutputLockedError before any image is processed; per-image problems become failures.
     segmenter: a ready Segmenter (tests, long-lived services) instead of loading config.model.
+    engine: run the per-batch work elsewhere (a Ray cluster) instead of in this process.
     """
     reporter = reporter or QuietReporter()
     stdout = stdout or sys.stdout
@@ -260,13 +274,13 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
         folder.check_writable()
         folder.lock()
     try:
-        return _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start)
+        return _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start, engine)
     finally:
         if folder is not None:
             folder.unlock()
 
 
-def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start) -> RunSummary:
+def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start, engine) -> RunSummary:
     thresholds = writer_thresholds(config)
     if segmenter is None:
         source: ModelSource = resolve_model(config.model, config.revision, config.allow_pickle)
@@ -294,13 +308,9 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
         else:
             todo.append(ref)
 
-    if segmenter is None and todo:
+    if segmenter is None and engine is None and todo:
         try:
-            segmenter = Segmenter(config.model, device=config.device, dtype=config.dtype,
-                                  revision=config.revision, allow_pickle=config.allow_pickle,
-                                  resize=config.resize, threshold=min(thresholds.values()),
-                                  map_threshold=_map_threshold(config, thresholds), top_k=config.top_k,
-                                  classes=config.classes, compile=config.compile, task=task, source=source)
+            segmenter = Segmenter(**segmenter_options(config, task), source=source)
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         except ValueError as e:
@@ -324,7 +334,16 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
         if todo:
             writer = _WriterThread(writers, depth=2 * batch_size + 2, stages=summary.stages)
             try:
-                _process(config, segmenter, todo, batch_size, workers, writer, summary, reporter, interrupt)
+                def stopping() -> bool:
+                    return (interrupt.signum is not None or
+                            (config.max_failures is not None and summary.failed >= config.max_failures))
+                if engine is not None:
+                    results = engine.results(todo, summary.stages, stopping)
+                else:
+                    results = local_results(config, segmenter, todo, batch_size, workers, summary.stages,
+                                            stopping)
+                _consume(results, writer, summary, reporter, stopping)
+                summary.stopped_early = stopping() and interrupt.signum is None
             except OutputError as e:
                 fatal = e
             finally:
@@ -353,6 +372,15 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
     return summary
 
 
+def segmenter_options(config: RunConfig, task: str) -> dict:
+    """Segmenter(**options) for this run: what every engine loads, in this process or elsewhere."""
+    thresholds = writer_thresholds(config)
+    return dict(model=config.model, device=config.device, dtype=config.dtype, revision=config.revision,
+                allow_pickle=config.allow_pickle, resize=config.resize, threshold=min(thresholds.values()),
+                map_threshold=_map_threshold(config, thresholds), top_k=config.top_k, classes=config.classes,
+                compile=config.compile, task=task)
+
+
 def _map_threshold(config: RunConfig, thresholds: dict[str, float]) -> float:
     """The instance map (PNG, overlay) is drawn at the PNG/overlay threshold."""
     drawn = [thresholds[f] for f in ("png", "overlay") if f in thresholds]
@@ -365,16 +393,34 @@ def _fail(summary: RunSummary, reporter: Reporter, failure: Failure) -> None:
     reporter.failure(failure)
 
 
-def _process(config, segmenter: Segmenter, todo, batch_size, workers, writer: _WriterThread,
-             summary: RunSummary, reporter: Reporter, interrupt: _Interrupt) -> None:
+def infer_batch(segmenter: Segmenter, batch: list[Sample]) -> list[tuple[int, Union[ImageResult, Failure]]]:
+    """One batch of samples of equal shape (or one failed sample) -> (seq, result or failure) each.
+    The per-batch step of every engine: the local loop below and the Ray actors run this."""
+    if batch[0].error is not None:
+        s = batch[0]
+        return [(s.seq, Failure(s.ref, "decode", s.error))]
+    x = torch.stack([s.pixel_values for s in batch])
+    try:
+        per_image = segmenter.infer(x, [s.ref for s in batch], [s.valid for s in batch],
+                                    [s.original for s in batch])
+    except (RuntimeError, ValueError) as e:  # e.g. out of memory on one odd batch
+        return [(s.seq, Failure(s.ref, "model", str(e).splitlines()[0])) for s in batch]
+    return [(s.seq, r) for s, r in zip(batch, per_image)]
+
+
+def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int
+                    ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
+    """Samples -> (seq, result or failure), batching samples of equal shape."""
+    for batch in group_batches(samples, batch_size):
+        yield from infer_batch(segmenter, batch)
+
+
+def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef], batch_size: int,
+                  workers: int, stages: Stages, stopping: Callable[[], bool]
+                  ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
+    """The local engine: decode + preprocess in DataLoader workers, the model in this process."""
     dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode)
     loader = make_loader(dataset, workers, pin_memory=segmenter.device.type == "cuda")
-    stages = summary.stages
-    stop = False
-
-    def stopping() -> bool:
-        return (interrupt.signum is not None or
-                (config.max_failures is not None and summary.failed >= config.max_failures))
 
     def samples() -> Iterator[Sample]:
         it = iter(loader)
@@ -392,24 +438,13 @@ def _process(config, segmenter: Segmenter, todo, batch_size, workers, writer: _W
         finally:
             del it  # shuts the workers down
 
-    def results() -> Iterator[tuple[int, object]]:
-        for batch in group_batches(samples(), batch_size):
-            if batch[0].error is not None:
-                s = batch[0]
-                yield s.seq, Failure(s.ref, "decode", s.error)
-                continue
-            x = torch.stack([s.pixel_values for s in batch])
-            try:
-                per_image = segmenter.infer(x, [s.ref for s in batch], [s.valid for s in batch],
-                                            [s.original for s in batch])
-            except (RuntimeError, ValueError) as e:  # e.g. out of memory on one odd batch
-                for s in batch:
-                    yield s.seq, Failure(s.ref, "model", str(e).splitlines()[0])
-                continue
-            for s, result in zip(batch, per_image):
-                yield s.seq, result
+    return segment_samples(segmenter, samples(), batch_size)
 
-    for item in _in_order(results()):
+
+def _consume(results: Iterator[tuple[int, object]], writer: _WriterThread, summary: RunSummary,
+             reporter: Reporter, stopping: Callable[[], bool]) -> None:
+    """Take an engine's (seq, result or failure) pairs, in input order, to the writers and the summary."""
+    for item in _in_order(results):
         if isinstance(item, Failure):
             _fail(summary, reporter, item)
         else:
@@ -418,11 +453,7 @@ def _process(config, segmenter: Segmenter, todo, batch_size, workers, writer: _W
             summary.instances += len(item.regions())
             reporter.advance(1, len(item.instances))
         if stopping():
-            summary.stopped_early = interrupt.signum is None
-            stop = True
             break
-    if not stop and stopping():
-        summary.stopped_early = interrupt.signum is None
 
 
 def _write_manifest(folder: OutputFolder, config: RunConfig, summary: RunSummary, complete: bool) -> None:

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from .categories import CategoryTable
-from .records import Instance
+from .categories import COCO_NAMES, CategoryTable
+from .records import Instance, Segment
 
 # Bytes of float32 full-resolution mask logits processed at once.
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -211,18 +211,6 @@ def instances_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     return segment_instances(class_logits, mask_logits, padded, valid, original, categories, options)[0]
 
 
-def instance_map(instances: Sequence[Instance], height: int, width: int, threshold: float) -> np.ndarray:
-    """(H, W) uint16: 0 background, k = instance id k; each pixel owned by the highest-scoring
-    instance covering it. Only instances with score >= threshold are drawn."""
-    out = np.zeros((height, width), np.uint16)
-    drawn = [i for i in instances if i.score >= threshold and i.area > 0]
-    # Paint lowest score first so higher scores overwrite: the best instance owns each pixel.
-    for inst in sorted(drawn, key=lambda i: i.id, reverse=True):
-        m = mask_utils.decode(inst.rle).astype(bool)
-        out[m] = inst.id
-    return out
-
-
 # --- panoptic and semantic checkpoints ------------------------------------------------------------
 #
 # Both need, for every pixel of the original image, a decision over all queries. Holding all
@@ -238,7 +226,6 @@ CITYSCAPES_THINGS = frozenset({"person", "rider", "car", "truck", "bus", "train"
 
 
 def is_thing(name: str) -> bool:
-    from .categories import COCO_NAMES
     n = name.strip().lower()
     return n in COCO_NAMES or n in CITYSCAPES_THINGS
 
@@ -307,7 +294,6 @@ def panoptic_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     won area is >= overlap_threshold of its own (sigmoid >= 0.5) area; stuff is merged per class.
     Returns ((H0, W0) uint16 map of segment ids, 0 = void, list of Segment records).
     """
-    from .records import Segment
     probs = class_logits.float().softmax(-1)
     scores, labels = probs.max(-1)
     num_c = class_logits.shape[-1] - 1
@@ -366,7 +352,6 @@ def semantic_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     sum_q softmax(class)[q, c] x sigmoid(mask)[q] ("no object" dropped), at the original size.
     Returns ((H0, W0) map of category ids (uint8 when they fit, else uint16), list of Segment
     records, one per class present, score None)."""
-    from .records import Segment
     probs = class_logits.float().softmax(-1)[:, :-1]  # (Q, C)
     cropped = _crop_to_valid(mask_logits, padded, valid)
     ids = torch.tensor([c.id for c in categories.categories])

@@ -85,6 +85,10 @@ class CocoWriter(Writer):
 
     def write(self, result: ImageResult) -> None:
         ref = result.ref
+        if ref.rel in self._done:
+            # Already journaled (a run killed between this writer and the next one redoes the image
+            # for the others): one record per image, with the id it was given first.
+            return
         if self.index is not None:
             image_id = self.index.lookup(ref.name)
             if image_id is None:

@@ -47,6 +47,8 @@ class JsonlWriter(Writer):
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
             out.flush()
             return
+        if result.ref.rel in self._done:  # already journaled by a run killed before the other writers
+            return
         self.journal.append({"rel": result.ref.rel, "record": rec})
         self._done.add(result.ref.rel)
 
