@@ -43,8 +43,10 @@ def _setup_logging(quiet: bool) -> None:
 @app.command()
 def segment(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (walked recursively), glob "
-                                       "patterns, or - to read paths from stdin."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder (created), or - for JSON Lines on stdout."),
+                                       "patterns, fsspec URLs (s3://bucket/imgs, gs://..., memory://...), "
+                                       "or - to read paths from stdin."),
+    out: str = typer.Option(..., "--out", "-o", help="Output folder (created) or fsspec URL (s3://bucket/masks), "
+                                                        "or - for JSON Lines on stdout."),
     formats: List[str] = typer.Option(list(_D.formats), "--format", "-f",
                                       help="Output format, repeatable: " + "; ".join(
                                           f"{k}: {v}" for k, v in FORMATS.items())),
@@ -215,7 +217,7 @@ def info(
 
 
 @app.command()
-def merge(out: str = typer.Argument(..., help="The --out folder the shards wrote into.")) -> None:
+def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the shards wrote into.")) -> None:
     """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl
     and failures.jsonl; exit 3 when a shard is missing or incomplete."""
     from .merge import MergeError, merge as merge_parts

@@ -7,6 +7,7 @@ and the optional JPEG draft mode (decode at 1/2, 1/4 or 1/8 scale when the model
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Protocol
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import DEFAULT_MAX_PIXELS
+from .storage import is_url, local_path, read_bytes
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 
@@ -67,6 +69,18 @@ class DraftTarget(Protocol):
         """(width, height) of pixels needed from an upright (h, w) image."""
 
 
+def _source(path: str):
+    """What Image.open reads: a local path, or the bytes of a remote object (fsspec URL)."""
+    if not is_url(path):
+        return local_path(path)
+    try:
+        return io.BytesIO(read_bytes(path))
+    except OSError:
+        raise
+    except Exception as e:  # the backend's own errors (botocore, aiohttp): one line, naming nothing else
+        raise DecodeError(f"cannot read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def decode(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
            draft: Optional[DraftTarget] = None) -> DecodedImage:
     """Read path into an upright RGB image.
@@ -82,7 +96,7 @@ def decode(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
             old_limit = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None  # our own check below decides
             try:
-                with Image.open(path) as img:
+                with Image.open(_source(path)) as img:
                     w, h = img.size
                     if max_pixels is not None and w * h > max_pixels:
                         raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels "

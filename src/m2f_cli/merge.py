@@ -7,13 +7,12 @@ order, as one run over a folder assigns them), predictions.jsonl and failures.js
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 from dataclasses import dataclass, field
 
 from .state import OutputFolder
+from .storage import RemoteError, open_output
 from .walk import order_key
 
 _PART = re.compile(r"\.shard-(\d+)-of-(\d+)\.")
@@ -37,19 +36,19 @@ class MergeReport:
         return not self.missing and not self.incomplete
 
 
-def _parts(out: str, stem: str, ext: str, n: int) -> list[tuple[int, str]]:
+def _parts(folder: OutputFolder, names: set[str], stem: str, ext: str, n: int) -> list[tuple[int, str]]:
     """(shard index, path) of the part files of one output that exist."""
-    return [(i, p) for i in range(n) if os.path.exists(p := os.path.join(out, f"{stem}.shard-{i}-of-{n}{ext}"))]
-
-
-def _load(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return [(i, folder.join(name)) for i in range(n) if (name := f"{stem}.shard-{i}-of-{n}{ext}") in names]
 
 
 def merge(out: str) -> MergeReport:
-    counts = {int(m.group(2)) for p in glob.glob(os.path.join(out, "*.shard-*-of-*.*"))
-              if (m := _PART.search(os.path.basename(p)))}
+    """Merge the shard part files in out (a local folder or an fsspec URL)."""
+    try:
+        folder = open_output(out)
+    except RemoteError as e:
+        raise MergeError(str(e)) from None
+    names = set(folder.names())
+    counts = {int(m.group(2)) for name in names if (m := _PART.search(name))}
     if not counts:
         raise MergeError(f"{out}: no shard part files (m2f segment --shard I/N writes them)")
     if len(counts) > 1:
@@ -57,29 +56,31 @@ def merge(out: str) -> MergeReport:
     n = counts.pop()
     report = MergeReport(count=n)
     for i in range(n):
-        manifest = os.path.join(out, f"m2f-run.shard-{i}-of-{n}.json")
-        if not os.path.exists(manifest):
+        manifest = f"m2f-run.shard-{i}-of-{n}.json"
+        if manifest not in names:
             report.missing.append(i)
-        elif not _load(manifest).get("complete"):
+        elif not json.loads(folder.read_bytes(folder.join(manifest))).get("complete"):
             report.incomplete.append(i)
 
-    folder = OutputFolder(out)
     folder.check_writable()
     folder.lock()
     try:
-        _merge_files(out, n, folder, report)
+        _merge_files(folder, names, n, report)
     finally:
         folder.unlock()
     return report
 
 
-def _merge_files(out: str, n: int, folder: OutputFolder, report: MergeReport) -> None:
-    image_parts = _parts(out, "images", ".json", n)
+def _merge_files(folder: OutputFolder, names: set[str], n: int, report: MergeReport) -> None:
+    def load(path: str):
+        return json.loads(folder.read_bytes(path))
+
+    image_parts = _parts(folder, names, "images", ".json", n)
     remap: dict[tuple[int, int], int] = {}  # (shard, id in its part) -> merged id
     if image_parts:
         images = []
         for k, p in image_parts:
-            doc = _load(p)
+            doc = load(p)
             categories = doc["categories"]
             images += [(order_key(im["file_name"]), k, im) for im in doc["images"]]
         images.sort(key=lambda t: t[0])
@@ -89,35 +90,34 @@ def _merge_files(out: str, n: int, folder: OutputFolder, report: MergeReport) ->
             merged_images.append({**im, "id": new_id})
         report.images = len(merged_images)
         doc = {"images": merged_images, "annotations": [], "categories": categories}
-        folder.write_bytes(os.path.join(out, "images.json"), json.dumps(doc, ensure_ascii=False).encode())
+        folder.write_bytes(folder.join("images.json"), json.dumps(doc, ensure_ascii=False).encode())
         report.written.append("images.json")
 
     for stem in ("predictions", "predictions_bbox"):
-        parts = _parts(out, stem, ".json", n)
+        parts = _parts(folder, names, stem, ".json", n)
         if not parts:
             continue
         recs = []
         for k, p in parts:
-            for r in _load(p):
+            for r in load(p):
                 if remap:
                     r["image_id"] = remap[(k, r["image_id"])]
                 recs.append(r)
         recs.sort(key=lambda r: (r["image_id"], -r["score"]))
         report.records = len(recs) if stem == "predictions" else report.records
-        folder.write_bytes(os.path.join(out, f"{stem}.json"),
+        folder.write_bytes(folder.join(f"{stem}.json"),
                            ("[" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in recs) + "]\n").encode())
         report.written.append(f"{stem}.json")
 
     for stem in ("predictions", "failures"):
-        parts = _parts(out, stem, ".jsonl", n)
+        parts = _parts(folder, names, stem, ".jsonl", n)
         if not parts:
             continue
         lines = []
         for _, p in parts:
-            with open(p, encoding="utf-8") as f:
-                lines += [json.loads(line) for line in f if line.strip()]
+            lines += [json.loads(line) for line in folder.read_bytes(p).splitlines() if line.strip()]
         key = "name" if stem == "predictions" else "path"
         lines.sort(key=lambda r: order_key(str(r.get(key, ""))))
-        folder.write_bytes(os.path.join(out, f"{stem}.jsonl"),
+        folder.write_bytes(folder.join(f"{stem}.jsonl"),
                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode())
         report.written.append(f"{stem}.jsonl")

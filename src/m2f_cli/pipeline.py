@@ -29,6 +29,7 @@ from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
 from .segmenter import Segmenter, read_categories, resolve_classes, resolve_task
 from .state import OutputError, OutputFolder
+from .storage import RemoteError, open_output
 from .walk import InputError, WalkResult, shard_of, walk
 from .writers import REGISTRY, Writer, WriterContext
 
@@ -261,7 +262,10 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
     else:
         device = segmenter.device
 
-    folder = None if config.out == "-" else OutputFolder(config.out, config.shard)
+    try:
+        folder = None if config.out == "-" else open_output(config.out, config.shard)
+    except RemoteError as e:
+        raise UsageError(f"--out {e}") from None
     try:
         found = walk(config.inputs, exclude=None if folder is None else folder.out)
     except InputError as e:

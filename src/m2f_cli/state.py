@@ -19,7 +19,7 @@ import shutil
 import uuid
 from typing import Callable, Iterator, Optional
 
-from .walk import STATE_DIR
+STATE_DIR = ".m2f"  # our bookkeeping folder inside --out; hidden, so never walked as input
 
 
 # Lock descriptors this process holds. flock locks belong to the open file, which forked children
@@ -111,6 +111,27 @@ class OutputFolder:
 
     def path(self, rel: str, suffix: str) -> str:
         return os.path.join(self.out, *rel.split("/")) + suffix
+
+    def join(self, name: str) -> str:
+        """A file directly in the output folder."""
+        return os.path.join(self.out, name)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def names(self) -> list[str]:
+        """The names of the files directly in the output folder."""
+        try:
+            return sorted(e.name for e in os.scandir(self.out) if e.is_file())
+        except OSError:
+            return []
+
+    def journal(self, writer: str, fresh: bool = False) -> "Journal":
+        return Journal(self.journal_path(writer), fresh=fresh)
 
     def write_atomic(self, final: str, write: Callable[[object], None], binary: bool = True) -> None:
         """Call write(file) on a temporary file, then rename it to final. Raises OutputError."""

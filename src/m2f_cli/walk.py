@@ -23,11 +23,11 @@ from pathlib import PurePosixPath
 from typing import Iterator, Optional, Sequence
 
 from .records import Failure, ImageRef
+from .storage import RemoteError, is_url, local_path, walk_url
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
-STATE_DIR = ".m2f"  # our bookkeeping folder inside --out; hidden, so never walked
 
 
 class InputError(ValueError):
@@ -111,6 +111,13 @@ def _walk_folder(root: str, exclude: Optional[str]) -> Iterator[tuple[str, str, 
 
 def _expand(inputs: Sequence[str], exclude: Optional[str]) -> Iterator[tuple[str, str, Optional[str]]]:
     for arg in inputs:
+        if is_url(arg):
+            try:
+                yield from walk_url(arg, is_image_name, exclude)
+            except (OSError, RemoteError) as e:
+                raise InputError(str(e) if str(e).startswith(arg) else f"{arg}: {e}") from None
+            continue
+        arg = local_path(arg)
         if os.path.isdir(arg):
             yield from _walk_folder(arg, exclude)
         elif os.path.lexists(arg):
@@ -162,13 +169,13 @@ def walk(inputs: Sequence[str], exclude: Optional[str] = None) -> WalkResult:
     exclude: a folder never walked (the output folder, so reruns do not read their own outputs).
     Raises InputError for an argument that names nothing.
     """
-    exclude = os.path.realpath(exclude) if exclude else None
+    exclude = os.path.realpath(exclude) if exclude and not is_url(exclude) else exclude
     found: list[tuple[str, str, Optional[str]]] = []
     seen_files: set[str] = set()
     names: dict[str, str] = {}
     dup_failures: list[tuple[str, str, str]] = []
     for path, name, err in _expand(inputs, exclude):
-        real = os.path.realpath(path)
+        real = path if is_url(path) else os.path.realpath(path)
         if real in seen_files and err is None:
             continue
         seen_files.add(real)

@@ -20,7 +20,6 @@ import os
 from typing import Optional
 
 from ..records import ImageRef, ImageResult
-from ..state import Journal
 from .base import Writer, register
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ class CocoWriter(Writer):
         super().__init__(ctx)
         ann = ctx.options.get("coco_annotations")
         self.index = AnnotationIndex(ann) if ann else None
-        self.journal = Journal(ctx.folder.journal_path("coco"), fresh=ctx.overwrite)
+        self.journal = ctx.folder.journal("coco", fresh=ctx.overwrite)
         self._done: set[str] = set()
         self._next_id = 1
         self._unlisted: set[str] = set()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 from ..records import ImageRef, ImageResult
-from ..state import Journal
 from .base import Writer, register
 
 
@@ -34,7 +33,7 @@ class JsonlWriter(Writer):
         self.journal = None
         self._done: set[str] = set()
         if ctx.folder is not None:
-            self.journal = Journal(ctx.folder.journal_path("jsonl"), fresh=ctx.overwrite)
+            self.journal = ctx.folder.journal("jsonl", fresh=ctx.overwrite)
             self._done = {r["rel"] for r in self.journal.records()}
 
     def done(self, ref: ImageRef) -> bool:

@@ -4,7 +4,6 @@ its contour drawn, and a "label score" tag, sized for the image."""
 from __future__ import annotations
 
 import io
-import os
 from typing import Optional
 
 import numpy as np
@@ -90,7 +89,7 @@ class OverlayWriter(Writer):
         return self.ctx.folder.path(ref.rel, f".overlay.{self.fmt}")
 
     def done(self, ref: ImageRef) -> bool:
-        return os.path.exists(self._path(ref))
+        return self.ctx.folder.exists(self._path(ref))
 
     def write(self, result: ImageResult) -> None:
         rgb: Optional[np.ndarray] = result.image

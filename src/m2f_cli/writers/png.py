@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import numpy as np
 from PIL import Image
@@ -56,7 +55,7 @@ class PngWriter(Writer):
         return f.path(ref.rel, ".png"), f.path(ref.rel, ".json")
 
     def done(self, ref: ImageRef) -> bool:
-        return all(os.path.exists(p) for p in self._paths(ref))
+        return all(self.ctx.folder.exists(p) for p in self._paths(ref))
 
     def write(self, result: ImageResult) -> None:
         png_path, json_path = self._paths(result.ref)
