@@ -57,6 +57,6 @@ class RunConfig:
     overlay_format: str = "jpg"
     overlay_alpha: float = 0.5
     rle: bool = False
-    compile: bool = False
+    compile: Optional[bool] = None  # None = auto (pipeline.resolve_compile)
     shard: Optional[tuple[int, int]] = None
     options: dict = field(default_factory=dict)

@@ -1,0 +1,42 @@
+"""--compile/--no-compile/auto: the rule, and that the pipeline applies it (torch.compile itself is
+replaced by a recorder here: a real inductor compile takes minutes on 2 cores)."""
+
+import pytest
+import torch
+
+from m2f_cli import RunConfig, run
+from m2f_cli import pipeline
+from m2f_cli.pipeline import resolve_compile
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_compiles_long_fixed_size_cpu_runs_only():
+    n = pipeline.COMPILE_AUTO_MIN_IMAGES
+    assert resolve_compile(None, CPU, n, fixed_size=True)
+    assert not resolve_compile(None, CPU, n - 1, fixed_size=True)   # too short to pay back
+    assert not resolve_compile(None, CPU, n, fixed_size=False)      # one compile per input shape
+    assert not resolve_compile(None, CUDA, n, fixed_size=True)      # unmeasured there
+    assert resolve_compile(True, CPU, 1, fixed_size=False)          # the user decides
+    assert not resolve_compile(False, CPU, 10 * n, fixed_size=True)
+
+
+@pytest.mark.parametrize("choice, expect", [(None, True), (False, False)])
+def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch, choice, expect):
+    compiled = []
+
+    def fake_compile(model, *a, **k):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(pipeline, "COMPILE_AUTO_MIN_IMAGES", 2)
+    batches = []
+    real = pipeline.infer_batch
+    monkeypatch.setattr(pipeline, "infer_batch", lambda seg, batch: batches.append(len(batch)) or real(seg, batch))
+    s = run(RunConfig(inputs=[str(image_dir)], out=str(tmp_path / "out"), model=tiny_model, workers=0,
+                      compile=choice))
+    assert s.images == 4
+    assert bool(compiled) == expect
+    if expect:
+        assert set(batches) == {1}  # compiled on CPU: one input shape, never a partial batch
