@@ -123,3 +123,24 @@ def test_agrees_with_straightforward_reference(padded, valid, original):
             assert union == 0 or (m & r).sum() / union >= 0.99
             compared += 1
     assert compared > 50
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_window_rle_equals_pycocotools_on_the_full_mask(seed):
+    from m2f_cli.postprocess import window_rle
+    rng = np.random.default_rng(seed)
+    h0, w0 = int(rng.integers(1, 60)), int(rng.integers(1, 60))
+    R, C = int(rng.integers(0, h0 + 1)), int(rng.integers(0, w0 + 1))
+    r0, c0 = int(rng.integers(0, h0 - R + 1)), int(rng.integers(0, w0 - C + 1))
+    density = [0.0, 1.0, 0.5, 0.05, 0.95, 0.3][seed]
+    b = rng.random((R, C)) < density
+    full = np.zeros((h0, w0), np.uint8)
+    full[r0:r0 + R, c0:c0 + C] = b
+    want = mask_utils.encode(np.asfortranarray(full))
+    got = window_rle(b, r0, c0, (h0, w0))
+    assert got["size"] == [h0, w0]
+    assert got["counts"] == want["counts"].decode()
+    # corners: a window filling the image, and one touching the last row and column
+    full[:] = 1
+    assert window_rle(np.ones((h0, w0), bool), 0, 0, (h0, w0))["counts"] == \
+        mask_utils.encode(np.asfortranarray(full))["counts"].decode()

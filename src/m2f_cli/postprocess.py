@@ -10,8 +10,8 @@ For one image (REFERENCE.md, "Instance inference"):
 
 Optimised but exact: a candidate whose class probability is already below the score threshold
 cannot pass it (the mask score is <= 1), so only the surviving queries are upsampled, in chunks
-whose size bounds memory whatever the image size. Masks are computed transposed (W0, H0) so
-that their transpose is the Fortran-ordered (H0, W0) array pycocotools encodes without a copy.
+whose size bounds memory whatever the image size, and each only over the window where it can be
+positive; its RLE is built from that window (window_rle), never from a full-size mask.
 """
 
 from __future__ import annotations
@@ -55,12 +55,38 @@ def _bbox(rle: dict) -> tuple[int, int, int, int]:
     return (int(x), int(y), int(w), int(h))
 
 
-def encode_rle(bin_t: np.ndarray) -> dict:
-    """bin_t: (W0, H0) bool/uint8 C-ordered (a transposed mask) -> COCO RLE of the (H0, W0) mask."""
-    f = bin_t.view(np.uint8).T if bin_t.dtype == np.bool_ else bin_t.T
-    rle = mask_utils.encode(np.asfortranarray(f))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"]}
+def window_rle(b: np.ndarray, r0: int, c0: int, size: tuple[int, int]) -> dict:
+    """COCO RLE of a (H0, W0) mask that is zero outside the window b (R, C bool) at rows r0:r0+R,
+    cols c0:c0+C: the same string pycocotools encodes from the full mask, at the window's cost.
+
+    COCO RLE runs over the image column by column. Comparing each window row with the one above
+    (a zero row padded above and below) finds where a run starts or ends in each column; those
+    map to positions in the full image, sorted in column order, and the run lengths are their
+    differences. pycocotools compresses the runs.
+    """
+    h0, w0 = size
+    R, C = b.shape
+    if R and C:
+        padded = np.zeros((R + 2, C), np.bool_)
+        padded[1:R + 1] = b
+        change = np.flatnonzero(padded[1:] != padded[:-1])  # row-major, over (R + 1, C)
+        row, col = np.divmod(change, C)
+        starts = np.sort((c0 + col) * h0 + (r0 + row))
+        # a run ending at the last row of a column and starting again at the first row of the next
+        # (the window spans every row) is one run in the full image: drop the end/start pair
+        dup = starts[1:] == starts[:-1]
+        if dup.any():
+            keep = np.ones(starts.size, np.bool_)
+            keep[1:][dup] = False
+            keep[:-1][dup] = False
+            starts = starts[keep]
+        if starts.size and starts[-1] == h0 * w0:  # a run ending with the image needs no end
+            starts = starts[:-1]
+    else:
+        starts = np.zeros(0, np.int64)
+    counts = np.diff(np.concatenate(([0], starts, [h0 * w0]))).tolist()
+    rle = mask_utils.frPyObjects({"size": [h0, w0], "counts": counts}, h0, w0)
+    return {"size": [h0, w0], "counts": rle["counts"].decode("ascii")}
 
 
 @dataclass
@@ -156,7 +182,7 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     mask_score: dict[int, float] = {}
     geometry: dict[int, tuple[tuple[int, int, int, int], int, dict]] = {}
     windows: dict[int, _Window] = {}
-    empty = encode_rle(np.zeros((w0, h0), np.bool_))
+    empty = window_rle(np.zeros((0, 0), np.bool_), 0, 0, original)
     per_chunk = max(1, CHUNK_BYTES // max(1, valid[0] * valid[1] * 4))
     for start in range(0, len(uniq), per_chunk):
         qs = uniq[start:start + per_chunk]
@@ -167,15 +193,12 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                 mask_score[q], geometry[q] = 0.0, ((0, 0, 0, 0), 0, empty)
                 continue
             r0, c0, logits = win
-            binary = logits > 0
-            area = int(binary.sum())
+            b = (logits > 0).cpu().numpy()
+            area = int(np.count_nonzero(b))  # ~50x faster than torch's bool sum
             # mean sigmoid inside the mask; sigmoid(max(x, 0)) is 0.5 exactly outside it
-            inside = float(logits.clamp_(min=0).sigmoid_().sum()) - 0.5 * (binary.numel() - area)
+            inside = float(logits.clamp_(min=0).sigmoid_().sum()) - 0.5 * (b.size - area)
             mask_score[q] = inside / (area + 1e-6)
-            b = binary.cpu().numpy()
-            full_t = np.zeros((w0, h0), np.bool_)  # transposed: its .T is the Fortran (H0, W0) mask
-            full_t[c0:c0 + b.shape[1], r0:r0 + b.shape[0]] = b.T
-            rle = encode_rle(full_t)
+            rle = window_rle(b, r0, c0, original)
             geometry[q] = (_bbox(rle), area, rle)
             if area and best_p[q] * mask_score[q] >= options.map_threshold:
                 windows[q] = _Window(r0, c0, b)
