@@ -286,7 +286,8 @@ class RayEngine:
                 now = time.monotonic()
                 deadlines = [s.head_since + timeout for s in live if s.queue]
                 wait_s = max(0.0, min([POLL_S, *[d - now for d in deadlines]]))
-                refs = [r for s in live for r, _ in s.queue] + [s.ready_ref for s in live if not s.ready]
+                # a retired actor's chunks too: they fail (ActorDiedError) and go through failed()
+                refs = [r for s in slots for r, _ in s.queue] + [s.ready_ref for s in live if not s.ready]
                 t0 = time.perf_counter()
                 done, _ = ray.wait(refs, num_returns=1, timeout=wait_s) if refs else ([], [])
                 if not refs:
@@ -313,11 +314,14 @@ class RayEngine:
                     try:
                         out, seconds = ray.get(ref)
                     except RayError as e:
+                        reason = _one_line(e)
                         if isinstance(e, ActorDiedError):
-                            retire(slot, _one_line(e))
+                            retire(slot, reason)
                         elif not isinstance(e, RayActorError):
-                            log.warning("ray: chunk failed: %s", _one_line(e))
-                        yield from failed(chunk, _one_line(e))
+                            log.warning("ray: chunk failed: %s", reason)
+                        if chunk.timeouts >= 2:
+                            reason = f"ran over --ray-timeout {timeout:g}s twice (its actor was killed)"
+                        yield from failed(chunk, reason)
                         continue
                     del ref
                     for k, v in seconds.items():
