@@ -90,6 +90,7 @@ class _Slot:
     dead: bool = False
     queue: "deque[tuple[Any, _Chunk]]" = field(default_factory=deque)
     head_since: float = 0.0  # when the head chunk started to count against the timeout
+    culprit: Optional[_Chunk] = None  # the chunk running when the actor died for good
 
 
 @dataclass
@@ -215,7 +216,7 @@ class RayEngine:
 
     def _results(self, todo, stages, stopping):
         import ray
-        from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
+        from ray.exceptions import ActorDiedError, RayActorError, RayError
 
         plan = self.plan_used = self.plan()
         timeout = self.config.ray_timeout
@@ -257,6 +258,7 @@ class RayEngine:
             if slot.dead:
                 return
             slot.dead = True
+            slot.culprit = slot.queue[0][1] if slot.queue else None
             with contextlib.suppress(Exception):
                 ray.kill(slot.handle, no_restart=True)
             replaced = spare > 0
@@ -270,7 +272,8 @@ class RayEngine:
                 if stopping():
                     return
                 live = [s for s in slots if not s.dead]
-                if not live:  # every actor and every replacement died: give up on the rest
+                if not live and not any(s.queue for s in slots):
+                    # every actor and every replacement died (their chunks came back): give up on the rest
                     reason = "no Ray actor left (they kept dying; see the Ray logs)"
                     for c in list(retry) + list(fresh):
                         for seq, ref in c.items:
@@ -307,18 +310,24 @@ class RayEngine:
                             retire(slot, _one_line(e))
                         continue
                     i = next(k for k, (r, _) in enumerate(slot.queue) if r == ref)
-                    _, chunk = slot.queue[i]
-                    del slot.queue[i]
-                    if i == 0:
-                        slot.head_since = time.monotonic()
+                    chunk = slot.queue[i][1]
+                    error: Optional[RayError] = None
                     try:
                         out, seconds = ray.get(ref)
                     except RayError as e:
-                        reason = _one_line(e)
+                        error = e
                         if isinstance(e, ActorDiedError):
-                            retire(slot, reason)
-                        elif not isinstance(e, RayActorError):
+                            retire(slot, _one_line(e))  # notes the chunk it was running (the queue's head)
+                    del slot.queue[i]
+                    if i == 0:
+                        slot.head_since = time.monotonic()
+                    if error is not None:
+                        reason = _one_line(error)
+                        if not isinstance(error, RayActorError):
                             log.warning("ray: chunk failed: %s", reason)
+                        if slot.dead and chunk is not slot.culprit:
+                            retry.appendleft(chunk)  # only queued behind the one that killed the actor
+                            continue
                         if chunk.timeouts >= 2:
                             reason = f"ran over --ray-timeout {timeout:g}s twice (its actor was killed)"
                         yield from failed(chunk, reason)
@@ -339,11 +348,8 @@ class RayEngine:
                         with contextlib.suppress(Exception):
                             ray.kill(slot.handle, no_restart=False)
                         slot.head_since = now
-                    else:
-                        # its queued chunks fail with ActorDiedError and go through failed()
-                        with contextlib.suppress(Exception):
-                            ray.kill(slot.handle, no_restart=True)
-                        slot.head_since = float("inf")
+                    else:  # its chunks come back as ActorDiedError and go through failed()
+                        retire(slot, f"killed: ran over --ray-timeout {timeout:g}s twice")
                 # no actor running (none placed yet, or all died and their replacements wait)
                 now = time.monotonic()
                 if any(s.ready and not s.dead for s in slots):
@@ -354,8 +360,6 @@ class RayEngine:
                     raise EngineError(f"no Ray actor running for --ray-timeout {timeout:g}s (each needs "
                                       f"{plan.num_cpus} CPU and {plan.num_gpus} GPU; cluster: "
                                       f"{ray.cluster_resources()})")
-        except GetTimeoutError as e:  # not expected: ray.get is only called on finished refs
-            raise EngineError(_one_line(e)) from None
         finally:
             for s in slots:  # stops the work in flight too (stopping(), errors)
                 with contextlib.suppress(Exception):
