@@ -216,7 +216,9 @@ class RayEngine:
 
     def _results(self, todo, stages, stopping):
         import ray
-        from ray.exceptions import ActorDiedError, RayActorError, RayError
+        from ray import exceptions
+        RayError, RayActorError = exceptions.RayError, exceptions.RayActorError
+        ActorDiedError = getattr(exceptions, "ActorDiedError", RayActorError)  # newer Rays tell death apart
 
         plan = self.plan_used = self.plan()
         timeout = self.config.ray_timeout
@@ -311,7 +313,7 @@ class RayEngine:
                         continue
                     i = next(k for k, (r, _) in enumerate(slot.queue) if r == ref)
                     chunk = slot.queue[i][1]
-                    error: Optional[RayError] = None
+                    error = None
                     try:
                         out, seconds = ray.get(ref)
                     except RayError as e:
