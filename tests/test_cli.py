@@ -164,7 +164,7 @@ def test_bf16_on_a_cpu_without_bf16_kernels_is_refused(tmp_path, image_dir, tiny
 def test_help_imports_neither_torch_nor_numpy():
     code = ("import sys\nfrom m2f_cli.cli import app\nfrom typer.testing import CliRunner\n"
             "r = CliRunner().invoke(app, ['segment', '--help'])\nassert r.exit_code == 0\n"
-            "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'rich') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'rich', 'ray') if m in sys.modules))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"

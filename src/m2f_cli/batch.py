@@ -61,17 +61,22 @@ class ImageDataset(Dataset):
         return len(self.refs)
 
     def __getitem__(self, i: int) -> Sample:
-        ref = self.refs[i]
-        t0 = time.perf_counter()
-        try:
-            img = decode(ref.path, self.max_pixels, draft=self.spec if self.fast_decode else None)
-        except DecodeError as e:
-            return Sample(i, ref, None, (0, 0), (0, 0), error=str(e), decode_s=time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        mi = preprocess(img.rgb, self.spec, original=(img.height, img.width))
-        t2 = time.perf_counter()
-        return Sample(i, ref, torch.from_numpy(mi.pixel_values), mi.valid, (img.height, img.width),
-                      decode_s=t1 - t0, preprocess_s=t2 - t1)
+        return load_sample(i, self.refs[i], self.spec, self.max_pixels, self.fast_decode)
+
+
+def load_sample(seq: int, ref: ImageRef, spec: PreprocessSpec, max_pixels: Optional[int],
+                fast_decode: bool = False) -> Sample:
+    """Decode + preprocess one image: what a DataLoader worker (local run) or a Ray actor does."""
+    t0 = time.perf_counter()
+    try:
+        img = decode(ref.path, max_pixels, draft=spec if fast_decode else None)
+    except DecodeError as e:
+        return Sample(seq, ref, None, (0, 0), (0, 0), error=str(e), decode_s=time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    mi = preprocess(img.rgb, spec, original=(img.height, img.width))
+    t2 = time.perf_counter()
+    return Sample(seq, ref, torch.from_numpy(mi.pixel_values), mi.valid, (img.height, img.width),
+                  decode_s=t1 - t0, preprocess_s=t2 - t1)
 
 
 def _worker_init(_: int) -> None:

@@ -90,6 +90,16 @@ def segment(
                                           "disjoint shards: CUDA indices (0,1), all, or names (cuda:0,cpu)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process a stable 1/N of the inputs "
                                         "(0 <= I < N), writing part files that m2f merge combines."),
+    ray: Optional[str] = typer.Option(_D.ray, "--ray", metavar="ADDRESS",
+                                      help="Run the models as Ray actors, one per GPU (pip install "
+                                      "'m2f[ray]'): auto (the running cluster, RAY_ADDRESS), local (start "
+                                      "one here) or a cluster address. This process writes the outputs."),
+    ray_actors: Optional[int] = typer.Option(_D.ray_actors, "--ray-actors", metavar="N",
+                                             help="Ray actors (auto: one per GPU; on CPUs, as many of "
+                                             "--threads CPUs as fit leaving one CPU free)."),
+    ray_timeout: float = typer.Option(_D.ray_timeout, "--ray-timeout", metavar="SECONDS",
+                                      help="Restart a Ray actor whose chunk of images runs longer, "
+                                      "and retry the chunk."),
     summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Also write the run summary "
                                                "(counts, wall time, per-stage seconds) to this JSON file."),
     null: bool = typer.Option(False, "--null", "-0", help="With -, paths on stdin are NUL-separated."),
@@ -119,11 +129,14 @@ def segment(
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
-        overlay_alpha=overlay_alpha, rle=rle, compile=compile, shard=shard_spec)
+        overlay_alpha=overlay_alpha, rle=rle, compile=compile, shard=shard_spec, ray=ray,
+        ray_actors=ray_actors, ray_timeout=ray_timeout)
+    if ray is not None and devices:
+        raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
 
     import os
     from .model import ModelLoadError
-    from .pipeline import UsageError, run
+    from .pipeline import EngineError, UsageError, run
     from .runtime import tune_malloc
     if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
         tune_malloc()
@@ -149,7 +162,7 @@ def segment(
         raise _error(str(e), ExitCode.USAGE)
     except OutputLockedError as e:
         raise _error(str(e), ExitCode.LOCKED)
-    except (ModelLoadError, OutputError) as e:
+    except (ModelLoadError, OutputError, EngineError) as e:
         raise _error(str(e.args[-1] if isinstance(e, OutputError) else e), ExitCode.FATAL)
     if summary_json:
         with open(summary_json, "w", encoding="utf-8") as f:

@@ -10,6 +10,8 @@ from typing import Optional
 DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"
 # Pillow's own default limit; above it we refuse to decode (decompression bombs).
 DEFAULT_MAX_PIXELS = 89_478_485
+# --ray-timeout: seconds one chunk of images may run on a Ray actor before it is killed and retried
+DEFAULT_RAY_TIMEOUT = 600.0
 
 
 class ExitCode(IntEnum):
@@ -31,6 +33,9 @@ class RunConfig:
     out: output folder, or "-" for JSON Lines on stdout.
     threshold: None = each format's own default (png/overlay/jsonl 0.5, coco 0.0).
     batch_size / workers / threads: None = chosen for the device (see pipeline.auto_settings).
+    ray: None = run here; "auto" (the running cluster: RAY_ADDRESS, else one `ray start`ed here), "local"
+        (start one) or a cluster address: run the per-batch work as Ray actors (ray_engine.py).
+    ray_actors: None = one per GPU, or as many CPU actors as fit leaving one CPU free.
     """
 
     inputs: list[str]
@@ -59,4 +64,7 @@ class RunConfig:
     rle: bool = False
     compile: Optional[bool] = None  # None = auto (pipeline.resolve_compile)
     shard: Optional[tuple[int, int]] = None
+    ray: Optional[str] = None
+    ray_actors: Optional[int] = None
+    ray_timeout: float = DEFAULT_RAY_TIMEOUT
     options: dict = field(default_factory=dict)

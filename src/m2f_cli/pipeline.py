@@ -41,6 +41,19 @@ class UsageError(ValueError):
     """A bad option value or input, found before any work starts."""
 
 
+class EngineError(RuntimeError):
+    """The engine cannot run at all (no Ray cluster to connect to, no actor can load the model).
+    Per-image problems are failures, never this."""
+
+
+RAY_MISSING = "--ray needs Ray: pip install 'm2f[ray]'"
+
+
+def _ray_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("ray") is not None
+
+
 @dataclass
 class Stages:
     """Seconds spent per stage (decode/preprocess are summed over workers)."""
@@ -136,6 +149,17 @@ def validate(config: RunConfig) -> None:
         raise UsageError(f"--overlay-format {config.overlay_format!r}: expected jpg or png")
     if not 0.0 <= config.overlay_alpha <= 1.0:
         raise UsageError(f"--overlay-alpha {config.overlay_alpha}: expected a value in [0, 1]")
+    if config.ray is not None:
+        if not config.ray.strip():
+            raise UsageError("--ray: expected auto, local or a cluster address")
+        if not _ray_installed():
+            raise UsageError(RAY_MISSING)
+    elif config.ray_actors is not None:
+        raise UsageError("--ray-actors needs --ray")
+    if config.ray_actors is not None and config.ray_actors < 1:
+        raise UsageError(f"--ray-actors {config.ray_actors}: expected 1 or more")
+    if not config.ray_timeout > 0:
+        raise UsageError(f"--ray-timeout {config.ray_timeout}: expected a positive number of seconds")
     try:
         from .preprocess import PreprocessSpec, spec_for_resize
         spec_for_resize(config.resize, PreprocessSpec())
@@ -263,13 +287,18 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
     Raises UsageError (bad options/inputs), ModelLoadError, DeviceError, OutputError,
     OutputLockedError before any image is processed; per-image problems become failures.
     segmenter: a ready Segmenter (tests, long-lived services) instead of loading config.model.
-    engine: run the per-batch work elsewhere (a Ray cluster) instead of in this process.
+    engine: run the per-batch work elsewhere instead of in this process; config.ray builds a
+        ray_engine.RayEngine. Raises EngineError when the engine cannot run at all.
     """
     reporter = reporter or QuietReporter()
     stdout = stdout or sys.stdout
     t_start = time.perf_counter()
     validate(config)
-    if segmenter is None:
+    if config.ray is not None and segmenter is not None:
+        raise UsageError("--ray loads its models on the Ray actors: do not pass a segmenter")
+    if config.ray is not None or engine is not None:
+        device = torch.device("cpu")  # the models run elsewhere; this process only writes
+    elif segmenter is None:
         try:
             device = resolve_device(config.device)
         except ValueError as e:
@@ -318,6 +347,9 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
     if task != "instance" and "coco" in config.formats:
         raise UsageError(f"--format coco writes instance results; this is a {task} model (--task {task})")
     writers = open_writers(config, folder, categories, model_id, stdout)
+    if engine is None and config.ray is not None:
+        from .ray_engine import RayEngine
+        engine = RayEngine(config, task)
 
     summary = RunSummary(total=len(found.refs) + len(found.failures))
     todo: list[ImageRef] = []
@@ -369,9 +401,12 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
                 else:
                     results = local_results(config, segmenter, todo, batch_size, workers, summary.stages,
                                             stopping)
-                _consume(results, writer, summary, reporter, stopping)
+                try:
+                    _consume(results, writer, summary, reporter, stopping)
+                finally:
+                    getattr(results, "close", lambda: None)()  # stop the engine's work in flight now
                 summary.stopped_early = stopping() and interrupt.signum is None
-            except OutputError as e:
+            except (OutputError, EngineError) as e:
                 fatal = e
             finally:
                 writer.join()

@@ -1,0 +1,368 @@
+"""``--ray``: the per-batch work on a Ray cluster, one model per actor; this process keeps the outputs.
+
+What runs where. This process (the driver: ``m2f segment ... --ray auto``, or the entrypoint of
+``ray job submit``) walks the inputs, skips what is done and holds the output folder, its lock, the
+journals and the writers, exactly as a local run does (pipeline.py). Ray actors, each loading the
+model once, take chunks of ``(seq, ImageRef)``, decode and preprocess them with ``load_sample`` and
+run ``segment_samples``: the same code as a local run, so an image's outputs are the same. Results
+(label maps are numpy arrays) come back through Ray's object store.
+
+Ray places the actors and restarts them; this module only keeps each actor fed with at most
+IN_FLIGHT chunks, in input order, and watches a per-chunk timeout:
+
+- resources: one actor per GPU (1 GPU + 1 CPU each); on CPU clusters, actors of ``--threads``
+  CPUs each, as many as fit while one CPU of the cluster stays free. Actors are the only thing
+  this run schedules, so they cannot starve another stage of CPUs; chunks go only to actors that
+  have started, so an actor Ray cannot place yet never holds work.
+- faults: a killed actor is restarted by Ray and its chunks retried (max_restarts,
+  max_task_retries). A chunk that runs longer than ``--ray-timeout`` gets its actor killed and
+  restarted (Ray retries the chunk); a second timeout kills the actor for good. A chunk that still
+  fails is retried once more image by image (on a new actor when its actor died), and an image
+  that fails again becomes an ``engine`` failure: the run goes on and exits 3, like any failed input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+from .batch import load_sample
+from .config import RunConfig
+from .pipeline import EngineError, Stages, segment_samples, segmenter_options
+from .records import Failure, ImageRef, ImageResult
+from .segmenter import Segmenter
+
+log = logging.getLogger(__name__)
+
+RESTARTS = 3    # Ray restarts a dead actor this many times and retries its chunks as often
+IN_FLIGHT = 2   # chunks queued on one actor: it never waits for the driver between chunks
+POLL_S = 0.5    # how often the driver looks at stopping() and the timeouts while it waits
+
+
+class _Actor:
+    """One model in a Ray actor process. Built on the actor: the driver never loads the model."""
+
+    def __init__(self, options: dict, factory: Optional[Callable[[], Segmenter]], threads: Optional[int],
+                 batch_size: int, max_pixels: Optional[int], fast_decode: bool):
+        import torch
+        if threads:
+            torch.set_num_threads(threads)
+        self.segmenter = factory() if factory is not None else Segmenter(**options)
+        self.batch_size, self.max_pixels, self.fast_decode = batch_size, max_pixels, fast_decode
+
+    def ready(self) -> str:
+        return str(self.segmenter.device)
+
+    def process(self, items: list[tuple[int, ImageRef]]
+                ) -> tuple[list[tuple[int, Union[ImageResult, Failure]]], dict[str, float]]:
+        """A chunk of (seq, ref) -> ((seq, result or failure) per image, stage seconds)."""
+        seg = self.segmenter
+        samples = [load_sample(seq, ref, seg.spec, self.max_pixels, self.fast_decode) for seq, ref in items]
+        f0, p0 = seg.times.forward_s, seg.times.postprocess_s
+        out = list(segment_samples(seg, samples, self.batch_size))
+        return out, {"decode": sum(s.decode_s for s in samples),
+                     "preprocess": sum(s.preprocess_s for s in samples),
+                     "forward": seg.times.forward_s - f0, "postprocess": seg.times.postprocess_s - p0}
+
+
+@dataclass
+class _Chunk:
+    items: list[tuple[int, ImageRef]]
+    retried: bool = False   # already resubmitted once by us (after Ray's own retries)
+    timeouts: int = 0
+
+
+@dataclass
+class _Slot:
+    """One actor and the chunks queued on it (a sync actor runs them in order: the head runs)."""
+
+    handle: Any
+    ready_ref: Any
+    ready: bool = False
+    dead: bool = False
+    queue: "deque[tuple[Any, _Chunk]]" = field(default_factory=deque)
+    head_since: float = 0.0  # when the head chunk started to count against the timeout
+    culprit: Optional[_Chunk] = None  # the chunk running when the actor died for good
+
+
+@dataclass
+class Plan:
+    """How many actors of which size: see RayEngine.plan."""
+
+    actors: int
+    num_cpus: int
+    num_gpus: int
+    threads: Optional[int]
+    device: str
+    batch_size: int
+
+
+def _one_line(e: BaseException) -> str:
+    """Ray errors carry tracebacks: keep the line that says what happened."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if getattr(e, "actor_init_failed", False) and lines:
+        return lines[-1][:300]  # the exception the constructor raised
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Ray prints its cluster messages (worker died, task retried) on sys.stdout; stdout is ours
+    (--out - streams JSON Lines there, and the writer holds the real stream already)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+class RayEngine:
+    """pipeline.Engine on Ray: ``run(config, engine=RayEngine(config))``, or ``config.ray`` set.
+
+    task: the resolved task (pipeline passes it); segmenter_factory: a picklable callable that
+    builds each actor's Segmenter instead of ``Segmenter(**segmenter_options(config, task))``
+    (tests, custom models); m2f must be importable on every node.
+    """
+
+    def __init__(self, config: RunConfig, task: Optional[str] = None,
+                 segmenter_factory: Optional[Callable[[], Segmenter]] = None):
+        self.config = config
+        self.task = task or config.task
+        self.factory = segmenter_factory
+        self.plan_used: Optional[Plan] = None
+        self._remote = None
+
+    # -- connection ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _connected(self):
+        """Connect (or start a local cluster); shut Ray down afterwards only if we started it."""
+        import ray
+        if ray.is_initialized():
+            yield
+            return
+        address = self.config.ray or "auto"
+        kwargs: dict = dict(log_to_driver=False, logging_level=logging.ERROR)
+        if address == "auto":
+            address = os.environ.get("RAY_ADDRESS") or "auto"
+        elif address == "local":
+            kwargs["include_dashboard"] = False
+        # ray.init installs its own SIGTERM handler; ours (stop after the work in flight) stays
+        main = threading.current_thread() is threading.main_thread()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise EngineError(f"--ray {self.config.ray}: cannot connect to a Ray cluster: {_one_line(e)}") \
+                from None
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+    # -- sizing ----------------------------------------------------------------------------------
+
+    def plan(self) -> Plan:
+        """Actors for the cluster as it is now. GPUs (unless --device cpu): one actor per GPU.
+        CPUs: actors of --threads CPUs (default: a node's CPUs less one, at most 4), at most
+        (cluster CPUs - 1) // threads of them, so one CPU always stays free; --ray-actors N overrides
+        the count (actors Ray cannot place wait, and get no work, until it can)."""
+        import ray
+        c = self.config
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        batch_size = c.batch_size
+        if gpus > 0 and c.device not in ("cpu", "mps"):
+            return Plan(c.ray_actors or gpus, 1, 1, c.threads, "cuda", batch_size or 16)
+        node_cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        total = int(res.get("CPU", 0))
+        if total < 1 or not node_cpus:
+            raise EngineError("the Ray cluster has no CPUs")
+        threads = c.threads or max(1, min(4, max(node_cpus) - 1))
+        if threads > max(node_cpus):
+            raise EngineError(f"--threads {threads}: no node of the Ray cluster has {threads} CPUs "
+                              f"(largest: {max(node_cpus)})")
+        fit = sum(n // threads for n in node_cpus)
+        actors = c.ray_actors or max(1, min((total - 1) // threads, fit))
+        device = "cpu" if c.device == "auto" else c.device
+        return Plan(actors, threads, 0, threads, device, batch_size or 2)
+
+    def _new_actor(self, plan: Plan) -> _Slot:
+        import ray
+        options = segmenter_options(self.config, self.task)
+        options["device"] = plan.device
+        if self._remote is None:
+            self._remote = ray.remote(_Actor)
+        remote = self._remote.options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                                      max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        handle = remote.remote(options, self.factory, plan.threads, plan.batch_size, self.config.max_pixels,
+                               self.config.fast_decode)
+        return _Slot(handle, handle.ready.remote())
+
+    # -- the engine ------------------------------------------------------------------------------
+
+    def results(self, todo: list[ImageRef], stages: Stages, stopping: Callable[[], bool]
+                ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
+        with _stdout_to_stderr(), self._connected():
+            yield from self._results(todo, stages, stopping)
+
+    def _results(self, todo, stages, stopping):
+        import ray
+        from ray import exceptions
+        RayError, RayActorError = exceptions.RayError, exceptions.RayActorError
+        ActorDiedError = getattr(exceptions, "ActorDiedError", RayActorError)  # newer Rays tell death apart
+
+        plan = self.plan_used = self.plan()
+        timeout = self.config.ray_timeout
+        chunk_size = 2 * plan.batch_size
+        fresh = deque(_Chunk([(s, todo[s]) for s in range(i, min(i + chunk_size, len(todo)))])
+                      for i in range(0, len(todo), chunk_size))
+        retry: "deque[_Chunk]" = deque()
+        slots = [self._new_actor(plan) for _ in range(plan.actors)]
+        spare = RESTARTS * plan.actors  # replacements for actors that died for good
+        window = 2 * IN_FLIGHT * plan.actors * chunk_size  # bounds what waits for input order
+        no_actor_since: Optional[float] = time.monotonic()  # while no live actor has started
+        any_ready = False
+        owner: dict = {}  # chunk ObjectRef -> slot
+
+        def lowest_pending() -> int:
+            firsts = [c.items[0][0] for s in slots for _, c in s.queue] + [c.items[0][0] for c in retry]
+            if fresh:
+                firsts.append(fresh[0].items[0][0])
+            return min(firsts, default=len(todo))
+
+        def submit(slot: _Slot, chunk: _Chunk) -> None:
+            ref = slot.handle.process.remote(chunk.items)
+            if not slot.queue:
+                slot.head_since = time.monotonic()
+            slot.queue.append((ref, chunk))
+            owner[ref] = slot
+
+        def failed(chunk: _Chunk, reason: str) -> list:
+            """After Ray's retries: once more, image by image; then each image is a failure."""
+            if not chunk.retried:
+                retry.extendleft(reversed([_Chunk([item], retried=True) for item in chunk.items]))
+                log.warning("ray: a chunk of %d images failed (%s); retrying them one by one",
+                            len(chunk.items), reason)
+                return []
+            return [(seq, Failure(ref, "engine", reason)) for seq, ref in chunk.items]
+
+        def retire(slot: _Slot, reason: str) -> None:
+            nonlocal spare
+            if slot.dead:
+                return
+            slot.dead = True
+            slot.culprit = slot.queue[0][1] if slot.queue else None
+            with contextlib.suppress(Exception):
+                ray.kill(slot.handle, no_restart=True)
+            replaced = spare > 0
+            if replaced:
+                spare -= 1
+                slots.append(self._new_actor(plan))
+            log.warning("ray: an actor died (%s)%s", reason, "; starting another" if replaced else "")
+
+        try:
+            while fresh or retry or any(s.queue for s in slots):
+                if stopping():
+                    return
+                live = [s for s in slots if not s.dead]
+                if not live and not any(s.queue for s in slots):
+                    # every actor and every replacement died (their chunks came back): give up on the rest
+                    reason = "no Ray actor left (they kept dying; see the Ray logs)"
+                    for c in list(retry) + list(fresh):
+                        for seq, ref in c.items:
+                            yield seq, Failure(ref, "engine", reason)
+                    return
+                # feed ready actors, least loaded first, in input order, within the reorder window
+                for slot in sorted((s for s in live if s.ready), key=lambda s: len(s.queue)):
+                    while len(slot.queue) < IN_FLIGHT and (retry or fresh):
+                        if not retry and fresh[0].items[0][0] >= lowest_pending() + window:
+                            break
+                        submit(slot, retry.popleft() if retry else fresh.popleft())
+                # wait for a chunk, an actor start, a timeout or POLL_S
+                now = time.monotonic()
+                deadlines = [s.head_since + timeout for s in live if s.queue]
+                wait_s = max(0.0, min([POLL_S, *[d - now for d in deadlines]]))
+                # a retired actor's chunks too: they fail (ActorDiedError) and go through failed()
+                refs = [r for s in slots for r, _ in s.queue] + [s.ready_ref for s in live if not s.ready]
+                t0 = time.perf_counter()
+                done, _ = ray.wait(refs, num_returns=1, timeout=wait_s) if refs else ([], [])
+                if not refs:
+                    time.sleep(wait_s)
+                stages.idle += time.perf_counter() - t0
+                for ref in done:
+                    slot = owner.pop(ref, None)
+                    if slot is None:  # an actor's ready()
+                        slot = next(s for s in live if s.ready_ref == ref)
+                        try:
+                            ray.get(ref)
+                            slot.ready = any_ready = True
+                        except RayError as e:
+                            if getattr(e, "actor_init_failed", False) and not any_ready:
+                                raise EngineError(f"the Ray actors cannot load the model: {_one_line(e)}") \
+                                    from None
+                            retire(slot, _one_line(e))
+                        continue
+                    i = next(k for k, (r, _) in enumerate(slot.queue) if r == ref)
+                    chunk = slot.queue[i][1]
+                    error = None
+                    try:
+                        out, seconds = ray.get(ref)
+                    except RayError as e:
+                        error = e
+                        if isinstance(e, ActorDiedError):
+                            retire(slot, _one_line(e))  # notes the chunk it was running (the queue's head)
+                    del slot.queue[i]
+                    if i == 0:
+                        slot.head_since = time.monotonic()
+                    if error is not None:
+                        reason = _one_line(error)
+                        if not isinstance(error, RayActorError):
+                            log.warning("ray: chunk failed: %s", reason)
+                        if slot.dead and chunk is not slot.culprit:
+                            retry.appendleft(chunk)  # only queued behind the one that killed the actor
+                            continue
+                        if chunk.timeouts >= 2:
+                            reason = f"ran over --ray-timeout {timeout:g}s twice (its actor was killed)"
+                        yield from failed(chunk, reason)
+                        continue
+                    del ref
+                    for k, v in seconds.items():
+                        setattr(stages, k, getattr(stages, k) + v)
+                    yield from out
+                # timeouts: restart the actor (Ray retries the chunk); the second time, kill it for good
+                now = time.monotonic()
+                for slot in [s for s in slots if not s.dead and s.queue and now - s.head_since > timeout]:
+                    chunk = slot.queue[0][1]
+                    chunk.timeouts += 1
+                    log.warning("ray: a chunk of %d images ran over --ray-timeout %gs (%s...); %s",
+                                len(chunk.items), timeout, chunk.items[0][1].path,
+                                "restarting its actor" if chunk.timeouts == 1 else "killing its actor")
+                    if chunk.timeouts == 1:
+                        with contextlib.suppress(Exception):
+                            ray.kill(slot.handle, no_restart=False)
+                        slot.head_since = now
+                    else:  # its chunks come back as ActorDiedError and go through failed()
+                        retire(slot, f"killed: ran over --ray-timeout {timeout:g}s twice")
+                # no actor running (none placed yet, or all died and their replacements wait)
+                now = time.monotonic()
+                if any(s.ready and not s.dead for s in slots):
+                    no_actor_since = None
+                elif no_actor_since is None:
+                    no_actor_since = now
+                elif now - no_actor_since > timeout:
+                    raise EngineError(f"no Ray actor running for --ray-timeout {timeout:g}s (each needs "
+                                      f"{plan.num_cpus} CPU and {plan.num_gpus} GPU; cluster: "
+                                      f"{ray.cluster_resources()})")
+        finally:
+            for s in slots:  # stops the work in flight too (stopping(), errors)
+                with contextlib.suppress(Exception):
+                    ray.kill(s.handle, no_restart=True)
