@@ -156,8 +156,15 @@ def test_lost_journal_chunk_is_redone_not_lost(mem, monkeypatch):
     chunks = sorted(fs.find(f"{root}-out/.m2f/coco.journal"))
     assert len(chunks) == len(SIZES)  # one chunk per record at this flush size
     fs.rm_file(chunks[-1])
+    reads = []
+    real_cat_file = type(fs).cat_file
+    monkeypatch.setattr(type(fs), "cat_file", lambda self, path, *a, **k: reads.append(path) or
+                        real_cat_file(self, path, *a, **k))
     s = run(cfg, segmenter=Segmenter(PlantedPredictor()))
     assert (s.images, s.skipped) == (1, len(SIZES) - 1)
+    # each chunk is fetched once, although the journal is read four times (done set + 3 files)
+    chunk_reads = [p for p in reads if "/coco.journal/" in p]
+    assert sorted(chunk_reads) == sorted(set(chunk_reads)) and len(chunk_reads) == len(SIZES) - 1
     again = json.loads(fs.cat_file(f"{root}-out/predictions.json"))
     assert sorted(json.dumps(r, sort_keys=True) for r in again) == \
         sorted(json.dumps(r, sort_keys=True) for r in reference)

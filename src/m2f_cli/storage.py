@@ -246,6 +246,8 @@ class ChunkedJournal:
         self.path = url
         self.run = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         self._buf: list[bytes] = []
+        self._mirror: Optional[str] = None
+        self._pending_mirror: list[bytes] = []
         self._n = 0
         self._last = time.monotonic()
         if fresh and self.fs.exists(self.dir):
@@ -257,10 +259,29 @@ class ChunkedJournal:
         except FileNotFoundError:
             return []
 
+    def _mirror_path(self) -> str:
+        """A local copy of every record: the chunks as found (fetched once, concurrently) plus
+        what this run appended, so reading the journal again (three times when the COCO files are
+        built) costs no requests. Valid while this run holds the lease."""
+        if self._mirror is None:
+            fd, path = tempfile.mkstemp(prefix="m2f-journal-", suffix=".jsonl", dir=self.folder.tmp or None)
+            with os.fdopen(fd, "wb") as f:
+                chunks = self._chunks()
+                for i in range(0, len(chunks), 64):
+                    batch = chunks[i:i + 64]
+                    data = self.fs.cat(batch)  # one concurrent round of requests on async backends
+                    for c in batch:
+                        f.write(data[c] if data[c].endswith(b"\n") or not data[c] else data[c] + b"\n")
+                for line in self._pending_mirror:
+                    f.write(line)
+            self._pending_mirror = []
+            self._mirror = path
+        return self._mirror
+
     def records(self) -> Iterator[dict]:
         seen: set[str] = set()
-        for chunk in self._chunks():
-            for line in self.fs.cat_file(chunk).splitlines():
+        with open(self._mirror_path(), "rb") as f:
+            for line in f:
                 if not line.strip():
                     continue
                 rec = json.loads(line)
@@ -272,7 +293,13 @@ class ChunkedJournal:
                 yield rec
 
     def append(self, record: dict) -> None:
-        self._buf.append(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        self._buf.append(line)
+        if self._mirror is not None:
+            with open(self._mirror, "ab") as f:
+                f.write(line)
+        else:
+            self._pending_mirror.append(line)
         if len(self._buf) >= JOURNAL_FLUSH_RECORDS or time.monotonic() - self._last >= JOURNAL_FLUSH_S:
             self.flush()
 
@@ -291,6 +318,13 @@ class ChunkedJournal:
 
     def close(self) -> None:
         self.flush()
+
+    def __del__(self):
+        if self._mirror is not None:
+            try:
+                os.remove(self._mirror)
+            except OSError:
+                pass
 
 
 class _Lease:
