@@ -16,6 +16,7 @@ from typing import Optional, Protocol
 
 import torch
 
+from . import deformable
 from .categories import CategoryTable
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class HFPredictor:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), deformable.patched(self.device, self.dtype):
             out = self._forward(pixel_values=pixel_values)
         return out.class_queries_logits, out.masks_queries_logits
 
