@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import DEFAULT_MAX_PIXELS
-from .storage import is_url, local_path, read_bytes
+from .storage import is_url, local_path, one_line, read_bytes
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 
@@ -78,7 +78,7 @@ def _source(path: str):
     except OSError:
         raise
     except Exception as e:  # the backend's own errors (botocore, aiohttp): one line, naming nothing else
-        raise DecodeError(f"cannot read: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DecodeError(f"cannot read: {one_line(e)}") from None
 
 
 def decode(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,

@@ -27,7 +27,7 @@ from .config import ExitCode, RunConfig
 from .model import ModelSource, resolve_device, resolve_model
 from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
-from .preprocess import load_checkpoint_spec, spec_for_resize
+from .preprocess import PreprocessSpec, load_checkpoint_spec, spec_for_resize
 from .segmenter import Segmenter, read_categories, resolve_classes, resolve_task
 from .state import OutputError, OutputFolder
 from .storage import RemoteError, open_output
@@ -161,7 +161,6 @@ def validate(config: RunConfig) -> None:
     if not config.ray_timeout > 0:
         raise UsageError(f"--ray-timeout {config.ray_timeout}: expected a positive number of seconds")
     try:
-        from .preprocess import PreprocessSpec, spec_for_resize
         spec_for_resize(config.resize, PreprocessSpec())
     except ValueError as e:
         raise UsageError(str(e)) from None

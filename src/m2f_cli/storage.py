@@ -93,11 +93,11 @@ def walk_url(url: str, is_image: Callable[[str], bool], exclude: Optional[str] =
     root = root.rstrip("/")
     skip = filesystem(exclude)[1].rstrip("/") + "/" if exclude and is_url(exclude) else None
     if any(c in root for c in "*?["):
-        matches = sorted(fs.glob(root))
+        matches = fs.glob(root, detail=True)  # one listing, with each match's type
         if not matches:
             raise FileNotFoundError(f"{url}: no object matches this pattern")
-        for m in matches:
-            if fs.isdir(m):
+        for m in sorted(matches):
+            if matches[m]["type"] == "directory":
                 yield from _walk_dir(fs, url, m, is_image, skip)
             elif is_image(m):
                 yield url_for(url, m), m.lstrip("/"), None
@@ -130,7 +130,6 @@ class RemoteOutputFolder(OutputFolder):
     def __init__(self, out: str, shard: Optional[tuple[int, int]] = None):
         self.fs, root = filesystem(out)
         self.root = root.rstrip("/")
-        self.proto = out.partition("://")[0]
         self.out = url_for(out, self.root)
         self.part = part_suffix(shard)
         self.state = state_dir(self.out)
@@ -162,8 +161,7 @@ class RemoteOutputFolder(OutputFolder):
             self.fs.pipe_file(self._p(probe), b"ok")
             self.fs.rm_file(self._p(probe))
         except Exception as e:  # backends raise their own types (botocore, aiohttp): report them all
-            raise OutputError(getattr(e, "errno", None) or 5,
-                              f"{self.out}: output location is not writable ({_one_line(e)})") from None
+            raise _output_error(f"{self.out}: output location is not writable", e) from None
 
     def lock(self) -> None:
         self._lease = _Lease(self, f"{self.state}/lock{self.part}")
@@ -184,7 +182,7 @@ class RemoteOutputFolder(OutputFolder):
         with self._listing_lock:
             if self._listing is None:
                 try:
-                    self._listing = set(self.fs.find(self.root)) if self.fs.isdir(self.root) else set()
+                    self._listing = set(self.fs.find(self.root))  # [] when nothing is there yet
                 except FileNotFoundError:
                     self._listing = set()
             return self._p(path) in self._listing
@@ -194,8 +192,8 @@ class RemoteOutputFolder(OutputFolder):
 
     def names(self) -> list[str]:
         try:
-            return sorted(posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)
-                          if self.fs.isfile(p))
+            return sorted(posixpath.basename(e["name"]) for e in self.fs.ls(self.root, detail=True)
+                          if e["type"] == "file")
         except FileNotFoundError:
             return []
 
@@ -207,7 +205,7 @@ class RemoteOutputFolder(OutputFolder):
                 write(f)
             self.fs.put_file(tmp, self._p(final))
         except Exception as e:
-            raise OutputError(getattr(e, "errno", None) or 5, f"{final}: cannot write ({_one_line(e)})") from None
+            raise _output_error(f"{final}: cannot write", e) from None
         finally:
             try:
                 os.remove(tmp)
@@ -219,7 +217,7 @@ class RemoteOutputFolder(OutputFolder):
         try:
             self.fs.pipe_file(self._p(final), data)
         except Exception as e:
-            raise OutputError(getattr(e, "errno", None) or 5, f"{final}: cannot write ({_one_line(e)})") from None
+            raise _output_error(f"{final}: cannot write", e) from None
         self._written(final)
 
     def _written(self, url: str) -> None:
@@ -311,8 +309,7 @@ class ChunkedJournal:
         try:
             self.fs.pipe_file(name, b"".join(self._buf))
         except Exception as e:
-            raise OutputError(getattr(e, "errno", None) or 5, f"{url_for(self.folder.out, name)}: "
-                              f"cannot write ({_one_line(e)})") from None
+            raise _output_error(f"{url_for(self.folder.out, name)}: cannot write", e) from None
         self._buf.clear()
         self._n += 1
 
@@ -389,6 +386,12 @@ def open_output(out: str, shard: Optional[tuple[int, int]] = None) -> OutputFold
     return RemoteOutputFolder(out, shard) if is_url(out) else OutputFolder(local_path(out), shard)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _output_error(what: str, e: BaseException) -> OutputError:
+    """OutputError("<what> (<first line of e>)"), with e's errno when the backend gave one."""
+    return OutputError(getattr(e, "errno", None) or 5, f"{what} ({one_line(e)})")
