@@ -23,6 +23,14 @@ Inputs are generated locally and cached in --work (nothing is downloaded):
 Both processes get the same environment: this one's, plus HF_HUB_OFFLINE=1 and any --env; thread
 settings are left at torch's defaults (m2f's --threads/--workers can go in --m2f-args).
 
+m2f's start-up cache (a TorchScript trace of the model, built on a model's first use, that later
+runs load without importing transformers: src/m2f_cli/traced.py) lives in --work/m2f-cache here,
+never in ~/.cache. --trace-cache picks the state m2f is measured in:
+  warm (default)  the state of every run after the first on a machine: one untimed m2f run on one
+                  image builds the cache before the timed runs (its time is printed);
+  cold            every timed m2f run starts with an empty cache and builds it (a first run);
+  off             m2f --no-trace-cache: every run loads the model through transformers.
+
 The machine may be shared: compare the two tools within one run (ratios), not absolute numbers
 across runs; --repeat R alternates the order of the two tools and reports medians.
 
@@ -114,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="kill a tool's process after S seconds (recorded as a failure)")
     ap.add_argument("--mem-interval", type=float, default=0.25, metavar="S",
                     help="sampling period of the process-tree PSS, 0 to disable [0.25]")
+    ap.add_argument("--trace-cache", choices=("warm", "cold", "off"), default="warm",
+                    help="the state of m2f's start-up cache in the timed runs (see above) [warm]")
     ap.add_argument("--json", default=None, metavar="FILE", help="also save every measurement to FILE")
     args = ap.parse_args(argv)
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
@@ -260,14 +270,32 @@ def run_snippet(set_dir: str, ckpt: str, work_set: str, tag: str, env: dict, arg
     return r
 
 
+def m2f_cache(args) -> str:
+    return os.path.join(os.path.abspath(args.work), "m2f-cache")
+
+
+def prime_m2f_cache(image: str, ckpt: str, env: dict, args) -> float:
+    """--trace-cache warm: one untimed m2f run on one image builds the start-up cache; its seconds."""
+    out = os.path.join(os.path.abspath(args.work), "runs", "prime-out")
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "m2f_cli", "segment", image, "--out", out, "--model", ckpt, "-q",
+                    *args.m2f_args], env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def run_m2f(set_dir: str, ckpt: str, work_set: str, tag: str, env: dict, args) -> dict:
     out = os.path.join(work_set, "out-m2f")
     shutil.rmtree(out, ignore_errors=True)
+    if args.trace_cache == "cold":
+        shutil.rmtree(m2f_cache(args), ignore_errors=True)
     summary = os.path.join(work_set, f"m2f-summary-{tag}.json")
     if os.path.exists(summary):
         os.remove(summary)
     cmd = [sys.executable, "-m", "m2f_cli", "segment", set_dir, "--out", out, "--model", ckpt, "--overwrite",
            "--summary-json", summary, "-q", *args.m2f_args]
+    if args.trace_cache == "off":
+        cmd.append("--no-trace-cache")
     r = run_child(cmd, env, os.path.join(work_set, f"m2f-{tag}.log"), args.timeout, args.mem_interval)
     r["tool"] = "m2f"
     if r["rc"] != 0 or not os.path.exists(summary):
@@ -471,11 +499,21 @@ def main(argv=None) -> int:
 
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"
+    env["M2F_CACHE_DIR"] = m2f_cache(args)
     env.update(args.env)
     info = environment(args, ckpt, ckpt_meta)
     log(f"checkpoint: {ckpt}")
     log(f"torch {info['torch']}, transformers {info['transformers']}, {info['cores']} cores ({info['cpu']}); "
         f"m2f args: {shlex.join(args.m2f_args) or '(none)'}; extra env: {args.env or '(none)'}")
+
+    primed_s = None
+    if args.trace_cache == "warm" and not args.skip_m2f:
+        shutil.rmtree(m2f_cache(args), ignore_errors=True)
+        first = bench_inputs.ensure_image_set(work, args.sets[0], args.n[args.sets[0]], args.seed, log)
+        primed_s = prime_m2f_cache(os.path.join(first, sorted(os.listdir(first))[0]), ckpt, env, args)
+        log(f"m2f start-up cache built by one untimed run on one image: {primed_s:.1f} s")
+    info["trace_cache"] = args.trace_cache
+    info["trace_cache_primed_s"] = primed_s
 
     results = []
     for name in args.sets:
@@ -520,6 +558,8 @@ def main(argv=None) -> int:
         cal = ckpt_meta.get("calibration", {})
         print(f"checkpoint: random weights ({ckpt_meta.get('params', 0) / 1e6:.1f} M params), calibrated to "
               f"~{ckpt_meta.get('target_instances')} instances/image, mask area ~{cal.get('mean_mask_area')}")
+    print(f"m2f start-up cache: {args.trace_cache}" + (f" (built once beforehand, untimed: {primed_s:.1f} s)"
+                                                       if primed_s is not None else ""))
     if args.m2f_args or args.env:
         print(f"m2f args: {shlex.join(args.m2f_args) or '-'} | extra env (both): {args.env or '-'}")
     sn_proc = next((r["inner"]["processor_class"] for res in results for r in res["snippet"] if "inner" in r), None)

@@ -1,6 +1,13 @@
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may try the network
+# The start-up cache (traced.py) of every tiny model goes to a folder of this test session, here and
+# in every m2f subprocess, never into the user's ~/.cache; most runs below therefore take the traced
+# path after their model's first load, and test_traced.py checks it against the eager model.
+_CACHE = tempfile.mkdtemp(prefix="m2f-test-cache-")
+os.environ["M2F_CACHE_DIR"] = _CACHE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One intra-op thread for the tiny test models, here and in every m2f subprocess the tests start:
 # they gain nothing from threads, and two spinning OpenMP threads per process on a 2-core CI
@@ -11,6 +18,10 @@ import pytest
 
 from tiny import make_tiny_model
 from planted import PlantedPredictor, planted_image
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,10 @@ def segment(
     compile: Optional[bool] = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the "
                                            "model (one-time compile, then a faster forward). Default: on "
                                            "for CPU runs of 1000+ images at a fixed input size."),
+    trace_cache: bool = typer.Option(_D.trace_cache, "--trace-cache/--no-trace-cache", help="On CPU at a "
+                                     "fixed input size, load the model from a TorchScript trace cached in "
+                                     "~/.cache/m2f (M2F_CACHE_DIR), built on first use: later runs start ~5 s "
+                                     "sooner."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Run one worker per device over "
                                           "disjoint shards: CUDA indices (0,1), all, or names (cuda:0,cpu)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process a stable 1/N of the inputs "
@@ -129,7 +133,7 @@ def segment(
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
-        overlay_alpha=overlay_alpha, rle=rle, compile=compile, shard=shard_spec, ray=ray,
+        overlay_alpha=overlay_alpha, rle=rle, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
         ray_actors=ray_actors, ray_timeout=ray_timeout)
     if ray is not None and devices:
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
@@ -179,8 +183,7 @@ def labels(
     """List the model's classes: index, category id (COCO's for COCO models) and name."""
     _setup_logging(False)
     from .categories import CategoryTable
-    from .model import ModelLoadError, resolve_model
-    from .segmenter import read_categories
+    from .model import ModelLoadError, read_categories, resolve_model
     try:
         table = read_categories(resolve_model(model, revision))
     except ModelLoadError as e:

@@ -63,6 +63,7 @@ class RunConfig:
     overlay_alpha: float = 0.5
     rle: bool = False
     compile: Optional[bool] = None  # None = auto (pipeline.resolve_compile)
+    trace_cache: bool = True  # the start-up cache (traced.py)
     shard: Optional[tuple[int, int]] = None
     ray: Optional[str] = None
     ray_actors: Optional[int] = None

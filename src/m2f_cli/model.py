@@ -9,10 +9,11 @@ Running: a Predictor maps pixel_values (B, 3, H, W) to (class logits (B, Q, C+1)
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -179,3 +180,36 @@ def load_model(source: ModelSource, allow_pickle: bool = False) -> torch.nn.Modu
             source.local_dir, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"{source.local_dir}: cannot load the model ({str(e).splitlines()[0]})") from None
+
+
+def read_categories(source: ModelSource) -> CategoryTable:
+    """The label table from a model folder's config.json, without loading any weights."""
+    try:
+        with open(os.path.join(source.local_dir, "config.json"), encoding="utf-8") as f:
+            id2label = json.load(f).get("id2label") or {}
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{source.local_dir}: unreadable config.json ({e})") from None
+    return CategoryTable.from_id2label({int(k): v for k, v in id2label.items()}) if id2label \
+        else CategoryTable.coco()
+
+
+def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+                   compile: bool = False, trace_size: Optional[tuple[int, int]] = None,
+                   notify: Optional[Callable[[str], None]] = None) -> Predictor:
+    """The model of source, ready to run. trace_size: the one model input size of this run, if it
+    has one; then on CPU in float32 the start-up cache (traced.py) is used, or built from this load."""
+    from . import traced
+    path = None
+    if trace_size is not None and traced.eligible(device, dtype, compile):
+        try:
+            path = traced.cache_path(source.local_dir, trace_size, dtype)
+        except OSError as e:
+            log.warning("m2f: start-up cache unavailable (%s)", e)
+        if path is not None:
+            cached = traced.load(path, trace_size, device, read_categories(source))
+            if cached is not None:
+                return cached
+    predictor = HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
+    if path is not None:
+        return traced.build(predictor, trace_size, path, notify or log.info) or predictor
+    return predictor

@@ -24,11 +24,11 @@ import torch
 from .batch import ImageDataset, Sample, group_batches, make_loader
 from .categories import CategoryTable
 from .config import ExitCode, RunConfig
-from .model import ModelSource, resolve_device, resolve_model
+from .model import ModelSource, read_categories, resolve_device, resolve_model
 from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
 from .preprocess import PreprocessSpec, load_checkpoint_spec, spec_for_resize
-from .segmenter import Segmenter, read_categories, resolve_classes, resolve_task
+from .segmenter import Segmenter, resolve_classes, resolve_task
 from .state import OutputError, OutputFolder
 from .storage import RemoteError, open_output
 from .walk import InputError, WalkResult, shard_of, walk
@@ -363,7 +363,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
         spec = spec_for_resize(config.resize, load_checkpoint_spec(source.local_dir))
         compiled = resolve_compile(config.compile, device, len(todo), spec.mode == "fixed")
         try:
-            segmenter = Segmenter(**{**segmenter_options(config, task), "compile": compiled}, source=source)
+            segmenter = Segmenter(**{**segmenter_options(config, task), "compile": compiled}, source=source,
+                                  notify=reporter.message)
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         except ValueError as e:
@@ -439,7 +440,7 @@ def segmenter_options(config: RunConfig, task: str) -> dict:
     return dict(model=config.model, device=config.device, dtype=config.dtype, revision=config.revision,
                 allow_pickle=config.allow_pickle, resize=config.resize, threshold=min(thresholds.values()),
                 map_threshold=_map_threshold(config, thresholds), top_k=config.top_k, classes=config.classes,
-                compile=bool(config.compile), task=task)
+                compile=bool(config.compile), task=task, trace_cache=config.trace_cache)
 
 
 def _map_threshold(config: RunConfig, thresholds: dict[str, float]) -> float:

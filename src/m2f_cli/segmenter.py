@@ -10,11 +10,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,22 +20,10 @@ import torch
 from .categories import CategoryTable
 from .config import DEFAULT_MODEL
 from .decode import _to_rgb
-from .model import (HFPredictor, ModelLoadError, ModelSource, Predictor, load_model, resolve_device,
-                    resolve_dtype, resolve_model)
+from .model import ModelSource, Predictor, load_predictor, resolve_device, resolve_dtype, resolve_model
 from .postprocess import PostprocessOptions, panoptic_from_logits, segment_instances, semantic_from_logits
 from .preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
 from .records import ImageRef, ImageResult
-
-
-def read_categories(source: ModelSource) -> CategoryTable:
-    """The label table from a model folder's config.json, without loading any weights."""
-    try:
-        with open(os.path.join(source.local_dir, "config.json"), encoding="utf-8") as f:
-            id2label = json.load(f).get("id2label") or {}
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{source.local_dir}: unreadable config.json ({e})") from None
-    return CategoryTable.from_id2label({int(k): v for k, v in id2label.items()}) if id2label \
-        else CategoryTable.coco()
 
 
 def resolve_classes(categories: CategoryTable, classes: Sequence[str]) -> Optional[frozenset[int]]:
@@ -81,19 +67,26 @@ class Segmenter:
     model: a hub id, a local save_pretrained folder, or a ready Predictor (tests, custom models).
     threshold: minimum score of kept instances; map_threshold: minimum score drawn in the
         instance map (defaults to threshold).
+    trace_cache: on CPU in float32 at a fixed input size, load the model from (or save it to) the
+        start-up cache, a TorchScript trace that loads without transformers (traced.py).
+    notify: where one-line notices (building the cache) go; default: logging at INFO.
     """
 
     def __init__(self, model: Union[str, Predictor] = DEFAULT_MODEL, *, device: str = "auto",
                  dtype: str = "auto", revision: Optional[str] = None, allow_pickle: bool = False,
                  resize: str = "checkpoint", threshold: float = 0.5, map_threshold: Optional[float] = None,
                  top_k: int = 100, classes: Sequence[str] = (), compile: bool = False,
-                 task: str = "auto", source: Optional[ModelSource] = None):
+                 task: str = "auto", source: Optional[ModelSource] = None, trace_cache: bool = True,
+                 notify: Optional[Callable[[str], None]] = None):
         if isinstance(model, str):
             self.source = source or resolve_model(model, revision, allow_pickle)
             dev = resolve_device(device)
             dt = resolve_dtype(dtype, dev)
-            self.predictor: Predictor = HFPredictor(load_model(self.source, allow_pickle), dev, dt, compile)
             checkpoint_spec = load_checkpoint_spec(self.source.local_dir)
+            spec = spec_for_resize(resize, checkpoint_spec)
+            fixed = spec.padded_size(1, 1) if spec.mode == "fixed" and trace_cache else None
+            self.predictor: Predictor = load_predictor(self.source, dev, dt, allow_pickle=allow_pickle,
+                                                       compile=compile, trace_size=fixed, notify=notify)
         else:
             self.source = source
             self.predictor = model

@@ -1,0 +1,164 @@
+"""The start-up cache (traced.py): the traced model computes what the eager one does, later loads
+skip transformers, and the cache is keyed, replaced, repaired and bypassed where it must be."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2f_cli import Segmenter, traced
+from m2f_cli.model import HFPredictor, load_model, resolve_model
+from planted import planted_image
+from tiny import make_tiny_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch) -> Path:
+    """A cache folder of this test only (subprocesses inherit it through the environment)."""
+    monkeypatch.setenv("M2F_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "traced"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return make_tiny_model(str(tmp_path_factory.mktemp("traced_model")), seed=3)
+
+
+def traces(cache: Path) -> list[Path]:
+    return sorted(cache.glob("*.pt")) if cache.exists() else []
+
+
+def test_traced_model_computes_what_the_eager_model_computes(model_dir, cache):
+    seg = Segmenter(model_dir, device="cpu")
+    assert isinstance(seg.predictor, traced.TracedPredictor)
+    eager = HFPredictor(load_model(resolve_model(model_dir)), CPU)
+    torch.manual_seed(0)
+    for batch in (1, 2, 3):  # traced at batch 1: the batch dimension must stay free
+        x = torch.randn(batch, 3, 384, 384)
+        got, want = seg.predictor(x), eager(x)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-4)
+    # and end to end, on an image with instances: the same label map and scores
+    img, _ = planted_image(500, 300, seed=1)
+    a = seg(img)
+    b = Segmenter(model_dir, device="cpu", trace_cache=False)(img)
+    assert isinstance(b, type(a)) and len(a.instances) == len(b.instances) > 0
+    np.testing.assert_array_equal(a.label_map, b.label_map)
+    assert [i.label for i in a.instances] == [i.label for i in b.instances]
+    np.testing.assert_allclose([i.score for i in a.instances], [i.score for i in b.instances], atol=1e-5)
+
+
+def test_a_cached_model_loads_without_transformers(model_dir, cache):
+    Segmenter(model_dir, device="cpu")  # builds the trace
+    assert len(traces(cache)) == 1
+    probe = textwrap.dedent(f"""
+        import sys
+        from m2f_cli import Segmenter
+        seg = Segmenter({model_dir!r}, device="cpu")
+        print(type(seg.predictor).__name__, "transformers" in sys.modules, len(seg.categories))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ.copy(),
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["TracedPredictor", "False", "80"]
+
+
+def test_the_key_follows_weights_size_and_switches(model_dir, cache, tmp_path, monkeypatch):
+    size = (384, 384)
+    first = traced.cache_path(model_dir, size, torch.float32)
+    assert traced.cache_path(model_dir, size, torch.float32) == first          # stable
+    assert traced.cache_path(model_dir, (512, 512), torch.float32) != first    # another input size
+    monkeypatch.setenv("M2F_FAST_DEFORMABLE", "0")
+    assert traced.cache_path(model_dir, size, torch.float32) != first          # another attention op
+    monkeypatch.delenv("M2F_FAST_DEFORMABLE")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in os.listdir(model_dir):
+        (copy / f).write_bytes(Path(model_dir, f).read_bytes())
+    assert traced.cache_path(str(copy), size, torch.float32) != first          # another folder
+    before = traced.cache_path(str(copy), size, torch.float32)
+    weights = copy / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert traced.cache_path(str(copy), size, torch.float32) != before          # weights rewritten
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["id2label"]["0"] = "human"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert traced.cache_path(str(copy), size, torch.float32).name.rsplit("-", 1)[0] == \
+        before.name.rsplit("-", 1)[0]                                            # same stem: replaces
+
+
+def test_new_weights_replace_the_old_trace(tmp_path, cache):
+    d = make_tiny_model(str(tmp_path / "m"), seed=1)
+    old = Segmenter(d, device="cpu").predictor
+    assert [p.name for p in traces(cache)] == [old.path.name]
+    make_tiny_model(d, seed=2)  # retrained in place: new weights, same folder
+    new = Segmenter(d, device="cpu").predictor
+    assert isinstance(new, traced.TracedPredictor) and new.path != old.path
+    assert [p.name for p in traces(cache)] == [new.path.name]  # the stale trace is gone
+    x = torch.randn(1, 3, 384, 384)
+    want = HFPredictor(load_model(resolve_model(d)), CPU)(x)
+    torch.testing.assert_close(new(x)[0], want[0], rtol=0, atol=1e-4)
+
+
+def test_a_damaged_trace_is_rebuilt(model_dir, cache, caplog):
+    path = Segmenter(model_dir, device="cpu").predictor.path
+    path.write_bytes(b"not a torchscript archive")
+    seg = Segmenter(model_dir, device="cpu")
+    assert "unusable cached trace" in caplog.text
+    assert isinstance(seg.predictor, traced.TracedPredictor) and seg.predictor.path == path
+    torch.jit.load(str(path))  # a whole archive again
+
+
+def test_an_unwritable_cache_only_costs_the_speed(model_dir, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("M2F_CACHE_DIR", str(blocker))
+    seg = Segmenter(model_dir, device="cpu")
+    assert isinstance(seg.predictor, HFPredictor)
+    assert "cannot build the start-up cache" in caplog.text
+    img, _ = planted_image(320, 240, seed=2)
+    assert seg(img).label_map.shape == (240, 320)
+
+
+@pytest.mark.parametrize("options", [dict(trace_cache=False), dict(resize="paper"), dict(compile=True)])
+def test_not_used_where_it_would_not_be_right(model_dir, cache, options, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda m, *a, **k: m)  # compile=True: only the decision matters
+    seg = Segmenter(model_dir, device="cpu", **options)
+    assert isinstance(seg.predictor, HFPredictor)  # paper resize: many input sizes; compile: its own path
+    assert traces(cache) == []
+
+
+def test_a_trace_refuses_other_input_sizes(model_dir, cache):
+    pred = Segmenter(model_dir, device="cpu").predictor
+    with pytest.raises(ValueError, match="384x384"):
+        pred(torch.zeros(1, 3, 384, 416))
+
+
+def test_cli_runs_are_identical_with_and_without_the_cache(model_dir, cache, tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for n, (w, h) in enumerate([(640, 480), (300, 500), (401, 233)]):
+        planted_image(w, h, seed=n)[0].save(imgs / f"i{n}.png")
+    outs = {}
+    for name, flag in (("build", "--trace-cache"), ("cached", "--trace-cache"), ("eager", "--no-trace-cache")):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "m2f_cli", "segment", str(imgs), "--out", str(out), "--model",
+                            model_dir, "--format", "png", "--format", "jsonl", "--batch-size", "1", flag],
+                           capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert ("building the start-up cache" in r.stderr) == (name == "build")
+        outs[name] = {p: np.asarray(Image.open(out / f"i{n}.png")) for n, p in enumerate(sorted(os.listdir(imgs)))}
+    assert len(traces(cache)) == 1
+    for name in ("cached", "eager"):
+        for k, v in outs["build"].items():
+            np.testing.assert_array_equal(outs[name][k], v)
