@@ -144,3 +144,28 @@ def test_window_rle_equals_pycocotools_on_the_full_mask(seed):
     full[:] = 1
     assert window_rle(np.ones((h0, w0), bool), 0, 0, (h0, w0))["counts"] == \
         mask_utils.encode(np.asfortranarray(full))["counts"].decode()
+
+
+@pytest.mark.parametrize("valid,original", [((96, 96), (480, 640)), ((110, 90), (333, 517)),
+                                            ((96, 72), (3000, 4000)), ((50, 160), (37, 1000))])
+def test_window_upsampling_equals_full_image_upsampling(valid, original):
+    """Both window paths (separable over a small window; torch's kernel over the whole image for a
+    large one) give the full-image bilinear logits on the window, and nothing positive outside it."""
+    from m2f_cli.postprocess import FULL_WINDOW, _Sampler
+    g = torch.Generator().manual_seed(sum(original))
+    vh, vw = valid
+    sampler = _Sampler(valid, original, torch.device("cpu"))
+    yy, xx = torch.meshgrid(torch.arange(vh).float(), torch.arange(vw).float(), indexing="ij")
+    sizes = []
+    for radius in (1.5, 4.0, 12.0, 0.45 * max(vh, vw)):   # small blobs to nearly the whole image
+        cy, cx = (torch.rand(2, generator=g) * torch.tensor([vh, vw])).tolist()
+        low = 8.0 * (1 - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() / radius) + torch.randn(vh, vw, generator=g) * 0.3
+        full = F.interpolate(low[None, None], size=original, mode="bilinear", align_corners=False)[0, 0]
+        r0, c0, win = sampler.window(low)
+        r1, c1 = r0 + win.shape[0], c0 + win.shape[1]
+        sizes.append(win.numel() / (original[0] * original[1]))
+        torch.testing.assert_close(win, full[r0:r1, c0:c1], rtol=0, atol=1e-4)
+        outside = full > 0
+        outside[r0:r1, c0:c1] = False
+        assert not outside.any()
+    assert min(sizes) < FULL_WINDOW  # the separable path ran

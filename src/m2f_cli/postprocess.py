@@ -29,6 +29,10 @@ from .records import Instance, Segment
 
 # Bytes of float32 full-resolution mask logits processed at once.
 CHUNK_BYTES = 64 * 1024 * 1024
+# Windows larger than this share of the image are upsampled over the whole image in one pass
+# (torch's fused kernel); smaller ones separably over the window. Measured per query at 12 MP:
+# separable 2.4 ms vs 40 ms at 4% of the image, 20 vs 49 ms at 34%, about even at 60-70%.
+FULL_WINDOW = 0.6
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class _Sampler:
         (vh, vw), (h0, w0) = valid, original
         self.original, self.full_pixels = original, h0 * w0
         self.ry0, self.ry1, self.wy = _source_rows(torch.arange(h0, device=device), vh, h0)
-        self.cx0, self.cx1, self.wx = _source_rows(torch.arange(w0, device=device), vw, w0)
+        self.cx0, self.cx1, _ = _source_rows(torch.arange(w0, device=device), vw, w0)
 
     @staticmethod
     def _span(lo_idx: torch.Tensor, hi_idx: torch.Tensor, first: int, last: int) -> tuple[int, int]:
@@ -131,16 +135,19 @@ class _Sampler:
         cols = torch.nonzero(pos.any(0)).flatten()
         r0, r1 = self._span(self.ry0, self.ry1, int(rows[0]), int(rows[-1]))
         c0, c1 = self._span(self.cx0, self.cx1, int(cols[0]), int(cols[-1]))
-        if (r1 - r0) * (c1 - c0) > 0.1 * self.full_pixels:
-            # a large window: torch's kernel over the whole image beats gathering (~6x per pixel)
+        if (r1 - r0) * (c1 - c0) > FULL_WINDOW * self.full_pixels:
+            # a window near the image's size: torch's one-pass kernel over the whole image
             full = F.interpolate(low[None, None], size=self.original, mode="bilinear", align_corners=False)[0, 0]
             return r0, c0, full[r0:r1, c0:c1]
+        # separable, as torch's kernel blends: along x with torch's own kernel on the source rows the
+        # window needs (their height unchanged, so rows are copied exactly), then along y on the window
         y0, y1, wy = self.ry0[r0:r1], self.ry1[r0:r1], self.wy[r0:r1, None]
-        x0, x1, wx = self.cx0[c0:c1], self.cx1[c0:c1], self.wx[c0:c1]
-        top, bottom = low[y0], low[y1]
-        top = top[:, x0] * (1 - wx) + top[:, x1] * wx
-        bottom = bottom[:, x0] * (1 - wx) + bottom[:, x1] * wx
-        return r0, c0, top * (1 - wy) + bottom * wy
+        ya, yb = int(y0[0]), int(y1[-1]) + 1
+        wide = F.interpolate(low[None, None, ya:yb], size=(yb - ya, self.original[1]), mode="bilinear",
+                             align_corners=False)[0, 0, :, c0:c1]
+        top = wide.index_select(0, y0 - ya)
+        bottom = wide.index_select(0, y1 - ya)
+        return r0, c0, top.mul_(1 - wy).add_(bottom.mul_(wy))
 
 
 def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
@@ -223,7 +230,7 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
             continue
         w = windows[q]
         region = imap[w.r0:w.r0 + w.binary.shape[0], w.c0:w.c0 + w.binary.shape[1]]
-        region[w.binary] = inst.id
+        np.copyto(region, np.uint16(inst.id), where=w.binary)
     return out, imap
 
 
