@@ -8,7 +8,6 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy.ndimage import maximum_filter
 
 from ..decode import decode
 from ..records import ImageRef, ImageResult
@@ -48,6 +47,7 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
     edge = _boundary(imap)
     owner = imap
     if thick > 1:
+        from scipy.ndimage import maximum_filter  # here: importing scipy.ndimage takes ~0.4 s
         size = 2 * (thick // 2) + 1
         edge = maximum_filter(edge, size=size)
         owner = maximum_filter(imap, size=size)
