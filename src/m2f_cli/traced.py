@@ -178,7 +178,8 @@ def build(predictor, size: tuple[int, int], path: Path,
             _remove(Path(tmp))
             raise
     except Exception as e:  # noqa: BLE001 - the cache is an optimisation, never a reason to fail
-        log.warning("m2f: cannot build the start-up cache at %s (%s); going on without it",
+        log.warning("m2f: cannot build the start-up cache at %s (%s); going on without it "
+                    "(set M2F_CACHE_DIR to a writable folder, or pass --no-trace-cache)",
                     path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         return None
     stem = path.name.rsplit("-", 1)[0]
