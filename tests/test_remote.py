@@ -264,3 +264,24 @@ def test_s3_end_to_end_through_the_cli(s3_server, tiny_model, tmp_path):
     assert p.returncode == 3, p.stderr
     m = json.loads(fs.cat_file("imgs/masks/m2f-run.json"))
     assert (m["images"], m["skipped"]) == (0, len(SIZES))
+
+
+def test_staging_folders_of_dead_runs_are_swept(mem, tmp_path, monkeypatch):
+    """A SIGKILLed remote run leaves <tmp>/m2f-stage-<pid>-*; the next remote run removes those
+    whose process is gone and leaves live ones alone."""
+    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"m2f-stage-{dead.pid}-abc"
+    (stale / "x").mkdir(parents=True)
+    live = tmp_path / f"m2f-stage-{os.getpid()}-def"
+    live.mkdir()
+    other = tmp_path / "m2f-stage-notapid"
+    other.mkdir()
+    fs, root = mem
+    _put_tree(fs, root, {"a.png": _image_bytes(0, 64, 48)})
+    url = f"memory://{root}"
+    assert run(RunConfig(inputs=[url], out=f"{url}-out", workers=0),
+               segmenter=Segmenter(PlantedPredictor())).images == 1
+    assert not stale.exists() and live.exists() and other.exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(f"m2f-stage-{os.getpid()}-")] == [live]

@@ -166,7 +166,8 @@ class RemoteOutputFolder(OutputFolder):
     def lock(self) -> None:
         self._lease = _Lease(self, f"{self.state}/lock{self.part}")
         self._lease.acquire()
-        self.tmp = tempfile.mkdtemp(prefix="m2f-stage-")
+        sweep_stale_stages()
+        self.tmp = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-")
 
     def unlock(self) -> None:
         if self._lease is not None:
@@ -379,6 +380,37 @@ class _Lease:
                 self.fs.rm_file(self.key)
         except Exception:
             pass
+
+
+STAGE_PREFIX = "m2f-stage-"
+
+
+def sweep_stale_stages(root: Optional[str] = None) -> list[str]:
+    """Remove staging folders (<tmp>/m2f-stage-<pid>-*) of this user's runs whose process is gone
+    (a SIGKILLed run cannot clean up; what it staged was never uploaded). Returns those removed."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return removed
+    for name in entries:
+        if not name.startswith(STAGE_PREFIX):
+            continue
+        pid_text = name[len(STAGE_PREFIX):].split("-", 1)[0]
+        path = os.path.join(root, name)
+        try:
+            if not pid_text.isdigit() or os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)
+            continue  # alive (or a reused pid): leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OSError):
+            continue  # another user's process, or unreadable: not ours to remove
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def open_output(out: str, shard: Optional[tuple[int, int]] = None) -> OutputFolder:
