@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from m2f_cli import Segmenter, traced
-from m2f_cli.model import HFPredictor, load_model, resolve_model
+from m2f_cli.model import HFPredictor, load_model, read_categories, resolve_model
 from planted import planted_image
 from tiny import make_tiny_model
 
@@ -41,6 +41,7 @@ def test_traced_model_computes_what_the_eager_model_computes(model_dir, cache):
     seg = Segmenter(model_dir, device="cpu")
     assert isinstance(seg.predictor, traced.TracedPredictor)
     eager = HFPredictor(load_model(resolve_model(model_dir)), CPU)
+    assert list(seg.predictor.categories) == list(eager.categories)  # kept in the archive
     torch.manual_seed(0)
     for batch in (1, 2, 3):  # traced at batch 1: the batch dimension must stay free
         x = torch.randn(batch, 3, 384, 384)
@@ -116,7 +117,7 @@ def test_a_damaged_trace_is_rebuilt(model_dir, cache, caplog):
     seg = Segmenter(model_dir, device="cpu")
     assert "unusable cached trace" in caplog.text
     assert isinstance(seg.predictor, traced.TracedPredictor) and seg.predictor.path == path
-    assert traced.load(path, (384, 384), CPU, seg.categories) is not None  # a whole archive again
+    assert traced.load(path, (384, 384), CPU) is not None  # a whole archive again
 
 
 def test_an_unwritable_cache_only_costs_the_speed(model_dir, tmp_path, monkeypatch, caplog):
@@ -162,3 +163,20 @@ def test_cli_runs_are_identical_with_and_without_the_cache(model_dir, cache, tmp
     for name in ("cached", "eager"):
         for k, v in outs["build"].items():
             np.testing.assert_array_equal(outs[name][k], v)
+
+
+def test_cached_labels_are_those_transformers_gives(tmp_path, cache):
+    """A config.json without id2label: transformers names the classes LABEL_i; a cached load must
+    give the same table, not another guess."""
+    d = make_tiny_model(str(tmp_path / "m"), seed=4)
+    cfg = json.loads(Path(d, "config.json").read_text())
+    del cfg["id2label"], cfg["label2id"]
+    cfg["num_labels"] = 80
+    Path(d, "config.json").write_text(json.dumps(cfg))
+    built = Segmenter(d, device="cpu", threshold=0.1)
+    cached = Segmenter(d, device="cpu", threshold=0.1)
+    assert isinstance(cached.predictor, traced.TracedPredictor) and cached.predictor.path.exists()
+    eager = HFPredictor(load_model(resolve_model(d)), CPU)
+    assert list(cached.categories) == list(built.categories) == list(eager.categories)
+    assert list(read_categories(resolve_model(d))) == list(eager.categories)  # without loading
+    assert len(eager.categories) == 80 and eager.categories[0].name == "LABEL_0"

@@ -142,6 +142,12 @@ class Predictor(Protocol):
     def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def categories_of(id2label: dict) -> CategoryTable:
+    """The label table of a loaded model's config.id2label (COCO's when it has none)."""
+    return CategoryTable.from_id2label({int(k): v for k, v in id2label.items()}) if id2label \
+        else CategoryTable.coco()
+
+
 class HFPredictor:
     """A transformers Mask2FormerForUniversalSegmentation, run under inference_mode and autocast."""
 
@@ -150,8 +156,8 @@ class HFPredictor:
         self.model = model.to(device).eval()
         self.device = device
         self.dtype = dtype
-        id2label = getattr(model.config, "id2label", None) or {}
-        self.categories = CategoryTable.from_id2label(id2label) if id2label else CategoryTable.coco()
+        self.id2label = dict(getattr(model.config, "id2label", None) or {})
+        self.categories = categories_of(self.id2label)
         self._forward = torch.compile(self.model) if compile else self.model
 
     def _autocast(self):
@@ -186,11 +192,12 @@ def read_categories(source: ModelSource) -> CategoryTable:
     """The label table from a model folder's config.json, without loading any weights."""
     try:
         with open(os.path.join(source.local_dir, "config.json"), encoding="utf-8") as f:
-            id2label = json.load(f).get("id2label") or {}
-    except (OSError, ValueError) as e:
+            cfg = json.load(f)
+        # as transformers' config does: without id2label, num_labels classes named LABEL_i
+        id2label = cfg.get("id2label") or {i: f"LABEL_{i}" for i in range(int(cfg.get("num_labels") or 0))}
+    except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(f"{source.local_dir}: unreadable config.json ({e})") from None
-    return CategoryTable.from_id2label({int(k): v for k, v in id2label.items()}) if id2label \
-        else CategoryTable.coco()
+    return categories_of(id2label)
 
 
 def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
@@ -206,7 +213,7 @@ def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype
         except OSError as e:
             log.warning("m2f: start-up cache unavailable (%s)", e)
         if path is not None:
-            cached = traced.load(path, trace_size, device, read_categories(source))
+            cached = traced.load(path, trace_size, device)
             if cached is not None:
                 return cached
     predictor = HFPredictor(load_model(source, allow_pickle), device, dtype, compile)

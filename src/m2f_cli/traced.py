@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # bump when what is traced changes in a way the key below does not see
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _SOURCES = (Path(__file__), Path(deformable.__file__))
+_META = "m2f.json"  # in the archive: the traced model's config.id2label
 
 
 def cache_dir() -> Path:
@@ -129,19 +130,23 @@ class TracedPredictor:
         return class_logits, mask_logits
 
 
-def load(path: Path, size: tuple[int, int], device: torch.device,
-         categories: CategoryTable) -> Optional[TracedPredictor]:
-    """The cached trace at path, or None (absent; or unusable: then it is removed with a warning)."""
+def load(path: Path, size: tuple[int, int], device: torch.device) -> Optional[TracedPredictor]:
+    """The cached trace at path, or None (absent; or unusable: then it is removed with a warning).
+    Its label table is the one the traced model's config had (kept in the archive)."""
     if not path.exists():
         return None
+    extra = {_META: ""}
     try:
         with _quiet():
-            module = torch.jit.load(str(path), map_location=device)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        id2label = json.loads(extra[_META])["id2label"]
     except Exception as e:  # noqa: BLE001 - any failure only means "rebuild"
-        log.warning("m2f: %s: unusable cached trace (%s); rebuilding it", path, str(e).splitlines()[0][:200])
+        log.warning("m2f: %s: unusable cached trace (%s); rebuilding it", path,
+                    (str(e).splitlines() or [type(e).__name__])[0][:200])
         _remove(path)
         return None
-    return TracedPredictor(module.eval(), size, device, categories, path)
+    from .model import categories_of
+    return TracedPredictor(module.eval(), size, device, categories_of(id2label), path)
 
 
 class _Forward(torch.nn.Module):
@@ -171,8 +176,9 @@ def build(predictor, size: tuple[int, int], path: Path,
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
+            meta = json.dumps({"id2label": {str(k): v for k, v in predictor.id2label.items()}})
             with _quiet():
-                torch.jit.save(module, tmp)
+                torch.jit.save(module, tmp, _extra_files={_META: meta})
             os.replace(tmp, path)
         except BaseException:
             _remove(Path(tmp))
