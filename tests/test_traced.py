@@ -1,11 +1,14 @@
 """The start-up cache (traced.py): the traced model computes what the eager one does, later loads
 skip transformers, and the cache is keyed, replaced, repaired and bypassed where it must be."""
 
+import fcntl
 import json
 import os
+import select
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -180,3 +183,39 @@ def test_cached_labels_are_those_transformers_gives(tmp_path, cache):
     assert list(cached.categories) == list(built.categories) == list(eager.categories)
     assert list(read_categories(resolve_model(d))) == list(eager.categories)  # without loading
     assert len(eager.categories) == 80 and eager.categories[0].name == "LABEL_0"
+
+
+def test_runs_starting_together_build_once(tmp_path, cache):
+    """While one process builds the trace (holds its build lock), another waits, then loads the
+    trace it built instead of building its own (and never imports transformers)."""
+    d = make_tiny_model(str(tmp_path / "m"), seed=5)
+    path = traced.cache_path(d, (384, 384), torch.float32)
+    path.parent.mkdir(parents=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # "another process" is building
+    probe = textwrap.dedent(f"""
+        import sys
+        from m2f_cli import Segmenter
+        seg = Segmenter({d!r}, device="cpu", notify=lambda m: print(m, file=sys.stderr, flush=True))
+        print(type(seg.predictor).__name__, "transformers" in sys.modules)
+    """)
+    waiter = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=os.environ.copy())
+    try:
+        deadline = time.time() + 120
+        seen = ""
+        while "waiting for another m2f process" not in seen:
+            assert time.time() < deadline, f"the second process never waited: {seen!r}"
+            assert waiter.poll() is None, waiter.communicate()
+            if select.select([waiter.stderr], [], [], 0.5)[0]:
+                seen += waiter.stderr.readline()
+        assert "waiting for another m2f process" in seen
+        assert not path.exists()
+        # the builder finishes: its trace appears, then the lock is released
+        traced.build(HFPredictor(load_model(resolve_model(d)), CPU), (384, 384), path)
+    finally:
+        os.close(fd)
+    out, err = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0, err
+    assert out.split() == ["TracedPredictor", "False"]
+    assert "building the start-up cache" not in err

@@ -212,11 +212,15 @@ def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype
             path = traced.cache_path(source.local_dir, trace_size, dtype)
         except OSError as e:
             log.warning("m2f: start-up cache unavailable (%s)", e)
-        if path is not None:
-            cached = traced.load(path, trace_size, device)
-            if cached is not None:
-                return cached
-    predictor = HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
-    if path is not None:
-        return traced.build(predictor, trace_size, path, notify or log.info) or predictor
-    return predictor
+    if path is None:
+        return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
+    cached = traced.load(path, trace_size, device)
+    if cached is not None:
+        return cached
+    notify = notify or log.info
+    with traced.build_lock(path, notify):
+        cached = traced.load(path, trace_size, device)  # another process may have built it meanwhile
+        if cached is not None:
+            return cached
+        predictor = HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
+        return traced.build(predictor, trace_size, path, notify) or predictor

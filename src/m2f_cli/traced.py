@@ -22,8 +22,8 @@ The cache file's name carries a key of everything the trace depends on: the mode
 config/preprocessor JSON (content) and weight files (resolved path, size, mtime, as Python's own
 bytecode cache does), the input size, dtype, the fast-deformable switch, and the versions of torch,
 transformers, m2f and of this module and deformable.py. A different key builds a new trace; the
-previous trace of the same model folder and size is then removed. Writes are atomic (temporary file
-+ rename), so concurrent runs at worst build the same trace twice. Anything wrong with a cache file
+previous trace of the same model folder and size is then removed. One process builds a trace at a
+time (``build_lock``); the others wait and load it. Writes are atomic (temporary file + rename). Anything wrong with a cache file
 (unreadable, not a trace) means: warn, delete it, load through transformers and rebuild.
 
 Why TorchScript: torch 2.13 marks torch.jit deprecated in favour of torch.export, but loading this
@@ -38,6 +38,7 @@ Location: ``$M2F_CACHE_DIR``, else ``$XDG_CACHE_HOME/m2f``, else ``~/.cache/m2f`
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -130,6 +131,32 @@ class TracedPredictor:
         return class_logits, mask_logits
 
 
+@contextlib.contextmanager
+def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator[None]:
+    """Held while this process loads through transformers and builds the trace at path, so that
+    runs starting together on a machine (or on a cluster sharing the cache folder) build it once
+    and the others load it: flock on <path>.lock, which the kernel drops when its holder dies.
+    Best effort: where the lock cannot be taken, go on without it (builds are atomic anyway)."""
+    fd = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            notify(f"waiting for another m2f process to build the start-up cache: {path}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        if fd is not None:
+            os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 def load(path: Path, size: tuple[int, int], device: torch.device) -> Optional[TracedPredictor]:
     """The cached trace at path, or None (absent; or unusable: then it is removed with a warning).
     Its label table is the one the traced model's config had (kept in the archive)."""
@@ -189,8 +216,8 @@ def build(predictor, size: tuple[int, int], path: Path,
                     path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         return None
     stem = path.name.rsplit("-", 1)[0]
-    for old in path.parent.glob(f"{stem}-*.pt"):
-        if old != path:
+    for old in [*path.parent.glob(f"{stem}-*.pt"), *path.parent.glob(f"{stem}-*.pt.lock")]:
+        if old.name not in (path.name, f"{path.name}.lock"):
             _remove(old)
     log.info("m2f: traced in %.1f s", time.perf_counter() - t0)
     return TracedPredictor(module, size, predictor.device, predictor.categories, path)
