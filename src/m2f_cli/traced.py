@@ -23,8 +23,10 @@ config/preprocessor JSON (content) and weight files (resolved path, size, mtime,
 bytecode cache does), the input size, dtype, the fast-deformable switch, and the versions of torch,
 transformers, m2f and of this module and deformable.py. A different key builds a new trace; the
 previous trace of the same model folder and size is then removed. One process builds a trace at a
-time (``build_lock``); the others wait and load it. Writes are atomic (temporary file + rename). Anything wrong with a cache file
-(unreadable, not a trace) means: warn, delete it, load through transformers and rebuild.
+time (``build_lock``); the others wait and load it. Writes are atomic (temporary file + rename).
+Anything wrong with a cache file (unreadable, not a trace) means: warn, delete it, load through
+transformers and rebuild. The archive also keeps the model config's id2label, so a cached load names
+the classes exactly as a transformers load does.
 
 Why TorchScript: torch 2.13 marks torch.jit deprecated in favour of torch.export, but loading this
 model's ExportedProgram (``torch.export.load``) took ~20 s here, longer than the start-up it would
