@@ -82,19 +82,17 @@ class Segmenter:
             self.source = source or resolve_model(model, revision, allow_pickle)
             dev = resolve_device(device)
             dt = resolve_dtype(dtype, dev)
-            checkpoint_spec = load_checkpoint_spec(self.source.local_dir)
-            spec = spec_for_resize(resize, checkpoint_spec)
-            fixed = spec.padded_size(1, 1) if spec.mode == "fixed" and trace_cache else None
+            self.spec: PreprocessSpec = spec_for_resize(resize, load_checkpoint_spec(self.source.local_dir))
+            fixed = self.spec.padded_size(1, 1) if self.spec.mode == "fixed" and trace_cache else None
             self.predictor: Predictor = load_predictor(self.source, dev, dt, allow_pickle=allow_pickle,
                                                        compile=compile, trace_size=fixed, notify=notify)
         else:
             self.source = source
             self.predictor = model
-            checkpoint_spec = getattr(model, "preprocess_spec", PreprocessSpec())
+            self.spec = spec_for_resize(resize, getattr(model, "preprocess_spec", PreprocessSpec()))
         self.categories: CategoryTable = self.predictor.categories
         name = self.source.spec if self.source else None
         self.task = resolve_task(task, name, len(self.categories))
-        self.spec: PreprocessSpec = spec_for_resize(resize, checkpoint_spec)
         if not 1 <= top_k <= 65535:
             raise ValueError(f"--top-k {top_k}: expected 1..65535")
         self.options = PostprocessOptions(threshold=threshold,

@@ -57,6 +57,7 @@ import torch
 
 from . import __version__, deformable
 from .categories import CategoryTable
+from .storage import one_line
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,7 @@ def load(path: Path, size: tuple[int, int], device: torch.device) -> Optional[Tr
             module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         id2label = json.loads(extra[_META])["id2label"]
     except Exception as e:  # noqa: BLE001 - any failure only means "rebuild"
-        log.warning("m2f: %s: unusable cached trace (%s); rebuilding it", path,
-                    (str(e).splitlines() or [type(e).__name__])[0][:200])
+        log.warning("m2f: %s: unusable cached trace (%s); rebuilding it", path, one_line(e)[:200])
         _remove(path)
         return None
     from .model import categories_of
@@ -215,7 +215,7 @@ def build(predictor, size: tuple[int, int], path: Path,
     except Exception as e:  # noqa: BLE001 - the cache is an optimisation, never a reason to fail
         log.warning("m2f: cannot build the start-up cache at %s (%s); going on without it "
                     "(set M2F_CACHE_DIR to a writable folder, or pass --no-trace-cache)",
-                    path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                    path, one_line(e)[:200])
         return None
     stem = path.name.rsplit("-", 1)[0]
     for old in [*path.parent.glob(f"{stem}-*.pt"), *path.parent.glob(f"{stem}-*.pt.lock")]:
