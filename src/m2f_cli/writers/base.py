@@ -38,8 +38,12 @@ class Writer:
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
     default_threshold: ClassVar[float] = 0.5
-    needs_image: ClassVar[bool] = False
-    streams_to_stdout: ClassVar[bool] = False
+    # The entries of ctx.options this writer's files depend on (besides the model, task, resize,
+    # dtype, classes, top-k and its own threshold, which every writer's files depend on). They go
+    # into the folder's settings record; a rerun that changes one of them is refused (settings.py).
+    recorded: ClassVar[tuple[str, ...]] = ()
+    # Bumped when this writer's file layout changes: old outputs are then never taken as done.
+    schema: ClassVar[int] = 1
 
     def __init__(self, ctx: WriterContext):
         self.ctx = ctx

@@ -54,6 +54,7 @@ class AnnotationIndex:
 @register
 class CocoWriter(Writer):
     name = "coco"
+    recorded = ("coco_annotations",)
     help = "<out>/predictions.json (COCO segm results) + predictions_bbox.json + images.json"
     default_threshold = 0.0
 

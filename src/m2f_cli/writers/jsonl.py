@@ -24,8 +24,8 @@ def image_record(result: ImageResult, threshold: float, with_rle: bool) -> dict:
 @register
 class JsonlWriter(Writer):
     name = "jsonl"
+    recorded = ("rle",)
     help = "<out>/predictions.jsonl, or stdout with --out - (one object per image; masks with --rle)"
-    streams_to_stdout = True
 
     def __init__(self, ctx):
         super().__init__(ctx)

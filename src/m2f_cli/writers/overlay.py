@@ -73,8 +73,8 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
 @register
 class OverlayWriter(Writer):
     name = "overlay"
+    recorded = ("overlay_alpha",)
     help = "<out>/<name>.overlay.jpg (or .png): the image with masks, contours and labels drawn"
-    needs_image = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
