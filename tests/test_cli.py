@@ -148,17 +148,32 @@ def test_every_segment_option_is_documented_in_the_readme():
     assert not missing, f"undocumented options: {missing}"
 
 
-def test_bf16_on_a_cpu_without_bf16_kernels_is_refused(tmp_path, image_dir, tiny_model):
-    from m2f_cli.model import cpu_has_fast_bf16
-    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", tiny_model, "--dtype", "bfloat16",
-                "--device", "cpu", "-q")
-    if cpu_has_fast_bf16():
-        assert r.exit_code == ExitCode.OK, r.output
-    else:
-        assert r.exit_code == ExitCode.USAGE and "bfloat16" in r.stderr
-    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", tiny_model, "--dtype", "float16",
-                "--device", "cpu")
-    assert r.exit_code == ExitCode.USAGE and "float16" in r.stderr
+def test_no_image_found_is_said_with_exit_5(tmp_path, tiny_model):
+    d = tmp_path / "phone"
+    d.mkdir()
+    (d / "notes.txt").write_text("x")
+    (d / "clip.mov").write_bytes(b"x")
+    r = _invoke("segment", d, "--out", tmp_path / "o", "--model", tiny_model)
+    assert r.exit_code == ExitCode.NO_IMAGES, r.output
+    assert "no images found" in r.stderr and "2 files that are not an image" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "o").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _invoke("segment", empty, "--out", tmp_path / "o", "--model", tiny_model).exit_code == ExitCode.NO_IMAGES
+
+
+def test_files_that_are_not_images_are_counted_in_the_summary(tmp_path, image_dir, tiny_model):
+    (image_dir / "notes.txt").write_text("x")
+    summary = tmp_path / "s.json"
+    r = _invoke("segment", image_dir, "--out", tmp_path / "o", "--model", tiny_model, "--summary-json", summary)
+    assert r.exit_code == 0 and "skipped 1 file that is not an image (.txt 1)" in r.stderr
+    assert json.loads(summary.read_text())["not_images"] == {".txt": 1}
+
+
+def test_print0_input_without_the_flag_suggests_it(tmp_path, image_dir, tiny_model):
+    paths = "\0".join(str(p) for p in sorted(image_dir.rglob("*.png")))
+    r = _invoke("segment", "-", "--out", tmp_path / "o", "--model", tiny_model, input=paths + "\0")
+    assert r.exit_code == ExitCode.USAGE and "pass -0" in r.stderr
 
 
 def test_help_imports_neither_torch_nor_numpy():

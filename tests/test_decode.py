@@ -90,3 +90,21 @@ def test_tiny_and_extreme_aspect(tmp_path):
     Image.new("RGB", (10000, 20)).save(tmp_path / "wide.png")
     assert decode(str(tmp_path / "1.png")).rgb.shape == (1, 1, 3)
     assert decode(str(tmp_path / "wide.png")).rgb.shape == (20, 10000, 3)
+
+
+@pytest.mark.parametrize("ext", ["heic", "avif"])
+def test_heic_and_avif_photos_decode_upright(tmp_path, ext):
+    """Stored landscape 60x20, red on the left, EXIF orientation 6: decoded upright 20x60 with the
+    red on top, whichever plugin reads the format (pillow-heif for HEIC, Pillow for AVIF)."""
+    from m2f_cli.decode import _register_plugins
+    _register_plugins()
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, :15] = (255, 0, 0)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / f"photo.{ext}"
+    img.save(path, exif=exif.tobytes(), quality=95)
+    d = decode(str(path))
+    assert (d.width, d.height) == (20, 60) and d.rgb.shape == (60, 20, 3)
+    assert d.rgb[3, 10, 0] > 180 and d.rgb[-4, 10, 0] < 80  # red ends up at the top, once

@@ -80,6 +80,7 @@ def test_merge_reports_a_missing_shard(tmp_path, folder, tiny_model):
                             "--shard", f"{i}/3", "-q", "--workers", "0"])
     r = runner.invoke(app, ["merge", str(out)])
     assert r.exit_code == 3 and "shard 1/3 is missing" in r.stderr
+    assert "merged 2 of 3 shards (1 missing, 0 incomplete)" in r.stderr
     assert json.loads((out / "predictions.json").read_text())  # what exists is still merged
 
 

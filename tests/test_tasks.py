@@ -21,15 +21,32 @@ STUFF = ["wall", "sky", "road", "grass"]
 PANOPTIC_LABELS = {i: n for i, n in enumerate(list(COCO_NAMES[:6]) + STUFF)}
 
 
-def test_resolve_task():
-    assert resolve_task("auto", "facebook/mask2former-swin-large-ade-semantic", 150) == "semantic"
-    assert resolve_task("auto", "facebook/mask2former-swin-tiny-coco-panoptic", 133) == "panoptic"
-    assert resolve_task("auto", "/models/mine", 80) == "instance"
-    assert resolve_task("auto", "/models/mine", 133) == "panoptic"
-    assert resolve_task("auto", "/models/mine", 19) == "semantic"
-    assert resolve_task("instance", "x-semantic", 150) == "instance"
+def _labels(n, names=None):
+    return CategoryTable.from_id2label({i: (names[i] if names else f"class{i}") for i in range(n)})
+
+
+def test_resolve_task_from_what_the_checkpoint_says(tmp_path):
+    coco = CategoryTable.coco()
+    assert resolve_task("auto", "facebook/mask2former-swin-large-ade-semantic", _labels(150)) == "semantic"
+    assert resolve_task("auto", "facebook/mask2former-swin-tiny-coco-panoptic", _labels(133)) == "panoptic"
+    assert resolve_task("auto", "facebook/mask2former-swin-large-mapillary-vistas-semantic", _labels(65)) \
+        == "semantic"
+    assert resolve_task("auto", "/models/mine", coco) == "instance"        # COCO's thing classes
+    assert resolve_task("auto", "/models/mine", _labels(3, ["cat", "dog", "kite"])) == "instance"  # a subset
+    city = ["person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+    assert resolve_task("auto", "/models/mine", _labels(8, city)) == "instance"
+    assert resolve_task("instance", "x-semantic", _labels(150)) == "instance"
+    # label counts shared by panoptic and semantic sets decide nothing: ask
+    for n in (19, 65, 133, 150):
+        with pytest.raises(ValueError, match="pass --task"):
+            resolve_task("auto", "/models/mine", _labels(n))
+    # a local folder saved from a hub checkpoint says what it is in its name or config.json
+    d = tmp_path / "downloaded"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_name_or_path": "facebook/mask2former-swin-base-ade-semantic"}))
+    assert resolve_task("auto", str(d), _labels(150), str(d)) == "semantic"
     with pytest.raises(ValueError):
-        resolve_task("depth", "x", 80)
+        resolve_task("depth", "x", coco)
 
 
 def _full_res(mask_logits, padded, valid, original):

@@ -176,8 +176,8 @@ def test_cached_labels_are_those_transformers_gives(tmp_path, cache):
     del cfg["id2label"], cfg["label2id"]
     cfg["num_labels"] = 80
     Path(d, "config.json").write_text(json.dumps(cfg))
-    built = Segmenter(d, device="cpu", threshold=0.1)
-    cached = Segmenter(d, device="cpu", threshold=0.1)
+    built = Segmenter(d, device="cpu", threshold=0.1, task="instance")
+    cached = Segmenter(d, device="cpu", threshold=0.1, task="instance")
     assert isinstance(cached.predictor, traced.TracedPredictor) and cached.predictor.path.exists()
     eager = HFPredictor(load_model(resolve_model(d)), CPU)
     assert list(cached.categories) == list(built.categories) == list(eager.categories)

@@ -90,3 +90,49 @@ def test_odd_file_names(tmp_path):
 def test_read_path_list():
     assert read_path_list(io.StringIO("a.jpg\n\nb c.jpg\n")) == ["a.jpg", "b c.jpg"]
     assert read_path_list(io.StringIO("a.jpg\0new\nline.jpg\0"), null=True) == ["a.jpg", "new\nline.jpg"]
+
+
+def test_nothing_under_out_is_an_input_whatever_names_it(tmp_path):
+    _touch(tmp_path / "imgs" / "a.png")
+    _touch(tmp_path / "imgs" / "masks" / "a.png")
+    _touch(tmp_path / "imgs" / "masks" / "sub" / "b.png")
+    out = str(tmp_path / "imgs" / "masks")
+    for inputs in ([str(tmp_path / "imgs" / "**" / "*.png")],                     # a glob
+                   [str(tmp_path / "imgs" / "a.png"), out + "/a.png", out + "/sub/b.png"],  # files (stdin)
+                   [str(tmp_path / "imgs")], [out + "/sub"]):                       # folders
+        res = walk(inputs, exclude=out)
+        assert [r.path for r in res.refs] == ([] if inputs == [out + "/sub"] else [str(tmp_path / "imgs" / "a.png")])
+        assert not res.failures
+
+
+def test_names_never_collide_ignoring_case(tmp_path):
+    _touch(tmp_path / "IMG.jpg")
+    _touch(tmp_path / "img.png")
+    res = walk([str(tmp_path)])
+    assert sorted(r.rel for r in res.refs) == ["IMG.jpg", "img.png"]
+    d = tmp_path / "two"
+    _touch(d / "a" / "IMG.jpg")
+    _touch(d / "b" / "img.JPG")
+    res = walk([str(d / "a"), str(d / "b")])
+    assert [r.rel for r in res.refs] == ["IMG"]
+    assert len(res.failures) == 1 and "ignoring case" in res.failures[0].error
+
+
+def test_files_that_are_not_images_are_counted_by_extension(tmp_path):
+    _touch(tmp_path / "a.jpg")
+    for name in ("notes.txt", "b.TXT", "c.raw", "README"):
+        _touch(tmp_path / name)
+    _touch(tmp_path / ".hidden.txt")
+    res = walk([str(tmp_path)])
+    assert [r.rel for r in res.refs] == ["a"]
+    assert res.not_images == {".txt": 2, ".raw": 1, "": 1}
+    assert res.not_images_line() == "4 files that are not an image (.txt 2, no extension 1, .raw 1)"
+    heic = tmp_path / "phone"
+    _touch(heic / "IMG_0001.HEIC")
+    _touch(heic / "x.avif")
+    assert sorted(r.rel for r in walk([str(heic)]).refs) == ["IMG_0001", "x"]
+
+
+def test_nul_separated_paths_without_the_flag_are_explained():
+    with pytest.raises(ValueError, match="pass -0"):
+        read_path_list(io.StringIO("a.jpg\0b.jpg\0"))

@@ -60,9 +60,12 @@ def _color(key: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """A class name as compared across files: lower case, "_"/"-" as spaces, COCO's spellings."""
     n = name.strip().lower().replace("_", " ").replace("-", " ")
     return _ALIASES.get(n, n)
+
+
 
 
 class CategoryTable:
@@ -71,7 +74,7 @@ class CategoryTable:
     def __init__(self, categories: Sequence[Category]):
         self.categories: tuple[Category, ...] = tuple(categories)
         self._by_id = {c.id: c for c in self.categories}
-        self._by_name = {_canonical(c.name): c for c in self.categories}
+        self._by_name = {canonical_name(c.name): c for c in self.categories}
 
     @classmethod
     def coco(cls) -> "CategoryTable":
@@ -85,7 +88,7 @@ class CategoryTable:
         COCO ids are used only when every label is a COCO thing name; otherwise ids are index + 1.
         """
         names = [str(id2label[i]) for i in sorted(int(k) for k in id2label)]
-        canon = [_canonical(n) for n in names]
+        canon = [canonical_name(n) for n in names]
         if all(c in _COCO_ID_BY_NAME for c in canon) and len(set(canon)) == len(canon):
             ids = [_COCO_ID_BY_NAME[c] for c in canon]
         else:
@@ -94,7 +97,7 @@ class CategoryTable:
 
     @property
     def is_coco(self) -> bool:
-        return all(_COCO_ID_BY_NAME.get(_canonical(c.name)) == c.id for c in self.categories)
+        return all(_COCO_ID_BY_NAME.get(canonical_name(c.name)) == c.id for c in self.categories)
 
     def __len__(self) -> int:
         return len(self.categories)
@@ -113,7 +116,7 @@ class CategoryTable:
         s = spec.strip()
         if s.isdigit() and int(s) in self._by_id:
             return self._by_id[int(s)]
-        c = self._by_name.get(_canonical(s))
+        c = self._by_name.get(canonical_name(s))
         if c is None:
             raise KeyError(f"unknown class {spec!r}; valid classes: "
                            + ", ".join(c.name for c in self.categories))

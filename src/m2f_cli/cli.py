@@ -30,6 +30,17 @@ FORMATS = {
 }
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered for a closed pipe is dropped quietly."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real stdout (a test runner's buffer)
+        pass
+
+
 def _error(msg: str, code: int) -> "typer.Exit":
     typer.echo(f"m2f: error: {msg}", err=True)
     return typer.Exit(code)
@@ -113,7 +124,10 @@ def segment(
     _setup_logging(quiet)
     if "-" in inputs:
         from .walk import read_path_list
-        listed = read_path_list(sys.stdin, null=null)
+        try:
+            listed = read_path_list(sys.stdin, null=null)
+        except ValueError as e:
+            raise _error(str(e), ExitCode.USAGE)
         inputs = [p for i in inputs for p in (listed if i == "-" else [i])]
         if not inputs:
             raise _error("no paths on stdin", ExitCode.USAGE)
@@ -140,7 +154,7 @@ def segment(
 
     import os
     from .model import ModelLoadError
-    from .pipeline import EngineError, UsageError, run
+    from .pipeline import EngineError, NoImagesError, UsageError, WriterError, run
     from .runtime import tune_malloc
     if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
         tune_malloc()
@@ -164,10 +178,14 @@ def segment(
             summary = run(config, make_reporter(quiet=quiet))
     except UsageError as e:
         raise _error(str(e), ExitCode.USAGE)
+    except NoImagesError as e:
+        raise _error(str(e), ExitCode.NO_IMAGES)
     except OutputLockedError as e:
         raise _error(str(e), ExitCode.LOCKED)
-    except (ModelLoadError, OutputError, EngineError) as e:
+    except (ModelLoadError, OutputError, EngineError, WriterError) as e:
         raise _error(str(e.args[-1] if isinstance(e, OutputError) else e), ExitCode.FATAL)
+    if summary.stdout_closed:
+        _silence_stdout()  # like a Unix filter whose reader left: no traceback, no flush errors
     if summary_json:
         with open(summary_json, "w", encoding="utf-8") as f:
             json.dump(summary.as_dict(), f, indent=1)
@@ -253,8 +271,10 @@ def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the sha
     for i in report.incomplete:
         typer.echo(f"m2f: error: shard {i}/{report.count} is incomplete (interrupted or stopped); rerun it",
                    err=True)
-    typer.echo(f"m2f: merged {report.count} shards: {report.images} images, {report.records} records -> "
-               f"{', '.join(report.written)}", err=True)
+    merged = report.count - len(report.missing)
+    typer.echo(f"m2f: merged {merged} of {report.count} shards"
+               + (f" ({len(report.missing)} missing, {len(report.incomplete)} incomplete)" if not report.ok else "")
+               + f": {report.images} images, {report.records} records -> {', '.join(report.written)}", err=True)
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.INPUTS_FAILED)
 
 
@@ -263,15 +283,22 @@ def eval_cmd(
     gt: str = typer.Option(..., "--gt", help="COCO annotation file (ground truth)."),
     pred: str = typer.Option(..., "--pred", help="COCO results file (m2f's predictions.json)."),
     iou_type: str = typer.Option("segm", "--iou-type", help="segm (masks) or bbox (use predictions_bbox.json)."),
+    images: Optional[str] = typer.Option(None, "--images", help="The run's images.json (default: the one "
+                                         "beside --pred): predictions are matched to --gt by file name."),
+    all_gt_images: bool = typer.Option(False, "--all-gt-images", help="Count ground-truth images the run did "
+                                       "not see as misses (default: evaluate the run's images only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the 12 numbers as JSON."),
 ) -> None:
-    """Evaluate predictions with pycocotools' COCOeval and print the standard table."""
-    from .evaluate import EvalError, evaluate, format_table
+    """Evaluate predictions with pycocotools' COCOeval and print the standard table; exit 2 when
+    predictions and ground truth do not fit together (no image or category in common, other sizes)."""
+    from .evaluate import EvalError, evaluate_run, format_table
     try:
-        stats = evaluate(gt, pred, iou_type)
+        result = evaluate_run(gt, pred, iou_type, images_path=images, all_gt_images=all_gt_images)
     except EvalError as e:
         raise _error(str(e), ExitCode.USAGE)
-    typer.echo(json.dumps(stats) if as_json else format_table(stats))
+    for note in result.notes:
+        typer.echo(f"m2f: {note}", err=True)
+    typer.echo(json.dumps(result.stats) if as_json else format_table(result.stats))
 
 
 def main() -> None:
@@ -296,12 +323,20 @@ def main() -> None:
 
 def _exit_now(code: int) -> None:
     import os
+    import threading
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe (m2f ... | head) or a closed stream
-            pass
+
+    def flush():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (m2f ... | head) or a closed stream
+                pass
+    # A reader that stopped reading (a full pipe) must not keep m2f alive after a signal: flush
+    # in a thread and leave without it after a moment.
+    t = threading.Thread(target=flush, daemon=True)
+    t.start()
+    t.join(timeout=2.0)
     os._exit(code)
 
 

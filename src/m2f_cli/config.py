@@ -22,6 +22,8 @@ class ExitCode(IntEnum):
     USAGE = 2            # bad command line: option values, missing inputs, unknown class or device
     INPUTS_FAILED = 3    # the run finished but some inputs failed (listed in failures.jsonl)
     LOCKED = 4           # another m2f run is writing into the same --out
+    NO_IMAGES = 5        # the inputs hold no image m2f reads (empty folder, only unsupported files)
+    STDOUT_CLOSED = 141  # the reader of --out - closed the pipe (m2f ... | head): 128 + SIGPIPE
     INTERRUPTED = 130    # SIGINT (Ctrl-C); 143 for SIGTERM (128 + signal number)
 
 

@@ -3,6 +3,11 @@
 Handles, in one place: EXIF orientation, every Pillow mode (grayscale, RGBA, palette, CMYK,
 16-bit), the first frame of animated/multi-page files, a pixel limit checked before decoding,
 and the optional JPEG draft mode (decode at 1/2, 1/4 or 1/8 scale when the model needs fewer pixels).
+
+Formats: whatever Pillow reads (JPEG, PNG, TIFF, WebP, BMP, GIF, and AVIF, which Pillow's wheels
+read since 11.3), plus HEIC/HEIF (every iPhone photo) through the pillow-heif plugin, registered
+on the first decode in each process (DataLoader workers included). pillow-heif applies the HEIF
+rotation and mirroring itself and resets the EXIF orientation, so no photo is turned twice.
 """
 
 from __future__ import annotations
@@ -81,6 +86,22 @@ def _source(path: str):
         raise DecodeError(f"cannot read: {one_line(e)}") from None
 
 
+_heif_registered = False
+
+
+def _register_plugins() -> None:
+    """Teach Pillow HEIC/HEIF (pillow-heif), once per process; without the plugin they fail to open."""
+    global _heif_registered
+    if _heif_registered:
+        return
+    _heif_registered = True
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:  # pragma: no cover - a dependency; HEIC files then fail as unidentified
+        return
+    register_heif_opener()
+
+
 def decode(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
            draft: Optional[DraftTarget] = None) -> DecodedImage:
     """Read path into an upright RGB image.
@@ -90,6 +111,7 @@ def decode(path: str, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
         scale that still covers it. Changes pixels slightly, so it is opt-in (``--fast-decode``).
     Raises DecodeError with a one-line reason.
     """
+    _register_plugins()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

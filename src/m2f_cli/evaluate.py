@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,31 +43,159 @@ def _load_json(path: str, what: str):
         raise EvalError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
+@dataclass
+class EvalResult:
+    """stats: the 12 numbers by name; notes: what was matched, left out or counted, one line each."""
+
+    stats: dict
+    notes: list = field(default_factory=list)
+    images: int = 0
+
+
+def _run_images(pred_path: str, images_path: Optional[str]) -> Optional[list[dict]]:
+    """The run's images ({id, file_name, width, height}) from the images.json next to the
+    predictions (or images_path), or None when there is none."""
+    path = images_path or os.path.join(os.path.dirname(os.path.abspath(pred_path)),
+                                       os.path.basename(pred_path).replace("predictions_bbox", "images")
+                                       .replace("predictions", "images"))
+    if images_path is None and (path == os.path.abspath(pred_path) or not os.path.isfile(path)):
+        return None
+    doc = _load_json(path, "the run's images")
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise EvalError(f"{path}: not an images.json written by m2f (needs images)")
+    return doc["images"]
+
+
+def _match_by_name(run_images: list[dict], gt_images: list[dict]) -> dict[int, dict]:
+    """Run image id -> ground-truth image, by file name: the relative path first, then the base
+    name where it is unique in the ground truth (the rule --coco-annotations uses)."""
+    by_path = {str(g["file_name"]).replace("\\", "/"): g for g in gt_images}
+    base: dict[str, list] = {}
+    for g in gt_images:
+        base.setdefault(os.path.basename(str(g["file_name"]).replace("\\", "/")), []).append(g)
+    out = {}
+    for im in run_images:
+        name = str(im["file_name"]).replace("\\", "/")
+        g = by_path.get(name)
+        if g is None and len(base.get(os.path.basename(name), [])) == 1:
+            g = base[os.path.basename(name)][0]
+        if g is not None:
+            out[int(im["id"])] = g
+    return out
+
+
 def evaluate(gt_path: str, pred_path: str, iou_type: str = "segm",
              img_ids: Optional[list[int]] = None) -> dict[str, float]:
     """Run COCOeval and return the 12 standard numbers by name (AP, AP50, ..., ARl)."""
+    return evaluate_run(gt_path, pred_path, iou_type, img_ids=img_ids).stats
+
+
+def evaluate_run(gt_path: str, pred_path: str, iou_type: str = "segm", images_path: Optional[str] = None,
+                 all_gt_images: bool = False, img_ids: Optional[list[int]] = None) -> EvalResult:
+    """COCOeval of a run's predictions against a ground truth, with the checks that make its
+    numbers mean something (each failing one raises EvalError naming the problem):
+
+    - images: with the run's images.json (next to the predictions, or images_path), predictions
+      are matched to ground-truth images by file name, so a run made without --coco-annotations
+      evaluates against a real annotation file; without it, image ids must be the ground truth's.
+      Nothing matching is an error. Only the run's images are evaluated (its images without a
+      detection count as misses) unless all_gt_images; the notes say how many were left out.
+    - sizes: a mask whose size differs from its ground-truth image's is an error.
+    - categories: no category in common is an error; detections of other categories are ignored.
+    - a ground truth with no annotation on the evaluated images is an error (COCOeval gives -1).
+    """
     if iou_type not in ("segm", "bbox"):
         raise EvalError(f"--iou-type {iou_type!r}: expected segm or bbox")
     gt = _load_json(gt_path, "ground truth")
     preds = _load_json(pred_path, "predictions")
-    if not isinstance(gt, dict) or "images" not in gt or "annotations" not in gt:
+    if not isinstance(gt, dict) or not isinstance(gt.get("images"), list) or "annotations" not in gt:
         raise EvalError(f"{gt_path}: not a COCO annotation file (needs images and annotations)")
     if not isinstance(preds, list):
         raise EvalError(f"{pred_path}: not a COCO results list")
-    gt_images = {int(i["id"]) for i in gt["images"]}
-    gt_cats = {int(c["id"]) for c in gt.get("categories", [])}
-    missing = sorted({int(p["image_id"]) for p in preds} - gt_images)
-    if missing:
-        raise EvalError(f"{pred_path}: {len(missing)} image ids are not in {gt_path} (e.g. {missing[:5]}); "
-                        f"run m2f segment with --coco-annotations {gt_path}")
-    bad_cats = sorted({int(p["category_id"]) for p in preds} - gt_cats)
-    if bad_cats:
-        raise EvalError(f"{pred_path}: category ids {bad_cats[:10]} are not in {gt_path}'s categories")
     key = "segmentation" if iou_type == "segm" else "bbox"
     if preds and key not in preds[0]:
         raise EvalError(f"{pred_path}: records have no {key!r}; "
                         f"{'use predictions_bbox.json for --iou-type bbox' if key == 'bbox' else 'not segm results'}")
+    notes: list[str] = []
+    gt_by_id = {int(i["id"]): i for i in gt["images"]}
+    run_images = _run_images(pred_path, images_path)
+    preds, evaluated = _align_images(preds, run_images, gt, gt_by_id, gt_path, pred_path, notes)
+    if img_ids is not None:
+        evaluated = [i for i in evaluated if i in set(img_ids)]
+    if all_gt_images:
+        missing = len(gt_by_id) - len(evaluated)
+        evaluated = sorted(gt_by_id)
+        if missing:
+            notes.append(f"{missing} ground-truth images not in this run: counted as misses (--all-gt-images)")
+    _check_sizes(preds, gt_by_id, pred_path, gt_path)
+    preds = _check_categories(preds, gt, gt_path, pred_path, notes)
+    ev_set = set(evaluated)
+    if not any(int(a["image_id"]) in ev_set for a in gt["annotations"]):
+        raise EvalError(f"{gt_path}: no annotation on the {len(ev_set)} evaluated images; nothing to score")
+    stats = _cocoeval(gt, preds, iou_type, evaluated)
+    return EvalResult(stats, notes, len(evaluated))
 
+
+def _align_images(preds, run_images, gt, gt_by_id, gt_path, pred_path, notes) -> tuple[list, list[int]]:
+    """Predictions with ground-truth image ids, and the ids of the images to evaluate."""
+    if run_images is not None:
+        match = _match_by_name(run_images, gt["images"])
+        if not match:
+            raise EvalError(f"{pred_path}: none of the run's {len(run_images)} images (by file name in its "
+                            f"images.json) is in {gt_path}; is it the right ground truth?")
+        unmatched = len(run_images) - len(match)
+        if unmatched:
+            notes.append(f"{unmatched} of the run's images are not in the ground truth: left out")
+        for im in run_images:
+            g = match.get(int(im["id"]))
+            if g is not None and (im.get("width"), im.get("height")) != (g.get("width"), g.get("height")) \
+                    and g.get("width") is not None:
+                raise EvalError(f"{im['file_name']}: the run saw it as {im.get('width')}x{im.get('height')}, "
+                                f"{gt_path} says {g.get('width')}x{g.get('height')}; not the same image")
+        preds = [{**p, "image_id": int(match[int(p["image_id"])]["id"])} for p in preds
+                 if int(p["image_id"]) in match]
+        evaluated = sorted({int(g["id"]) for g in match.values()})
+        left = len(gt_by_id) - len(evaluated)
+        notes.append(f"{len(evaluated)} images evaluated (matched by file name)"
+                     + (f"; {left} ground-truth images not in this run: not counted" if left else ""))
+        return preds, evaluated
+    ids = {int(p["image_id"]) for p in preds}
+    missing = sorted(ids - set(gt_by_id))
+    if missing:
+        raise EvalError(f"{pred_path}: {len(missing)} image ids are not in {gt_path} (e.g. {missing[:5]}) "
+                        f"and there is no images.json beside it to match file names; run m2f segment "
+                        f"-f coco (it writes images.json) or with --coco-annotations {gt_path}")
+    without = len(gt_by_id) - len(ids)
+    notes.append(f"{len(gt_by_id)} ground-truth images evaluated"
+                 + (f"; {without} have no prediction: counted as misses (no images.json to tell "
+                    f"which the run saw)" if without else ""))
+    return preds, sorted(gt_by_id)
+
+
+def _check_sizes(preds, gt_by_id, pred_path, gt_path) -> None:
+    for p in preds:
+        size = (p.get("segmentation") or {}).get("size") if isinstance(p.get("segmentation"), dict) else None
+        g = gt_by_id[int(p["image_id"])]
+        if size and g.get("height") is not None and list(size) != [g.get("height"), g.get("width")]:
+            raise EvalError(f"{pred_path}: masks of image {g['id']} ({g.get('file_name')}) are "
+                            f"{size[1]}x{size[0]}, {gt_path} says {g.get('width')}x{g.get('height')}")
+
+
+def _check_categories(preds, gt, gt_path, pred_path, notes) -> list:
+    gt_cats = {int(c["id"]) for c in gt.get("categories", [])}
+    pred_cats = {int(p["category_id"]) for p in preds}
+    if preds and not (pred_cats & gt_cats):
+        raise EvalError(f"{pred_path}: no category id in common with {gt_path} (predictions use "
+                        f"{sorted(pred_cats)[:8]}, the ground truth {sorted(gt_cats)[:8]}); run m2f segment "
+                        f"with --coco-annotations {gt_path} to map classes by name")
+    other = [p for p in preds if int(p["category_id"]) not in gt_cats]
+    if other:
+        notes.append(f"{len(other)} detections of {len(pred_cats - gt_cats)} categories the ground truth "
+                     f"does not have: ignored")
+    return [p for p in preds if int(p["category_id"]) in gt_cats]
+
+
+def _cocoeval(gt: dict, preds: list, iou_type: str, img_ids: list[int]) -> dict[str, float]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
@@ -77,8 +206,7 @@ def evaluate(gt_path: str, pred_path: str, iou_type: str = "segm",
             return {n: 0.0 for n in STAT_NAMES}
         coco_dt = coco_gt.loadRes(preds)
         ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
-        if img_ids is not None:
-            ev.params.imgIds = img_ids
+        ev.params.imgIds = img_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()

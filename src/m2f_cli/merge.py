@@ -79,17 +79,23 @@ def _merge_files(folder: OutputFolder, names: set[str], n: int, report: MergeRep
     remap: dict[tuple[int, int], int] = {}  # (shard, id in its part) -> merged id
     if image_parts:
         images = []
+        keep_ids = False  # ids from --coco-annotations are the ground truth's: never renumbered
         for k, p in image_parts:
             doc = load(p)
-            categories = doc["categories"]
+            categories, info = doc["categories"], doc.get("info")
+            keep_ids = keep_ids or (info or {}).get("image_ids") == "annotations"
             images += [(order_key(im["file_name"]), k, im) for im in doc["images"]]
         images.sort(key=lambda t: t[0])
         merged_images = []
         for new_id, (_, k, im) in enumerate(images, start=1):
-            remap[(k, im["id"])] = new_id
-            merged_images.append({**im, "id": new_id})
+            if not keep_ids:
+                remap[(k, im["id"])] = new_id
+                im = {**im, "id": new_id}
+            merged_images.append(im)
         report.images = len(merged_images)
         doc = {"images": merged_images, "annotations": [], "categories": categories}
+        if info is not None:
+            doc = {"info": info, **doc}
         folder.write_bytes(folder.join("images.json"), json.dumps(doc, ensure_ascii=False).encode())
         report.written.append("images.json")
 

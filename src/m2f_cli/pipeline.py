@@ -6,6 +6,7 @@ walk -> (skip what is done) -> decode + preprocess in DataLoader workers -> grou
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import logging
@@ -24,14 +25,16 @@ import torch
 from .batch import ImageDataset, Sample, group_batches, make_loader
 from .categories import CategoryTable
 from .config import ExitCode, RunConfig
-from .model import ModelSource, read_categories, resolve_device, resolve_model
+from .model import DTYPES, ModelSource, read_categories, resolve_device, resolve_dtype, resolve_model
 from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
 from .preprocess import PreprocessSpec, load_checkpoint_spec, spec_for_resize
 from .segmenter import Segmenter, resolve_classes, resolve_task
+from .settings import (ModelIdentity, Recorder, SettingsConflict, check as check_settings, common_settings,
+                       model_identity, writer_record)
 from .state import OutputError, OutputFolder
-from .storage import RemoteError, open_output
-from .walk import InputError, WalkResult, shard_of, walk
+from .storage import RemoteError, one_line, open_output
+from .walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
 from .writers import REGISTRY, Writer, WriterContext
 
 log = logging.getLogger(__name__)
@@ -71,20 +74,26 @@ class Stages:
 
 @dataclass
 class RunSummary(Summary):
+    """not_images: files met in the input folders that are not images, counted by extension."""
+
     stages: Stages = field(default_factory=Stages)
     failures: list = field(default_factory=list)
+    not_images: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"total": self.total, "images": self.images, "skipped": self.skipped, "failed": self.failed,
                 "instances": self.instances, "wall_s": round(self.wall_s, 4),
                 "images_per_s": round(self.images_per_s, 4), "interrupted": self.interrupted,
-                "stopped_early": self.stopped_early, "exit_code": self.exit_code,
+                "stopped_early": self.stopped_early, "stdout_closed": self.stdout_closed,
+                "not_images": self.not_images, "exit_code": self.exit_code,
                 "stages": {k: round(v, 4) for k, v in self.stages.as_dict().items()}}
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
             return 128 + self.interrupted
+        if self.stdout_closed:
+            return int(ExitCode.STDOUT_CLOSED)
         return int(ExitCode.INPUTS_FAILED if self.failed else ExitCode.OK)
 
 
@@ -188,17 +197,27 @@ def open_writers(config: RunConfig, folder: Optional[OutputFolder], categories: 
     return writers
 
 
+# After the first SIGINT/SIGTERM, how long the writer thread may take to write what is queued
+# before the process leaves without it (a writer blocked on a full pipe must not keep it alive).
+WRITER_GRACE_S = 10.0
+
+
 class _Interrupt:
-    """SIGINT/SIGTERM: the first asks the run to stop after the batch in flight; a second SIGINT
-    exits at once (outputs are renamed into place only when complete, so nothing is corrupt)."""
+    """SIGINT/SIGTERM: the first asks the run to stop after the batch in flight; a second one of
+    either exits at once (outputs are renamed into place only when complete, so nothing is corrupt)."""
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.at: Optional[float] = None
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum is not None:
             os._exit(128 + signum)
         self.signum = signum
+        self.at = time.monotonic()
+
+    def grace_over(self) -> bool:
+        return self.at is not None and time.monotonic() - self.at > WRITER_GRACE_S
 
     @contextmanager
     def installed(self):
@@ -213,14 +232,29 @@ class _Interrupt:
                 signal.signal(s, h)
 
 
+class StdoutClosed(Exception):
+    """The reader of stdout went away (``m2f ... --out - | head``): stop like a Unix filter."""
+
+
+class WriterError(RuntimeError):
+    """A writer failed in a way m2f did not expect (not an I/O error on an output): fatal."""
+
+
 class _WriterThread:
     """Writes results in a background thread through a bounded queue (off the critical path).
-    The first OutputError stops writing and is re-raised in the main thread by check()."""
 
-    def __init__(self, writers: list[Writer], depth: int, stages: Stages):
-        self.writers = writers
+    plan: for each output name, the writers whose files it still needs (a writer whose files of
+    that image exist is not asked again). The first error stops writing: an OutputError, a closed
+    stdout (StdoutClosed) or anything else (WriterError); check() re-raises it in the main thread,
+    and the thread goes on draining the queue so that nothing waits on it.
+    """
+
+    def __init__(self, plan: dict[str, list[Writer]], recorder: Optional[Recorder], depth: int,
+                 stages: Stages):
+        self.plan = plan
+        self.recorder = recorder
         self.q: "queue.Queue[Optional[ImageResult]]" = queue.Queue(maxsize=depth)
-        self.error: Optional[OutputError] = None
+        self.error: Optional[BaseException] = None
         self.stages = stages
         self.thread = threading.Thread(target=self._loop, name="m2f-writer", daemon=True)
         self.thread.start()
@@ -233,24 +267,56 @@ class _WriterThread:
             if self.error is not None:
                 continue
             t0 = time.perf_counter()
-            try:
-                for w in self.writers:
-                    w.write(r)
-            except OutputError as e:
-                self.error = e
+            self.error = self._write(r)
             self.stages.write += time.perf_counter() - t0
 
-    def put(self, result: ImageResult) -> None:
-        self.check()
-        self.q.put(result)
+    def _write(self, r: ImageResult) -> Optional[BaseException]:
+        w = None
+        try:
+            for w in self.plan.get(r.ref.rel, ()):
+                if self.recorder is not None:
+                    self.recorder.before_write(w.name)
+                w.write(r)
+        except BrokenPipeError:
+            return StdoutClosed()
+        except OutputError as e:
+            return e
+        except Exception as e:  # a bug or an exhausted resource in one writer: stop cleanly, say where
+            name = w.name if w is not None else "writer"
+            log.debug("writer failure", exc_info=True)
+            return WriterError(f"{name} writer failed on {r.ref.path}: {type(e).__name__}: {one_line(e)}")
+        return None
+
+    def put(self, result: ImageResult, abandon: Callable[[], bool]) -> bool:
+        """Queue one result; False when abandon() turned true while the queue stayed full."""
+        while True:
+            self.check()
+            try:
+                self.q.put(result, timeout=0.2)
+                return True
+            except queue.Full:
+                if abandon():
+                    return False
 
     def check(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def join(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+    def join(self, give_up: Callable[[], bool]) -> bool:
+        """Let the thread write what is queued; True when it finished, False when give_up() said
+        to leave it (it is a daemon thread: it dies with the process)."""
+        while True:
+            try:
+                self.q.put(None, timeout=0.2)
+                break
+            except queue.Full:
+                if give_up():
+                    return False
+        while self.thread.is_alive():
+            self.thread.join(timeout=0.2)
+            if self.thread.is_alive() and give_up():
+                return False
+        return True
 
 
 def _in_order(items: Iterator[tuple[int, object]], first: int = 0) -> Iterator[object]:
@@ -279,12 +345,18 @@ class Engine(Protocol):
                 ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]: ...
 
 
+class NoImagesError(ValueError):
+    """The inputs hold no image m2f can read (an empty folder, only unsupported files)."""
+
+
 def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optional[Segmenter] = None,
         stdout: Optional[IO[str]] = None, engine: Optional[Engine] = None) -> RunSummary:
     """Segment every input of config and write the requested formats. Returns the summary.
 
-    Raises UsageError (bad options/inputs), ModelLoadError, DeviceError, OutputError,
-    OutputLockedError before any image is processed; per-image problems become failures.
+    Raises UsageError (bad options/inputs, settings that differ from the folder's outputs),
+    NoImagesError, ModelLoadError, DeviceError, OutputError, OutputLockedError before any image is
+    processed; per-image problems become failures. A run that fails before its first output leaves
+    nothing new in --out. WriterError when a writer fails unexpectedly (outputs written so far stay).
     segmenter: a ready Segmenter (tests, long-lived services) instead of loading config.model.
     engine: run the per-batch work elsewhere instead of in this process; config.ray builds a
         ray_engine.RayEngine. Raises EngineError when the engine cannot run at all.
@@ -295,76 +367,153 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
     validate(config)
     if config.ray is not None and segmenter is not None:
         raise UsageError("--ray loads its models on the Ray actors: do not pass a segmenter")
-    if config.ray is not None or engine is not None:
-        device = torch.device("cpu")  # the models run elsewhere; this process only writes
-    elif segmenter is None:
-        try:
-            device = resolve_device(config.device)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    else:
-        device = segmenter.device
-
+    device, dtype = _device_and_dtype(config, segmenter, engine)
     try:
         folder = None if config.out == "-" else open_output(config.out, config.shard)
     except RemoteError as e:
         raise UsageError(f"--out {e}") from None
-    try:
-        found = walk(config.inputs, exclude=None if folder is None else folder.out)
-    except InputError as e:
-        raise UsageError(str(e)) from None
-    if config.shard is not None:
-        i, n = config.shard
-        found = WalkResult([r for r in found.refs if shard_of(r.rel, n) == i],
-                           [f for f in found.failures if shard_of(f.ref.rel, n) == i])
+    found = find_inputs(config, folder)
     if folder is not None:
         folder.check_writable()
         folder.lock()
     try:
-        return _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start, engine)
+        return _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine)
+    except BaseException:
+        if folder is not None:
+            folder.unlock()
+            folder.discard_if_unused()  # failed before its first output: leave nothing new behind
+        raise
     finally:
         if folder is not None:
             folder.unlock()
 
 
-def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start, engine) -> RunSummary:
-    thresholds = writer_thresholds(config)
-    if segmenter is None:
-        source: ModelSource = resolve_model(config.model, config.revision, config.allow_pickle)
+def _device_and_dtype(config: RunConfig, segmenter: Optional[Segmenter], engine) -> tuple[torch.device, str]:
+    """The device this process runs the model on and the dtype's resolved name, checked before
+    anything is skipped or loaded (so a finished folder refuses a bad --dtype like a fresh one)."""
+    if segmenter is not None:
+        dt = getattr(segmenter.predictor, "dtype", torch.float32)
+        return segmenter.device, str(dt).replace("torch.", "")
+    if config.ray is not None or engine is not None:
+        if config.dtype.strip().lower() not in ("auto", *DTYPES):
+            raise UsageError(f"--dtype {config.dtype!r}: expected auto, float32, bfloat16 or float16")
+        return torch.device("cpu"), config.dtype  # the models run elsewhere; this process only writes
+    try:
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return device, str(dtype).replace("torch.", "")
+
+
+def find_inputs(config: RunConfig, folder: Optional[OutputFolder]) -> WalkResult:
+    """Walk the inputs (never anything under --out) and keep this shard's part.
+    Raises UsageError for an input that names nothing, NoImagesError when no image is found."""
+    out = None if folder is None else folder.out
+    try:
+        found = walk(config.inputs, exclude=out)
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if not found.refs and not found.failures:
+        raise NoImagesError(f"no images found in {', '.join(config.inputs)}" + (
+            f" ({found.not_images_line()})" if found.not_images else "")
+            + f"; m2f reads {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    if config.shard is not None:
+        i, n = config.shard
+        found = dataclasses.replace(found, refs=[r for r in found.refs if shard_of(r.rel, n) == i],
+                                    failures=[f for f in found.failures if shard_of(f.ref.rel, n) == i])
+    return found
+
+
+@dataclass
+class _Model:
+    """What the run knows of its model before loading it."""
+
+    source: Optional[ModelSource]
+    categories: CategoryTable
+    task: str
+    identity: ModelIdentity
+    keep: Optional[frozenset]
+
+
+def _model_facts(config: RunConfig, segmenter: Optional[Segmenter]) -> _Model:
+    """The model's classes, task and identity, read from its folder without loading weights."""
+    if segmenter is not None:
+        src = segmenter.source
+        ident = model_identity(segmenter.model_id, src.local_dir if src else None,
+                               src.revision if src else None, src.commit if src else None)
+        categories, task, source = segmenter.categories, segmenter.task, None
+    else:
+        source = resolve_model(config.model, config.revision, config.allow_pickle)
         categories = read_categories(source)
         try:
-            resolve_classes(categories, config.classes)
-        except KeyError as e:
-            raise UsageError(e.args[0]) from None
-        model_id = config.model
-        try:
-            task = resolve_task(config.task, config.model, len(categories))
+            task = resolve_task(config.task, config.model, categories, source.local_dir)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    else:
-        categories, model_id, task = segmenter.categories, segmenter.model_id, segmenter.task
-    if task != "instance" and "coco" in config.formats:
-        raise UsageError(f"--format coco writes instance results; this is a {task} model (--task {task})")
-    writers = open_writers(config, folder, categories, model_id, stdout)
+        ident = model_identity(config.model, source.local_dir, config.revision, source.commit)
+    try:
+        keep = resolve_classes(categories, config.classes)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    return _Model(source, categories, task, ident, keep)
+
+
+def _plan(config: RunConfig, writers: list[Writer], refs: list[ImageRef]
+          ) -> tuple[dict[str, list[Writer]], list[ImageRef]]:
+    """For each input, the writers whose files it still needs; the inputs with any such writer."""
+    plan = {}
+    todo = []
+    for ref in refs:
+        need = writers if config.overwrite else [w for w in writers if not w.done(ref)]
+        if need:
+            plan[ref.rel] = need
+            todo.append(ref)
+    return plan, todo
+
+
+def _check_settings(config: RunConfig, folder: Optional[OutputFolder], writers: list[Writer], m: _Model,
+                    dtype: str, found: WalkResult) -> Optional[Recorder]:
+    """Compare this run's settings with the folder's record (settings.py); refuse when they differ."""
+    if folder is None:
+        return None
+    classes = None if m.keep is None else [m.categories[i].name for i in sorted(m.keep)]
+    common = common_settings(m.identity, m.task, config.resize, config.fast_decode, dtype, config.top_k,
+                             classes)
+    records = {w.name: writer_record(w, common) for w in writers}
+    try:
+        adopted = check_settings(folder, writers, records, lambda w: w.has_outputs(found.refs),
+                                 config.overwrite)
+    except SettingsConflict as e:
+        raise UsageError(str(e)) from None
+    recorder = Recorder(folder, records)
+    for name in adopted:
+        recorder.before_write(name)
+    return recorder
+
+
+def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine
+                ) -> RunSummary:
+    thresholds = writer_thresholds(config)
+    m = _model_facts(config, segmenter)
+    if m.task != "instance" and "coco" in config.formats:
+        raise UsageError(f"--format coco writes instance results; this is a {m.task} model (--task {m.task})")
+    writers = open_writers(config, folder, m.categories, m.identity.name, stdout)
+    recorder = _check_settings(config, folder, writers, m, dtype, found)
     if engine is None and config.ray is not None:
         from .ray_engine import RayEngine
-        engine = RayEngine(config, task)
+        engine = RayEngine(config, m.task)
 
-    summary = RunSummary(total=len(found.refs) + len(found.failures))
-    todo: list[ImageRef] = []
-    for ref in found.refs:
-        if not config.overwrite and all(w.done(ref) for w in writers):
-            summary.skipped += 1
-        else:
-            todo.append(ref)
+    summary = RunSummary(total=len(found.refs) + len(found.failures), not_images=dict(found.not_images))
+    plan, todo = _plan(config, writers, found.refs)
+    summary.skipped = len(found.refs) - len(todo)
 
     compiled = False
     if segmenter is None and engine is None and todo:
-        spec = spec_for_resize(config.resize, load_checkpoint_spec(source.local_dir))
+        spec = spec_for_resize(config.resize, load_checkpoint_spec(m.source.local_dir))
         compiled = resolve_compile(config.compile, device, len(todo), spec.mode == "fixed")
         try:
-            segmenter = Segmenter(**{**segmenter_options(config, task), "compile": compiled}, source=source,
-                                  notify=reporter.message)
+            segmenter = Segmenter(**{**segmenter_options(config, m.task), "compile": compiled},
+                                  source=m.source, notify=reporter.message)
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         except ValueError as e:
@@ -372,7 +521,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
     elif segmenter is not None:
         segmenter.options = segmenter.options.__class__(
             threshold=min(thresholds.values()), map_threshold=_map_threshold(config, thresholds),
-            top_k=config.top_k, keep=resolve_classes(segmenter.categories, config.classes))
+            top_k=config.top_k, keep=m.keep)
 
     batch_size, workers, threads = auto_settings(device, config)
     if compiled and config.batch_size is None and device.type == "cpu":
@@ -384,6 +533,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
         torch.set_num_threads(threads)
 
     reporter.start(len(todo) + len(found.failures), summary.skipped)
+    if found.not_images:
+        reporter.message(f"skipped {found.not_images_line()}")
     for f in found.failures:
         _fail(summary, reporter, f)
 
@@ -391,27 +542,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
     fatal: Optional[BaseException] = None
     with interrupt.installed():
         if todo:
-            writer = _WriterThread(writers, depth=2 * batch_size + 2, stages=summary.stages)
-            try:
-                def stopping() -> bool:
-                    return (interrupt.signum is not None or
-                            (config.max_failures is not None and summary.failed >= config.max_failures))
-                if engine is not None:
-                    results = engine.results(todo, summary.stages, stopping)
-                else:
-                    results = local_results(config, segmenter, todo, batch_size, workers, summary.stages,
-                                            stopping)
-                try:
-                    _consume(results, writer, summary, reporter, stopping)
-                finally:
-                    getattr(results, "close", lambda: None)()  # stop the engine's work in flight now
-                summary.stopped_early = stopping() and interrupt.signum is None
-            except (OutputError, EngineError) as e:
-                fatal = e
-            finally:
-                writer.join()
-                if writer.error is not None and fatal is None:
-                    fatal = writer.error
+            fatal = _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers,
+                             summary, reporter, interrupt)
         for w in writers:
             try:
                 w.close()
@@ -432,6 +564,43 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_st
     if fatal is not None:
         raise fatal
     return summary
+
+
+def _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers, summary, reporter,
+             interrupt: _Interrupt) -> Optional[BaseException]:
+    """Run the engine over todo and hand its results to the writer thread. Returns the fatal
+    error, if any; a closed stdout is no error (summary.stdout_closed)."""
+    writer = _WriterThread(plan, recorder, depth=2 * batch_size + 2, stages=summary.stages)
+    fatal: Optional[BaseException] = None
+
+    def stopping() -> bool:
+        return (interrupt.signum is not None or writer.error is not None or
+                (config.max_failures is not None and summary.failed >= config.max_failures))
+    try:
+        if engine is not None:
+            results = engine.results(todo, summary.stages, stopping)
+        else:
+            results = local_results(config, segmenter, todo, batch_size, workers, summary.stages, stopping)
+        try:
+            _consume(results, writer, summary, reporter, stopping, abandon=interrupt.grace_over)
+        finally:
+            getattr(results, "close", lambda: None)()  # stop the engine's work in flight now
+    except (OutputError, EngineError, WriterError) as e:
+        fatal = e
+    except StdoutClosed:
+        pass
+    finally:
+        finished = writer.join(give_up=interrupt.grace_over)
+        if not finished:
+            reporter.message(f"the writer did not finish within {WRITER_GRACE_S:.0f} s of the signal; "
+                             "images it had not written are redone by the next run")
+    if isinstance(writer.error, StdoutClosed):
+        summary.stdout_closed = True
+    elif writer.error is not None and fatal is None:
+        fatal = writer.error
+    summary.stopped_early = (config.max_failures is not None and summary.failed >= config.max_failures
+                             and interrupt.signum is None)
+    return fatal
 
 
 def segmenter_options(config: RunConfig, task: str) -> dict:
@@ -504,13 +673,12 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
 
 
 def _consume(results: Iterator[tuple[int, object]], writer: _WriterThread, summary: RunSummary,
-             reporter: Reporter, stopping: Callable[[], bool]) -> None:
+             reporter: Reporter, stopping: Callable[[], bool], abandon: Callable[[], bool]) -> None:
     """Take an engine's (seq, result or failure) pairs, in input order, to the writers and the summary."""
     for item in _in_order(results):
         if isinstance(item, Failure):
             _fail(summary, reporter, item)
-        else:
-            writer.put(item)
+        elif writer.put(item, abandon):
             summary.images += 1
             summary.instances += len(item.regions())
             reporter.advance(1, len(item.instances))

@@ -15,7 +15,7 @@ from .records import Failure
 class Summary:
     """What a run did. images: written this run; skipped: already complete; failed: inputs that
     failed; instances: instances written (at the map threshold); interrupted: the signal number
-    that stopped the run, if any."""
+    that stopped the run, if any; stdout_closed: the reader of --out - went away."""
 
     total: int = 0
     images: int = 0
@@ -25,6 +25,7 @@ class Summary:
     wall_s: float = 0.0
     interrupted: Optional[int] = None
     stopped_early: bool = False
+    stdout_closed: bool = False
 
     @property
     def images_per_s(self) -> float:
@@ -35,6 +36,8 @@ class Summary:
              f"{self.skipped} skipped (already done), {self.wall_s:.1f} s, {self.images_per_s:.2f} images/s")
         if self.interrupted:
             s += " (interrupted)"
+        elif self.stdout_closed:
+            s += " (stopped: stdout was closed)"
         elif self.stopped_early:
             s += " (stopped: --max-failures reached)"
         return s

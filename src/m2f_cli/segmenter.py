@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -17,7 +19,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .categories import CategoryTable
+from .categories import COCO_NAMES, CategoryTable, canonical_name
 from .config import DEFAULT_MODEL
 from .decode import _to_rgb
 from .model import ModelSource, Predictor, load_predictor, resolve_device, resolve_dtype, resolve_model
@@ -35,24 +37,49 @@ def resolve_classes(categories: CategoryTable, classes: Sequence[str]) -> Option
 
 
 TASKS = ("auto", "instance", "panoptic", "semantic")
-# num_labels of the published Mask2Former checkpoints -> their task (REFERENCE.md)
-_TASK_BY_NUM_LABELS = {80: "instance", 133: "panoptic", 150: "semantic", 19: "semantic", 8: "instance",
-                       65: "panoptic"}
+# The instance classes of the Cityscapes instance checkpoints ("rider" is not a COCO class).
+_CITYSCAPES_INSTANCE = frozenset({"person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"})
 
 
-def resolve_task(task: str, model_name: Optional[str], num_labels: int) -> str:
-    """--task auto: from the checkpoint name's suffix (-instance/-panoptic/-semantic), else from
-    its number of labels, else instance."""
+def _names_of(model_name: Optional[str], local_dir: Optional[str]) -> list[str]:
+    """What the checkpoint calls itself: the name given, its folder's name, config _name_or_path."""
+    names = [model_name or ""]
+    if local_dir:
+        names.append(os.path.basename(os.path.normpath(local_dir)))
+        try:
+            with open(os.path.join(local_dir, "config.json"), encoding="utf-8") as f:
+                names.append(str(json.load(f).get("_name_or_path") or ""))
+        except (OSError, ValueError, AttributeError):
+            pass
+    return [n.rstrip("/").rsplit("/", 1)[-1].lower() for n in names if n]
+
+
+def resolve_task(task: str, model_name: Optional[str], categories: CategoryTable,
+                 local_dir: Optional[str] = None) -> str:
+    """--task auto: what the checkpoint says about itself.
+
+    1. Its name (the hub id or folder given, the folder's own name, config.json's _name_or_path)
+       ending in -instance, -panoptic or -semantic, as every published Mask2Former checkpoint does.
+    2. Its classes: only COCO thing classes (the COCO instance checkpoints, and models fine-tuned on
+       a subset of them) or exactly the Cityscapes instance classes -> instance. Panoptic and
+       semantic label sets share their sizes with each other (Mapillary 65, ADE 150, Cityscapes 19),
+       so a count decides nothing.
+    Otherwise ValueError asking for --task: a guess would silently run the wrong post-processing.
+    """
     t = task.strip().lower()
     if t not in TASKS:
         raise ValueError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     if t != "auto":
         return t
-    name = (model_name or "").rstrip("/").lower()
-    for suffix in ("instance", "panoptic", "semantic"):
-        if name.endswith("-" + suffix):
-            return suffix
-    return _TASK_BY_NUM_LABELS.get(num_labels, "instance")
+    for name in _names_of(model_name, local_dir):
+        for suffix in ("instance", "panoptic", "semantic"):
+            if name.endswith(("-" + suffix, "_" + suffix)):
+                return suffix
+    canon = {canonical_name(c.name) for c in categories.categories}
+    if canon and (canon <= set(COCO_NAMES) or canon == _CITYSCAPES_INSTANCE):
+        return "instance"
+    raise ValueError(f"--task auto: cannot tell the task of {model_name or 'this model'} from its name or "
+                     f"its {len(categories)} classes; pass --task instance, panoptic or semantic")
 
 
 @dataclass
@@ -92,7 +119,7 @@ class Segmenter:
             self.spec = spec_for_resize(resize, getattr(model, "preprocess_spec", PreprocessSpec()))
         self.categories: CategoryTable = self.predictor.categories
         name = self.source.spec if self.source else None
-        self.task = resolve_task(task, name, len(self.categories))
+        self.task = resolve_task(task, name, self.categories, self.source.local_dir if self.source else None)
         if not 1 <= top_k <= 65535:
             raise ValueError(f"--top-k {top_k}: expected 1..65535")
         self.options = PostprocessOptions(threshold=threshold,

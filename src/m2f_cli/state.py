@@ -58,6 +58,8 @@ class OutputFolder:
         self.state = state_dir(out)
         self.tmp = os.path.join(self.state, "tmp" + self.part)
         self._lock_fd: Optional[int] = None
+        self._created: list[str] = []  # folders check_writable made, outermost first
+        self.wrote = False  # any output file or journal line written by this process
 
     def run_file(self, stem: str, ext: str) -> str:
         """A run-level output: <out>/<stem><part><ext>, e.g. predictions.shard-0-of-2.json."""
@@ -69,6 +71,7 @@ class OutputFolder:
     def check_writable(self) -> None:
         """Create the folders and prove we can write there, before any model is loaded."""
         try:
+            self._created = _missing_dirs(self.tmp)
             os.makedirs(self.tmp, exist_ok=True)
             probe = os.path.join(self.tmp, f"probe-{uuid.uuid4().hex}")
             with open(probe, "wb") as f:
@@ -109,6 +112,21 @@ class OutputFolder:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def discard_if_unused(self) -> None:
+        """Remove the folders this run created when it wrote nothing (it failed before its first
+        output): a failed first try leaves no empty --out or .m2f behind."""
+        if self.wrote or not self._created:
+            return
+        state = os.path.abspath(self.state)
+        if any(state == d or state.startswith(d + os.sep) for d in self._created):
+            shutil.rmtree(state, ignore_errors=True)
+        for d in reversed(self._created):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass  # not empty (not ours alone) or already gone
+        self._created = []
+
     def path(self, rel: str, suffix: str) -> str:
         return os.path.join(self.out, *rel.split("/")) + suffix
 
@@ -131,7 +149,10 @@ class OutputFolder:
             return []
 
     def journal(self, writer: str, fresh: bool = False) -> "Journal":
-        return Journal(self.journal_path(writer), fresh=fresh)
+        return Journal(self.journal_path(writer), fresh=fresh, on_write=self._mark_written)
+
+    def _mark_written(self) -> None:
+        self.wrote = True
 
     def write_atomic(self, final: str, write: Callable[[object], None], binary: bool = True) -> None:
         """Call write(file) on a temporary file, then rename it to final. Raises OutputError."""
@@ -141,6 +162,7 @@ class OutputFolder:
             with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
                 write(f)
             os.replace(tmp, final)
+            self.wrote = True
         except OSError as e:
             try:
                 os.remove(tmp)
@@ -156,15 +178,17 @@ class Journal:
     """An append-only JSON Lines file of finished images, robust to being killed mid-line.
 
     Each record is one line written with a single write() and flushed, so after a crash at most
-    the last line is partial; opening the journal drops it.
+    the last line is partial; opening the journal drops it. The file is opened (and, when fresh,
+    emptied) at the first append: a run that fails before its first image changes nothing.
     """
 
-    def __init__(self, path: str, fresh: bool = False):
+    def __init__(self, path: str, fresh: bool = False, on_write: Optional[Callable[[], None]] = None):
         self.path = path
-        if fresh and os.path.exists(path):
-            os.remove(path)
-        self._repair()
-        self._f = open(path, "ab")
+        self.fresh = fresh
+        self._on_write = on_write
+        self._f = None
+        if not fresh:
+            self._repair()
 
     def _repair(self) -> None:
         if not os.path.exists(self.path):
@@ -176,6 +200,8 @@ class Journal:
                 f.truncate(end)
 
     def records(self) -> Iterator[dict]:
+        if (self.fresh and self._f is None) or not os.path.exists(self.path):
+            return
         with open(self.path, "rb") as f:
             for line in f:
                 if line.strip():
@@ -183,13 +209,32 @@ class Journal:
 
     def append(self, record: dict) -> None:
         try:
+            if self._f is None:
+                self._f = open(self.path, "wb" if self.fresh else "ab")
+                if self._on_write is not None:
+                    self._on_write()
             self._f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
             self._f.flush()
         except OSError as e:
             raise OutputError(e.errno, f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def close(self) -> None:
+        if self._f is None:
+            return
         try:
             self._f.close()
         except OSError:
             pass
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The folders on the way to path that do not exist yet, outermost first."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return list(reversed(missing))

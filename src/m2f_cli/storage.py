@@ -138,6 +138,8 @@ class RemoteOutputFolder(OutputFolder):
         self._lease: Optional[_Lease] = None
         self._listing: Optional[set[str]] = None
         self._listing_lock = threading.Lock()
+        self._created: list[str] = []  # object stores have no folders to make or remove
+        self.wrote = False
 
     def _p(self, url: str) -> str:
         """fs path of one of our URLs."""
@@ -249,10 +251,13 @@ class ChunkedJournal:
         self._pending_mirror: list[bytes] = []
         self._n = 0
         self._last = time.monotonic()
-        if fresh and self.fs.exists(self.dir):
-            self.fs.rm(self.dir, recursive=True)
+        # --overwrite: the old chunks are removed at the first upload, not now, so a run that
+        # fails before its first image loses nothing; until then they are not read either
+        self._fresh = fresh
 
     def _chunks(self) -> list[str]:
+        if self._fresh:
+            return []
         try:
             return sorted(p for p in self.fs.find(self.dir) if p.endswith(".jsonl"))
         except FileNotFoundError:
@@ -308,6 +313,11 @@ class ChunkedJournal:
             return
         name = f"{self.dir}/{self.run}-{self._n:06d}.jsonl"
         try:
+            if self._fresh:
+                if self.fs.exists(self.dir):
+                    self.fs.rm(self.dir, recursive=True)
+                self._fresh = False
+                self._mirror_path()  # the mirror holds this run's records only
             self.fs.pipe_file(name, b"".join(self._buf))
         except Exception as e:
             raise _output_error(f"{url_for(self.folder.out, name)}: cannot write", e) from None

@@ -8,8 +8,12 @@ Naming rule (documented in the README):
 - The output stem is that name without its extension. When two inputs of one run would share a
   stem (``img.jpg`` and ``img.png`` in one folder), both keep their extension in the stem
   (``img.jpg.png``, ``img.png.png``), so no two inputs ever share an output name.
+- Names are compared ignoring case, so that outputs never collide on a case-insensitive
+  filesystem (macOS, Windows, many SMB shares): ``IMG.jpg`` and ``img.png`` keep their extensions.
 - The same file given twice is processed once; two different files with the same name (the same
-  relative path under two folder arguments) make the second one a failure, never an overwrite.
+  relative path under two folder arguments, or names equal but for case even with extensions:
+  ``IMG.jpg`` and ``img.JPG``) make the later one a failure, never an overwrite.
+- Nothing under ``--out`` is ever an input, whatever form names it (folder, file, glob, stdin).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import glob
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Iterator, Optional, Sequence
 
@@ -27,7 +32,8 @@ from .storage import RemoteError, is_url, local_path, walk_url
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                              ".heic", ".heif", ".avif"})
 
 
 class InputError(ValueError):
@@ -36,8 +42,20 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class WalkResult:
+    """refs: the images, in walk order; failures: inputs that cannot be read (broken links, name
+    clashes); not_images: files met that are not images, by extension ("" for none); inside_out:
+    inputs left out because they are under --out."""
+
     refs: list[ImageRef]
     failures: list[Failure]
+    not_images: dict = field(default_factory=dict)
+    inside_out: int = 0
+
+    def not_images_line(self) -> str:
+        n = sum(self.not_images.values())
+        kinds = ", ".join(f"{ext or 'no extension'} {c}" for ext, c in
+                          sorted(self.not_images.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"{n} file{'s' if n != 1 else ''} that {'are' if n != 1 else 'is'} not an image ({kinds})"
 
 
 def is_image_name(name: str) -> bool:
@@ -47,6 +65,8 @@ def is_image_name(name: str) -> bool:
 def read_path_list(stream, null: bool = False) -> list[str]:
     """Paths from a text stream: one per line, or NUL-separated (as ``find -print0`` writes)."""
     data = stream.read()
+    if not null and "\0" in data:
+        raise ValueError("the paths on stdin are NUL-separated (find -print0): pass -0 (--null) to read them")
     parts = data.split("\0") if null else data.splitlines()
     return [p for p in parts if p.strip()] if not null else [p for p in parts if p]
 
@@ -63,8 +83,12 @@ def _source_name_for_path(path: str) -> str:
     return "/".join(parts)
 
 
+NOT_IMAGE = "not an image"  # the walk's marker for files it met and leaves out
+
+
 def _walk_folder(root: str, exclude: Optional[str]) -> Iterator[tuple[str, str, Optional[str]]]:
-    """Yield (path, name relative to root, error or None) for images under root, sorted, depth-first.
+    """Yield (path, name relative to root, error or None) for files under root, sorted, depth-first
+    (error NOT_IMAGE for files that are not images).
 
     Hidden files and folders are skipped, symlinked folders are followed once (loops are cut),
     broken symlinks are reported.
@@ -105,6 +129,8 @@ def _walk_folder(root: str, exclude: Optional[str]) -> Iterator[tuple[str, str, 
                     yield e.path, child_rel, "broken symlink"
                 else:
                     yield e.path, child_rel, None
+            else:
+                yield e.path, child_rel, NOT_IMAGE
 
     yield from visit(root, "")
 
@@ -129,8 +155,8 @@ def _expand(inputs: Sequence[str], exclude: Optional[str]) -> Iterator[tuple[str
             for m in matches:
                 if os.path.isdir(m):
                     yield from _walk_folder(m, exclude)
-                elif is_image_name(m):
-                    yield m, _source_name_for_path(m), None
+                else:
+                    yield m, _source_name_for_path(m), (None if is_image_name(m) else NOT_IMAGE)
         else:
             raise InputError(f"{arg}: no such file or folder")
 
@@ -163,36 +189,63 @@ def _strip_ext(name: str) -> str:
     return stem if ext else name
 
 
-def walk(inputs: Sequence[str], exclude: Optional[str] = None) -> WalkResult:
-    """Expand the inputs (files, folders, globs) into ImageRefs in a stable order.
+def _inside(path: str, root: Optional[str]) -> bool:
+    """Whether path (a local path or URL) is root or lies under it; root is resolved already."""
+    if root is None:
+        return False
+    if is_url(path):
+        return path == root or path.startswith(root.rstrip("/") + "/")
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
-    exclude: a folder never walked (the output folder, so reruns do not read their own outputs).
+
+def walk(inputs: Sequence[str], exclude: Optional[str] = None) -> WalkResult:
+    """Expand the inputs (files, folders, globs, URLs) into ImageRefs in a stable order.
+
+    exclude: a folder none of whose files is ever an input (the output folder, so reruns do not
+    read their own outputs), however the input names it.
     Raises InputError for an argument that names nothing.
     """
-    exclude = os.path.realpath(exclude) if exclude and not is_url(exclude) else exclude
+    exclude = (os.path.realpath(exclude) if not is_url(exclude) else exclude) if exclude else None
     found: list[tuple[str, str, Optional[str]]] = []
     seen_files: set[str] = set()
     names: dict[str, str] = {}
     dup_failures: list[tuple[str, str, str]] = []
+    not_images: Counter = Counter()
+    inside_out = 0
     for path, name, err in _expand(inputs, exclude):
+        if _inside(path, exclude):
+            inside_out += 1
+            continue
+        if err == NOT_IMAGE:
+            not_images[os.path.splitext(name)[1].lower()] += 1
+            continue
         real = path if is_url(path) else os.path.realpath(path)
         if real in seen_files and err is None:
             continue
         seen_files.add(real)
-        if name in names and err is None:
-            dup_failures.append((path, name, f"same output name as {names[name]}"))
+        key = name.casefold()
+        if key in names and err is None:
+            other = names[key]
+            why = "same output name as" if _source_name_eq(other, path) else \
+                "same output name, ignoring case (as on a case-insensitive filesystem), as"
+            dup_failures.append((path, name, f"{why} {other}"))
             continue
-        names[name] = path
+        names[key] = path
         found.append((path, name, err))
+    if inside_out:
+        log.warning("%d input%s under --out %s left out (m2f never reads its own outputs)",
+                    inside_out, "s" if inside_out != 1 else "", exclude)
 
     stems: dict[str, int] = {}
     for _, name, _ in found:
-        stems[_strip_ext(name)] = stems.get(_strip_ext(name), 0) + 1
+        k = _strip_ext(name).casefold()
+        stems[k] = stems.get(k, 0) + 1
     refs: list[ImageRef] = []
     failures: list[Failure] = []
     for path, name, err in found:
         stem = _strip_ext(name)
-        rel = name if stems[stem] > 1 else stem
+        rel = name if stems[stem.casefold()] > 1 else stem
         ref = ImageRef(path=path, name=name, rel=rel, index=len(refs) + len(failures))
         if err is None:
             refs.append(ref)
@@ -200,6 +253,9 @@ def walk(inputs: Sequence[str], exclude: Optional[str] = None) -> WalkResult:
             failures.append(Failure(ref, "walk", err))
     for path, name, err in dup_failures:
         failures.append(Failure(ImageRef(path, name, _strip_ext(name), len(refs) + len(failures)), "walk", err))
-    return WalkResult(refs, failures)
+    return WalkResult(refs, failures, dict(not_images), inside_out)
 
 
+def _source_name_eq(a: str, b: str) -> bool:
+    """Whether two inputs that clash would also clash with case kept (same base name)."""
+    return os.path.basename(a) == os.path.basename(b)

@@ -30,7 +30,7 @@ class Writer:
     """One output format. Subclasses set name/help/default_threshold and implement the methods.
 
     done(ref): True when this image's output is complete on disk (resume skips the image when
-        every writer says so).
+        every writer says so, and asks only the writers that are not done for the others).
     write(result): write one image's outputs atomically; raises OutputError on I/O failure.
     close(): finalise run-level files (also after an interrupt); must leave only valid files.
     """
@@ -51,6 +51,10 @@ class Writer:
 
     def done(self, ref: ImageRef) -> bool:
         return False
+
+    def has_outputs(self, refs) -> bool:
+        """Whether any file of this writer for these inputs exists (the settings check asks)."""
+        return any(self.done(r) for r in refs)
 
     def write(self, result: ImageResult) -> None:
         raise NotImplementedError

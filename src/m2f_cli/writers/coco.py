@@ -4,8 +4,15 @@
   ({image_id, category_id, segmentation (RLE, counts str), score}); no bbox in it, so that mask
   area, not box area, decides small/medium/large in COCOeval.
 - ``<out>/predictions_bbox.json``: the same detections as boxes ({image_id, category_id, bbox, score}).
-- ``<out>/images.json`` (without --coco-annotations): a COCO dataset skeleton (images, categories)
-  so the pair loads as a dataset elsewhere.
+- ``<out>/images.json``: a COCO dataset skeleton (images, categories) so the pair loads as a
+  dataset elsewhere, and so ``m2f eval`` knows every image of the run (those with no detection too)
+  and matches them to a ground truth by file name. With --coco-annotations it carries the file's
+  image ids and categories.
+
+With --coco-annotations, image ids come from the file (matched by file name) and category ids
+from its categories, matched to the model's classes by name: a fine-tuned model whose ids are
+index + 1 then writes the file's ids. A file none of whose categories is a class of the model is
+refused; detections of classes the file does not have are left out (with a warning).
 
 Records stream into a journal as images finish; the files are rebuilt from it atomically at the end
 of every run (interrupted or not), so memory stays flat and resumed runs lose or repeat nothing.
@@ -19,6 +26,7 @@ import logging
 import os
 from typing import Optional
 
+from ..categories import CategoryTable, canonical_name
 from ..records import ImageRef, ImageResult
 from .base import Writer, register
 
@@ -50,6 +58,37 @@ class AnnotationIndex:
             return self.by_path[name]
         return self.by_base.get(os.path.basename(name))
 
+    def category_map(self, model: CategoryTable, path: str) -> Optional[dict[int, int]]:
+        """Model category id -> the file's category id, matched by name; None when the file lists no
+        categories (ids are then the model's). Raises ValueError when no name matches at all."""
+        if not self.categories:
+            return None
+        try:
+            by_name = {canonical_name(str(c["name"])): int(c["id"]) for c in self.categories}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--coco-annotations {path}: unreadable categories ({e})") from None
+        mapping = {c.id: by_name[canonical_name(c.name)] for c in model.categories
+                   if canonical_name(c.name) in by_name}
+        if not mapping:
+            raise ValueError(
+                f"--coco-annotations {path}: none of its categories ({_names(self.categories)}) is a class "
+                f"of the model ({_names([{'name': c.name} for c in model.categories])}); "
+                f"evaluate against a file made for this model")
+        moved = sum(1 for a, b in mapping.items() if a != b)
+        if moved:
+            log.warning("--coco-annotations %s: %d classes have other ids there; its ids are written", path, moved)
+        missing = [c.name for c in model.categories if c.id not in mapping]
+        if missing:
+            log.warning("--coco-annotations %s: %d model classes are not among its categories (%s); "
+                        "their detections are left out of predictions.json", path, len(missing),
+                        ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+        return mapping
+
+
+def _names(cats: list, n: int = 6) -> str:
+    names = [str(c.get("name")) for c in cats]
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
 
 @register
 class CocoWriter(Writer):
@@ -62,6 +101,7 @@ class CocoWriter(Writer):
         super().__init__(ctx)
         ann = ctx.options.get("coco_annotations")
         self.index = AnnotationIndex(ann) if ann else None
+        self.cat_map = self.index.category_map(ctx.categories, ann) if self.index is not None else None
         self.journal = ctx.folder.journal("coco", fresh=ctx.overwrite)
         self._done: set[str] = set()
         self._next_id = 1
@@ -69,6 +109,9 @@ class CocoWriter(Writer):
         for r in self.journal.records():
             self._done.add(r["rel"])
             self._next_id = max(self._next_id, int(r["image"]["id"]) + 1)
+
+    def has_outputs(self, refs) -> bool:
+        return bool(self._done)
 
     def done(self, ref: ImageRef) -> bool:
         if ref.rel in self._done:
@@ -97,8 +140,11 @@ class CocoWriter(Writer):
         else:
             image_id = self._next_id
             self._next_id += 1
-        dets = [{"category_id": i.category_id, "score": round(i.score, 6), "segmentation": i.rle,
-                 "bbox": list(i.bbox)} for i in result.instances_above(self.threshold)]
+        cmap = self.cat_map
+        dets = [{"category_id": i.category_id if cmap is None else cmap[i.category_id],
+                 "score": round(i.score, 6), "segmentation": i.rle, "bbox": list(i.bbox)}
+                for i in result.instances_above(self.threshold)
+                if cmap is None or i.category_id in cmap]
         self.journal.append({"rel": ref.rel, "image": {"id": image_id, "file_name": ref.name,
                                                        "width": result.width, "height": result.height},
                              "dets": dets})
@@ -124,11 +170,17 @@ class CocoWriter(Writer):
 
         folder.write_atomic(folder.run_file("predictions", ".json"), stream(("segmentation", "score")))
         folder.write_atomic(folder.run_file("predictions_bbox", ".json"), stream(("bbox", "score")))
-        if self.index is None:
-            def images(f):
-                f.write(b'{"images":[')
-                for n, r in enumerate(self.journal.records()):
-                    f.write((b"," if n else b"") + json.dumps(r["image"], ensure_ascii=False).encode())
-                f.write(b'],"annotations":[],"categories":')
-                f.write(json.dumps(self.ctx.categories.coco_categories()).encode() + b"}\n")
-            folder.write_atomic(folder.run_file("images", ".json"), images)
+        categories = self.ctx.categories.coco_categories() if self.index is None or not self.index.categories \
+            else self.index.categories
+
+        # merge.py renumbers run-assigned ids across shards, never ids taken from an annotation file
+        info = {"description": "images of an m2f run",
+                "image_ids": "run" if self.index is None else "annotations"}
+
+        def images(f):
+            f.write(b'{"info":' + json.dumps(info).encode() + b',"images":[')
+            for n, r in enumerate(self.journal.records()):
+                f.write((b"," if n else b"") + json.dumps(r["image"], ensure_ascii=False).encode())
+            f.write(b'],"annotations":[],"categories":')
+            f.write(json.dumps(categories, ensure_ascii=False).encode() + b"}\n")
+        folder.write_atomic(folder.run_file("images", ".json"), images)

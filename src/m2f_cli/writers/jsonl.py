@@ -39,6 +39,9 @@ class JsonlWriter(Writer):
     def done(self, ref: ImageRef) -> bool:
         return ref.rel in self._done
 
+    def has_outputs(self, refs) -> bool:
+        return bool(self._done)
+
     def write(self, result: ImageResult) -> None:
         rec = image_record(result, self.threshold, self.with_rle)
         if self.journal is None:
