@@ -258,7 +258,7 @@ def settings_section(settings: dict) -> str:
     body = "".join(f"<tr><th>{e(k)}</th>" + "".join(f"<td>{e(flat[w].get(k, '–'))}</td>" for w in writers)
                    + "</tr>" for k in keys)
     return (f'<section id="settings"><h2>Settings</h2><p class="note">From .m2f/&lt;writer&gt;.settings.json: '
-            f'what each format\'s files were written with.</p><table><tr><th></th>{head}</tr>{body}</table></section>')
+            f'what each format\'s files were written with.</p><table id="settings-table"><tr><th></th>{head}</tr>{body}</table></section>')
 
 
 def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict) -> str:
@@ -268,7 +268,7 @@ def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict) 
     for c in cards:
         if c["failed"] is not None:
             f = c["failed"]
-            figs.append(f'<figure class="card failed" data-failed="1" data-inst="[]"><div class="thumb">'
+            figs.append(f'<figure class="card failed" data-failed="1" data-inst="[]" data-name="{e(f["path"])}"><div class="thumb">'
                         f'failed: {e(f["stage"])}</div><figcaption><span class="name path">{e(f["path"])}</span>'
                         f'<span class="err">{e(f["error"])}</span></figcaption></figure>')
             continue
@@ -279,7 +279,8 @@ def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict) 
         img = (f'<a href="{href(c["full"])}"><img src="{href(c["thumb"])}" loading="lazy" decoding="async" '
                f'alt="{e(c["name"])}"></a>' if c.get("thumb") else "no thumbnail")
         note = f'<span class="note">{e(c["note"])}</span>' if c.get("note") else ""
-        figs.append(f'<figure class="card" data-failed="0" data-inst="{e(inst)}"><div class="thumb">{img}</div>'
+        figs.append(f'<figure class="card" data-failed="0" data-inst="{e(inst)}" data-name="{e(c["name"])}">'
+                    f'<div class="thumb">{img}</div>'
                     f'<figcaption><span class="name" title="{e(c["path"])}">{e(c["name"])}</span>'
                     f'<span class="count">{n} instance{"" if n == 1 else "s"}</span>'
                     f'{": " if labels else ""}<span class="cls">{e(", ".join(labels))}</span>{note}</figcaption></figure>')
