@@ -450,3 +450,22 @@ def test_page_renders_in_headless_chromium(runs, tmp_path):
     keep = os.environ.get("M2F_REPORT_SCREENSHOT")
     if keep:  # where to keep it to look at (docs/report_example.png is one)
         shutil.copy(tmp_path / "report.png", keep)
+
+
+def test_every_report_option_is_documented_in_the_readme():
+    import typer.main
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    cmd = typer.main.get_command(app).commands["report"]
+    opts = [o for p in cmd.params for o in p.opts if o.startswith("--") and o != "--help"]
+    assert len(opts) >= 5
+    assert [o for o in opts if f"`{o}" not in readme] == []
+
+
+def test_report_help_imports_neither_torch_nor_numpy():
+    import subprocess
+    code = ("import sys\nfrom m2f_cli.cli import app\nfrom typer.testing import CliRunner\n"
+            "r = CliRunner().invoke(app, ['report', '--help'])\nassert r.exit_code == 0 and '--open' in r.stdout\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'PIL', 'rich') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

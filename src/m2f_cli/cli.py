@@ -304,7 +304,7 @@ def _report_progress(quiet: bool):
 
     @contextlib.contextmanager
     def plain():
-        last = [0.0]
+        last = [time.monotonic()]  # the first line after 5 s: a quick report prints only its result
 
         def progress(phase: str, done: int, total: Optional[int]) -> None:
             now = time.monotonic()

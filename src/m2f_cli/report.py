@@ -438,10 +438,12 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=5).hexdigest()
 
 
-def read_failures(reader: _Reader, on_failure: Callable[[dict], None]) -> tuple[int, dict, list]:
-    """Stream failures.jsonl (or its shard parts): (count, count per stage, first FAILURE_ROWS)."""
+def read_failures(reader: _Reader, on_failure: Callable[[dict], None]) -> tuple[int, dict, list, list]:
+    """Stream failures.jsonl (or its shard parts): (count, count per stage, first FAILURE_ROWS,
+    the names of the files read)."""
     n, stages, rows = 0, {}, []
-    for name in _part_names(reader.top_names(), "failures", ".jsonl"):
+    names = _part_names(reader.top_names(), "failures", ".jsonl")
+    for name in names:
         for line in reader.lines(reader.folder.join(name)):
             if not line.strip():
                 continue
@@ -455,7 +457,7 @@ def read_failures(reader: _Reader, on_failure: Callable[[dict], None]) -> tuple[
             if len(rows) < FAILURE_ROWS:
                 rows.append(f)
             on_failure(f)
-    return n, stages, rows
+    return n, stages, rows, names
 
 
 def read_manifest(reader: _Reader) -> Optional[dict]:
@@ -687,7 +689,7 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
         def failed_card(f: dict) -> None:
             sampler.offer("failed:" + f["path"], ["failed"],
                           lambda: {"rel": f["path"], "name": f["path"], "failed": f, "items": []})
-        failed, failed_stages, failure_rows = read_failures(reader, failed_card)
+        failed, failed_stages, failure_rows, failure_files = read_failures(reader, failed_card)
 
         cards = sorted(sampler.cards(), key=lambda c: (c["failed"] is not None, c["rel"]))
         drawer = _Drawer(folder, reader, thumb_px)
@@ -707,6 +709,7 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
             folder.write_atomic(_join(reader, folder, "no_instances.txt"), lambda f: shutil.copyfileobj(src, f))
         page = render_page(out=out, source=source, stats=stats, manifest=manifest, settings=settings,
                            cards=cards, failed=failed, failed_stages=failed_stages, failure_rows=failure_rows,
+                           failure_files=failure_files,
                            sample_sizes={"gallery": gallery, "per_stratum": per_stratum})
         index = _join(reader, folder, "index.html")
         folder.write_bytes(index, page.encode("utf-8"))

@@ -195,7 +195,8 @@ def _run_state(manifest: Optional[dict]) -> tuple[str, str]:
     if manifest.get("stopped_early"):
         return "stopped (--max-failures reached)", "bad"
     if manifest.get("complete"):
-        return "complete", "ok"
+        failed = int(manifest.get("failed") or 0)
+        return ("complete", "ok") if not failed else (f"complete ({failed:,} inputs failed)", "warn")
     return "incomplete", "warn"
 
 
@@ -261,7 +262,12 @@ def settings_section(settings: dict) -> str:
             f'what each format\'s files were written with.</p><table id="settings-table"><tr><th></th>{head}</tr>{body}</table></section>')
 
 
-def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict) -> str:
+def files_links(names: list) -> str:
+    """Links to run-level files in OUT (one level up from report/)."""
+    return ", ".join(f'<a href="../{href(n)}">{e(n)}</a>' for n in names)
+
+
+def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict, failure_files: list) -> str:
     classes = sorted({i.label for c in cards for i in c["items"]})
     opts = "".join(f'<option value="{e(c)}">{e(c)}</option>' for c in classes)
     figs = []
@@ -285,11 +291,14 @@ def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict) 
                     f'<span class="count">{n} instance{"" if n == 1 else "s"}</span>'
                     f'{": " if labels else ""}<span class="cls">{e(", ".join(labels))}</span>{note}</figcaption></figure>')
     shown = sum(1 for c in cards if c["failed"] is None)
-    note = (f"{shown:,} of {stats.images:,} images{f' and {len(cards) - shown:,} of {failed:,} failed inputs' if failed else ''}: "
-            f"the {sample_sizes['gallery']} of smallest name hash, plus up to {sample_sizes['per_stratum']} per class "
-            f"and per score band of 0.1 and {2 * sample_sizes['per_stratum']} with no instance and failed. "
-            f"Every image with no instance is listed in <a href=\"no_instances.txt\">no_instances.txt</a>, "
-            f"every failure in <a href=\"../failures.jsonl\">failures.jsonl</a>. Click a thumbnail for the full overlay.")
+    k = sample_sizes["per_stratum"]
+    failed_part = f" and {len(cards) - shown:,} of {failed:,} failed inputs" if failed else ""
+    note = (f"{shown:,} of {stats.images:,} images{failed_part}: up to {sample_sizes['gallery']:,} picked by a "
+            f"hash of their name (the same ones at every rebuild), plus up to {k} per class and per score band "
+            f"of 0.1, {2 * k} with no instance and {2 * k} failed inputs, so that rare cases show. "
+            f"Every image with no instance is listed in <a href=\"no_instances.txt\">no_instances.txt</a>; "
+            + (f"every failure in {files_links(failure_files)}. " if failure_files else "")
+            + "Click a thumbnail for the full overlay.")
     filters = (
         '<div class="filters">'
         '<label>show <select id="f-show"><option value="all">all</option><option value="instances">with instances'
@@ -347,12 +356,12 @@ def plots_section(stats: Stats) -> str:
             f'<div style="margin-top:12px">{table}</div></section>')
 
 
-def failures_section(failed: int, stages: dict, rows: list) -> str:
+def failures_section(failed: int, stages: dict, rows: list, files: list) -> str:
     if not failed:
         return '<section id="failures"><h2>Failures</h2><p>No failed inputs in the last run.</p></section>'
     by_stage = ", ".join(f"{k}: {v:,}" for k, v in sorted(stages.items()))
-    more = (f'<p class="note">The first {len(rows):,} of {failed:,}; all in '
-            f'<a href="../failures.jsonl">failures.jsonl</a>.</p>' if failed > len(rows) else "")
+    more = (f'<p class="note">The first {len(rows):,} of {failed:,}; all in {files_links(files)}.</p>'
+            if failed > len(rows) else "")
     body = "".join(f'<tr><td class="path">{e(r["path"])}</td><td>{e(r["stage"])}</td><td class="err">{e(r["error"])}</td></tr>'
                    for r in rows)
     return (f'<section id="failures"><h2>Failures ({failed:,}; {e(by_stage)})</h2>{more}'
@@ -360,7 +369,8 @@ def failures_section(failed: int, stages: dict, rows: list) -> str:
 
 
 def render_page(out: str, source: str, stats: Stats, manifest: Optional[dict], settings: dict, cards: list,
-                failed: int, failed_stages: dict, failure_rows: list, sample_sizes: dict) -> str:
+                failed: int, failed_stages: dict, failure_rows: list, sample_sizes: dict,
+                failure_files: list = ()) -> str:
     """The whole index.html."""
     from . import __version__
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -375,6 +385,6 @@ def render_page(out: str, source: str, stats: Stats, manifest: Optional[dict], s
         f'<header><h1>m2f report</h1><div class="sub">{e(out)}</div>'
         f'<div class="sub">built {e(when)} by m2f {e(__version__)} from {e(src)} · {nav}</div></header><main>'
         f'<div class="row">{summary_section(out, stats, manifest, settings, failed)}{settings_section(settings)}</div>'
-        f'{gallery_section(cards, stats, failed, sample_sizes)}{plots_section(stats)}'
-        f'{failures_section(failed, failed_stages, failure_rows)}'
+        f'{gallery_section(cards, stats, failed, sample_sizes, list(failure_files))}{plots_section(stats)}'
+        f'{failures_section(failed, failed_stages, failure_rows, list(failure_files))}'
         f'</main><script>{SCRIPT}</script></body></html>\n')
