@@ -233,6 +233,9 @@ def test_report_of_a_full_run_matches_the_sidecars(runs):
     assert page.failed_cards() == [] and "No failed inputs" in (out / "report" / "index.html").read_text()
     html = (out / "report" / "index.html").read_text()
     assert "m2f 0.1.0" in html and str(MODEL) in html  # the builder's version, the run's model
+    # the COCO results (threshold 0) give the scores below the map threshold: all of them counted
+    boxes = json.loads((out / "predictions_bbox.json").read_text())
+    assert int(page.ids["candidates"].replace(",", "")) == len(boxes) > page.tile("instances")
 
 
 def test_report_of_a_stopped_run_lists_failures_and_draws_overlays(runs):
@@ -244,6 +247,7 @@ def test_report_of_a_stopped_run_lists_failures_and_draws_overlays(runs):
     side = check_against_sidecars(out, page)
     assert len(side) == 3
     assert page.ids["run-state"] == "stopped (--max-failures reached)"
+    assert "candidates" not in page.ids  # no COCO results in this run
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert len(failures) == 2 and page.tile("failed (last run)") == 2
     rows = page.tables["failure-table"][1:]

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -460,6 +461,48 @@ def read_failures(reader: _Reader, on_failure: Callable[[dict], None]) -> tuple[
     return n, stages, rows, names
 
 
+_CATEGORY = re.compile(rb'"category_id":\s*(-?\d+)')
+_SCORE = re.compile(rb'"score":\s*([0-9.eE+-]+)')
+
+
+@dataclass
+class Candidates:
+    """Scores of every detection in the COCO results (kept down to the coco writer's threshold,
+    0 by default): where the map threshold could go. per_class: category id -> score histogram."""
+
+    count: int = 0
+    scores: list = field(default_factory=lambda: [0] * SCORE_BINS)
+    per_class: dict = field(default_factory=dict)
+
+
+def read_candidates(reader: _Reader) -> Optional[Candidates]:
+    """Stream predictions_bbox.json (or its shard parts), one detection per line as the coco writer
+    writes it; the box file rather than predictions.json, whose lines carry the masks. The two
+    fields are found by pattern: a JSON parse per detection costs 10x more, and nothing else on a
+    line of that file can spell "score": or "category_id":."""
+    names = _part_names(reader.top_names(), "predictions_bbox", ".json")
+    if not names:
+        return None
+    c = Candidates()
+    for name in names:
+        for line in reader.lines(reader.folder.join(name)):
+            cm, sm = _CATEGORY.search(line), _SCORE.search(line)
+            if cm is None or sm is None:
+                continue
+            try:
+                b = score_bin(float(sm.group(1)))
+            except ValueError:
+                continue
+            cid = int(cm.group(1))
+            hist = c.per_class.get(cid)
+            if hist is None:
+                hist = c.per_class[cid] = [0] * SCORE_BINS
+            hist[b] += 1
+            c.scores[b] += 1
+            c.count += 1
+    return c
+
+
 def read_manifest(reader: _Reader) -> Optional[dict]:
     """m2f-run.json, or the shard manifests summed (wall time: the longest shard)."""
     names = _part_names(reader.top_names(), "m2f-run", ".json")
@@ -691,6 +734,7 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
                           lambda: {"rel": f["path"], "name": f["path"], "failed": f, "items": []})
         failed, failed_stages, failure_rows, failure_files = read_failures(reader, failed_card)
 
+        candidates = read_candidates(reader)
         cards = sorted(sampler.cards(), key=lambda c: (c["failed"] is not None, c["rel"]))
         drawer = _Drawer(folder, reader, thumb_px)
         to_draw = [c for c in cards if c["failed"] is None]
@@ -709,7 +753,7 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
             folder.write_atomic(_join(reader, folder, "no_instances.txt"), lambda f: shutil.copyfileobj(src, f))
         page = render_page(out=out, source=source, stats=stats, manifest=manifest, settings=settings,
                            cards=cards, failed=failed, failed_stages=failed_stages, failure_rows=failure_rows,
-                           failure_files=failure_files,
+                           failure_files=failure_files, candidates=candidates,
                            sample_sizes={"gallery": gallery, "per_stratum": per_stratum})
         index = _join(reader, folder, "index.html")
         folder.write_bytes(index, page.encode("utf-8"))

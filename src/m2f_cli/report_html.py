@@ -33,7 +33,7 @@ table{border-collapse:collapse;background:#fff;font-size:13px}td,th{border:1px s
 text-align:left;vertical-align:top}th{background:#eef0f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .path{word-break:break-all}.err{color:#b42318}.note{color:#5b6572;font-size:12px}
 .plots{display:flex;flex-wrap:wrap;gap:14px}.plot{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:8px}
-.plot h3{font-size:13px;margin:0 0 4px}.multiples{display:flex;flex-wrap:wrap;gap:8px}
+.plot h3{font-size:13px;margin:0 0 4px}.plot .note{max-width:400px}.multiples{display:flex;flex-wrap:wrap;gap:8px}
 .filters{display:flex;flex-wrap:wrap;gap:12px;align-items:center;background:#fff;border:1px solid #dde1e6;
 border-radius:6px;padding:8px 12px;margin-bottom:10px}.filters input[type=number]{width:5em}
 #gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:10px}
@@ -118,13 +118,15 @@ def fmt(x, digits: int = 2) -> str:
 
 
 def histogram_svg(counts: list, ticks: list, color: str = "#4f7cac", width: int = 360, height: int = 130,
-                  marker: Optional[float] = None, bar_titles: Optional[list] = None, log: bool = False) -> str:
+                  marker: Optional[float] = None, bar_titles: Optional[list] = None, log: bool = False,
+                  behind: Optional[list] = None) -> str:
     """Vertical bars. ticks: (bin position 0..len(counts), text); marker: a dashed line at that
-    bin position (the threshold); log: bar heights on a log scale (counts of very unequal sizes)."""
+    bin position (the threshold); log: bar heights on a log scale (counts of very unequal sizes);
+    behind: a second series drawn in grey behind the bars (all candidates behind the kept ones)."""
     left, bottom, top = 34, 18, 8
     w, h = width - left - 14, height - bottom - top  # room on the right for the last tick's text
     n = max(1, len(counts))
-    peak = max(counts, default=0) or 1
+    peak = max(list(counts) + list(behind or []), default=0) or 1
     scale = (lambda c: math.log1p(c) / math.log1p(peak)) if log else (lambda c: c / peak)
     bw = w / n
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -132,6 +134,12 @@ def histogram_svg(counts: list, ticks: list, color: str = "#4f7cac", width: int 
     out.append(f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" stroke="#8a94a0"/>')
     out.append(f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{fmt(peak)}</text>')
     out.append(f'<text x="{left - 4}" y="{top + h}" text-anchor="end">0</text>')
+    for i, c in enumerate(behind or []):
+        if c:
+            bh = max(1.0, scale(c) * h)
+            tip = f"{bar_titles[i]}: " if bar_titles else ""
+            out.append(f'<rect x="{left + i * bw + 0.5:.1f}" y="{top + h - bh:.1f}" width="{max(0.5, bw - 1):.1f}" '
+                       f'height="{bh:.1f}" fill="#cfd4db"><title>{e(tip)}{c:,} candidates</title></rect>')
     for i, c in enumerate(counts):
         if not c:
             continue
@@ -313,7 +321,7 @@ def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict, 
             f'<div id="gallery">{"".join(figs)}</div></section>')
 
 
-def plots_section(stats: Stats) -> str:
+def plots_section(stats: Stats, candidates=None) -> str:
     by_count = sorted(stats.classes.items(), key=lambda kv: (-kv[1].count, kv[0]))
     parts = []
     if by_count:
@@ -323,8 +331,15 @@ def plots_section(stats: Stats) -> str:
         parts.append(f'<div class="plot"><h3>Instances per class</h3>{bars_svg(rows)}{more}</div>')
     threshold = min(stats.thresholds) if stats.thresholds else None
     marker = None if threshold is None else threshold * SCORE_BINS
-    parts.append(f'<div class="plot"><h3>Scores, all classes (dashed: the map threshold)</h3>'
-                 f'{histogram_svg(stats.scores, score_ticks(), marker=marker, bar_titles=score_titles())}</div>')
+    behind = candidates.scores if candidates else None
+    legend = (f'<p class="note">Colour: the {sum(stats.scores):,} instances kept in the maps; grey behind: '
+              f'all <span id="candidates">{candidates.count:,}</span> detections in predictions_bbox.json '
+              f'(COCO results, usually kept down to score 0): what a lower threshold would add.</p>'
+              if candidates else "")
+    log = candidates is not None  # thousands of low-score candidates next to tens of kept instances
+    parts.append(f'<div class="plot"><h3>Scores, all classes ({"log scale; " if log else ""}dashed: the map '
+                 f'threshold)</h3>{histogram_svg(stats.scores, score_ticks(), marker=marker, bar_titles=score_titles(), behind=behind, log=log)}'
+                 f'{legend}</div>')
     count_ticks = [(i + 0.5, str(i)) for i in range(0, COUNT_BINS - 1, 2)] + [(COUNT_BINS - 0.5, f"{COUNT_BINS - 1}+")]
     count_titles = [f"{i} instances" for i in range(COUNT_BINS - 1)] + [f"{COUNT_BINS - 1}+ instances"]
     parts.append(f'<div class="plot"><h3>Instances per image</h3>'
@@ -341,8 +356,9 @@ def plots_section(stats: Stats) -> str:
     multiples = []
     for label, c in by_count[:SMALL_MULTIPLES]:
         svg = histogram_svg(c.scores, score_ticks(), color=hex_color(c.category_id), width=240, height=100,
-                            marker=marker, bar_titles=score_titles())
-        multiples.append(f'<div class="plot"><h3>{e(label)} ({c.count:,})</h3>{svg}</div>')
+                            marker=marker, bar_titles=score_titles(),
+                            behind=candidates.per_class.get(c.category_id) if candidates else None, log=log)
+        multiples.append(f'<div class="plot"><h3>{e(label)} ({c.count:,}{", log scale" if log else ""})</h3>{svg}</div>')
     extra = (f'<p class="note">{len(by_count) - SMALL_MULTIPLES} less frequent classes: see the table.</p>'
              if len(by_count) > SMALL_MULTIPLES else "")
     rows = "".join(f'<tr><td><span style="color:{hex_color(c.category_id)}">■</span> {e(label)}</td>'
@@ -370,7 +386,7 @@ def failures_section(failed: int, stages: dict, rows: list, files: list) -> str:
 
 def render_page(out: str, source: str, stats: Stats, manifest: Optional[dict], settings: dict, cards: list,
                 failed: int, failed_stages: dict, failure_rows: list, sample_sizes: dict,
-                failure_files: list = ()) -> str:
+                failure_files: list = (), candidates=None) -> str:
     """The whole index.html."""
     from . import __version__
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
@@ -385,6 +401,6 @@ def render_page(out: str, source: str, stats: Stats, manifest: Optional[dict], s
         f'<header><h1>m2f report</h1><div class="sub">{e(out)}</div>'
         f'<div class="sub">built {e(when)} by m2f {e(__version__)} from {e(src)} · {nav}</div></header><main>'
         f'<div class="row">{summary_section(out, stats, manifest, settings, failed)}{settings_section(settings)}</div>'
-        f'{gallery_section(cards, stats, failed, sample_sizes, list(failure_files))}{plots_section(stats)}'
+        f'{gallery_section(cards, stats, failed, sample_sizes, list(failure_files))}{plots_section(stats, candidates)}'
         f'{failures_section(failed, failed_stages, failure_rows, list(failure_files))}'
         f'</main><script>{SCRIPT}</script></body></html>\n')
