@@ -27,12 +27,15 @@ import hashlib
 import heapq
 import io
 import json
+import math
 import os
 import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
@@ -146,7 +149,6 @@ class ClassStats:
 
 def _area_bin(area: int, image_area: int) -> int:
     """Bin of log10(area / image_area) over [-AREA_DECADES, 0]; tinier masks go to bin 0."""
-    import math
     if area <= 0 or image_area <= 0:
         return 0
     x = math.log10(min(1.0, area / image_area))
@@ -605,6 +607,7 @@ class _Drawer:
         self.folder, self.reader, self.thumb_px = folder, reader, thumb_px
         self.report = folder.join(REPORT_DIR)
         self.drawn = 0
+        self._lock = threading.Lock()  # draw() runs in a thread pool
 
     def _report_path(self, *parts: str) -> str:
         return self.report + "/" + "/".join(parts) if self.reader.remote else os.path.join(self.report, *parts)
@@ -674,7 +677,8 @@ class _Drawer:
         img = img.convert("RGB")
         img.thumbnail((self.thumb_px, self.thumb_px))
         self.folder.write_bytes(path, _jpeg(img, 80))
-        self.drawn += 1
+        with self._lock:
+            self.drawn += 1
 
 
 def _looks_remote(path: str) -> bool:
@@ -714,7 +718,8 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
 
     # Our own staging area: a run starting meanwhile empties .m2f/tmp (state.py), never this.
     staging = tempfile.mkdtemp(prefix="m2f-report-")
-    folder.tmp = staging if reader.remote else os.path.join(folder.out, REPORT_DIR, ".tmp")
+    folder.tmp = staging if reader.remote else os.path.join(folder.out, REPORT_DIR,
+                                                              f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(folder.tmp, exist_ok=True)
         empty_list = os.path.join(staging, "no_instances.txt")
@@ -739,15 +744,22 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
         drawer = _Drawer(folder, reader, thumb_px)
         to_draw = [c for c in cards if c["failed"] is None]
         done = 0
-        with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
-            for c, err in zip(to_draw, pool.map(_safe(drawer.draw), to_draw)):
-                if err:
-                    c["thumb"] = c["full"] = None
-                    c["note"] = f"not drawn: {err}"
-                done += 1
-                if done % 20 == 0:
-                    progress("draw", done, len(to_draw))
+        from PIL import Image
+        pixel_limit = Image.MAX_IMAGE_PIXELS  # decode() lifts it while it reads: concurrent calls could leave it lifted
+        try:
+            with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
+                for c, err in zip(to_draw, pool.map(_safe(drawer.draw), to_draw)):
+                    if err:
+                        c["thumb"] = c["full"] = None
+                        c["note"] = f"not drawn: {err}"
+                    done += 1
+                    if done % 20 == 0:
+                        progress("draw", done, len(to_draw))
+        finally:
+            Image.MAX_IMAGE_PIXELS = pixel_limit
         progress("draw", len(to_draw), len(to_draw))
+        if not reader.remote:
+            _prune(os.path.join(folder.out, REPORT_DIR), {c[k] for c in to_draw for k in ("thumb", "full") if c.get(k)})
 
         with open(empty_list, "rb") as src:
             folder.write_atomic(_join(reader, folder, "no_instances.txt"), lambda f: shutil.copyfileobj(src, f))
@@ -764,6 +776,26 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
     return ReportSummary(index=index, source=source, images=stats.images, instances=stats.instances,
                          no_instance=stats.no_instance, failed=failed, gallery=len(cards), drawn=drawer.drawn,
                          seconds=time.perf_counter() - t0)
+
+
+def _prune(report_dir: str, keep: set) -> None:
+    """Remove the thumbnails and drawn overlays of earlier builds that this page no longer shows,
+    so that report/ stays as bounded as the sample (local folders; remote ones keep theirs)."""
+    for sub in ("thumbs", "overlays"):
+        top = os.path.join(report_dir, sub)
+        for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+            for name in filenames:
+                rel = os.path.relpath(os.path.join(dirpath, name), report_dir).replace(os.sep, "/")
+                if rel not in keep:
+                    try:
+                        os.remove(os.path.join(dirpath, name))
+                    except OSError:
+                        pass
+            if dirpath != top:
+                try:
+                    os.rmdir(dirpath)  # only when empty
+                except OSError:
+                    pass
 
 
 def _join(reader: _Reader, folder: OutputFolder, name: str) -> str:
