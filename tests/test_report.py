@@ -478,3 +478,43 @@ def test_report_help_imports_neither_torch_nor_numpy():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """A real S3 API: moto's server on 127.0.0.1 (as in tests/test_remote.py)."""
+    import socket
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the test extra")
+    pytest.importorskip("s3fs", reason="s3fs is in the test extra")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    server.stop()
+
+
+def test_remote_out_on_s3_through_the_cli(s3_env, tmp_path):
+    """m2f report s3://... through the installed entry point: sidecars fetched in batches, the
+    failures streamed, the page and its thumbnails uploaded next to the outputs."""
+    import subprocess
+    import s3fs
+    out = tmp_path / "out"
+    totals = synthesise(str(out), 70, seed=6, failures=3)  # more than one fetch batch of 64
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_env["FSSPEC_S3_ENDPOINT_URL"])
+    fs.mkdir("runs")
+    for p in out.rglob("*"):
+        if p.is_file():
+            fs.pipe_file(f"runs/out/{p.relative_to(out).as_posix()}", p.read_bytes())
+    p = subprocess.run([sys.executable, "-m", "m2f_cli", "report", "s3://runs/out"], env={**os.environ, **s3_env},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "s3://runs/out/report/index.html: 70 images" in p.stderr
+    fs.invalidate_cache()
+    page = Page(fs.cat_file("runs/out/report/index.html").decode())
+    assert page.tile("images with outputs") == 70 and page.tile("instances") == totals["instances"]
+    assert page.tile("failed (last run)") == 3 and len(page.tables["failure-table"]) == 4
+    for link in page.images:
+        assert fs.exists(f"runs/out/report/{unquote(link)}"), link
