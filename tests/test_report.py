@@ -379,6 +379,10 @@ def test_jsonl_only_run_and_missing_inputs(tmp_path):
                                            if c["attrs"]["data-name"] == side[first]["name"])
     for link in page.images:
         assert resolves(out / "report", link)
+    again = build_report(str(out))  # reusing what it drew, saying the same
+    assert again.drawn == 0
+    notes = [c["text"] for c in read_page(out).photo_cards()]
+    assert all("boxes only" in t for t in notes) and sum("input image not found" in t for t in notes) == 1
 
 
 def test_nothing_to_report_is_a_usage_error(tmp_path):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
 from .state import STATE_DIR, OutputFolder
-from .storage import RemoteError, RemoteOutputFolder, one_line, open_output
+from .storage import RemoteError, RemoteOutputFolder, is_url, local_path, one_line, open_output
 
 REPORT_DIR = "report"
 SCORE_BINS = 20            # score histograms: 0.05 wide
@@ -639,18 +639,21 @@ class _Drawer:
         full = self._report_path("overlays", f"{rel}.{digest}.jpg")
         card["full"] = full_rel
         card["thumb"] = thumb_rel
-        rgb = None
+        notes = [] if card["has_map"] else ["boxes only (no PNG maps)"]
         if not (self.reader.exists(full) and self.reader.exists(thumb)):
             rgb = _input_rgb(card)
             if rgb is None:
-                card["note"] = "input image not found: masks drawn on grey"
-            img = self._render(card, rgb)
+                notes.append("input image not found or changed: drawn on grey")
+            img = self._render(card, rgb, notes)
             self.folder.write_bytes(full, _jpeg(img, 90))
             self._save_thumb(img, thumb)
-        elif not _looks_remote(card["path"]) and not os.path.exists(card["path"]):
-            card["note"] = "input image not found: masks drawn on grey"  # as when it was drawn
+        elif not is_url(card["path"]) and not os.path.exists(local_path(card["path"])):
+            notes.append("input image not found: drawn on grey")  # as it was when drawn
+        card["note"] = "; ".join(notes) or None
 
-    def _render(self, card: dict, rgb):
+    def _render(self, card: dict, rgb, notes: list):
+        """The overlay of a card: masks from the PNG map (the overlay writer's drawing), or, for
+        JSON Lines records, boxes; on grey without the input image."""
         from PIL import Image, ImageDraw
         if card["has_map"]:
             import numpy as np
@@ -659,10 +662,9 @@ class _Drawer:
             label_map = np.asarray(Image.open(io.BytesIO(data)))
             if label_map.shape != (card["height"], card["width"]):
                 label_map = np.zeros((card["height"], card["width"]), np.uint16)
-                card["note"] = "instance map of another size: not drawn"
+                notes.append("instance map of another size: not drawn")
             return render_overlay(_gray(card) if rgb is None else rgb, _result_from_card(card, label_map),
                                   _Palette())
-        # JSON Lines only: no masks in the outputs; boxes on the image
         img = Image.fromarray(_gray(card) if rgb is None else rgb)
         draw = ImageDraw.Draw(img)
         pal = _Palette()
@@ -670,7 +672,6 @@ class _Drawer:
             x, y, w, h = (list(i.bbox) + [0, 0, 0, 0])[:4]
             draw.rectangle([x, y, x + w, y + h], outline=pal.by_id(i.category_id).color,
                            width=max(1, round(min(img.size) / 200)))
-        card["note"] = (card["note"] + "; " if card["note"] else "") + "boxes only (no PNG maps)"
         return img
 
     def _save_thumb(self, img, path: str) -> None:
@@ -679,11 +680,6 @@ class _Drawer:
         self.folder.write_bytes(path, _jpeg(img, 80))
         with self._lock:
             self.drawn += 1
-
-
-def _looks_remote(path: str) -> bool:
-    from .storage import is_url
-    return is_url(path)
 
 
 # ---------------------------------------------------------------------------------------------
