@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
-from .state import STATE_DIR, OutputFolder
+from .state import OutputFolder
 from .storage import RemoteError, RemoteOutputFolder, is_url, local_path, one_line, open_output
 
 REPORT_DIR = "report"
@@ -321,7 +321,8 @@ class _Reader:
         f = self.folder
         if self.remote:
             prefix = f._p(f.state).rstrip("/") + "/"
-            return sorted(p[len(prefix):] for p in self.listing() if p.startswith(prefix) and "/" not in p[len(prefix):])
+            return sorted(p[len(prefix):] for p in self.listing()
+                          if p.startswith(prefix) and "/" not in p[len(prefix):])
         try:
             return sorted(e.name for e in os.scandir(f.state) if e.is_file())
         except OSError:

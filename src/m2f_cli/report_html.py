@@ -267,7 +267,8 @@ def settings_section(settings: dict) -> str:
     body = "".join(f"<tr><th>{e(k)}</th>" + "".join(f"<td>{e(flat[w].get(k, '–'))}</td>" for w in writers)
                    + "</tr>" for k in keys)
     return (f'<section id="settings"><h2>Settings</h2><p class="note">From .m2f/&lt;writer&gt;.settings.json: '
-            f'what each format\'s files were written with.</p><table id="settings-table"><tr><th></th>{head}</tr>{body}</table></section>')
+            f'what each format\'s files were written with.</p>'
+            f'<table id="settings-table"><tr><th></th>{head}</tr>{body}</table></section>')
 
 
 def files_links(names: list) -> str:
@@ -282,8 +283,8 @@ def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict, 
     for c in cards:
         if c["failed"] is not None:
             f = c["failed"]
-            figs.append(f'<figure class="card failed" data-failed="1" data-inst="[]" data-name="{e(f["path"])}"><div class="thumb">'
-                        f'failed: {e(f["stage"])}</div><figcaption><span class="name path">{e(f["path"])}</span>'
+            figs.append(f'<figure class="card failed" data-failed="1" data-inst="[]" data-name="{e(f["path"])}">'
+                        f'<div class="thumb">failed: {e(f["stage"])}</div><figcaption><span class="name path">{e(f["path"])}</span>'
                         f'<span class="err">{e(f["error"])}</span></figcaption></figure>')
             continue
         inst = json.dumps([[i.label, None if i.score is None else round(i.score, 3)] for i in c["items"]],
@@ -297,7 +298,8 @@ def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict, 
                     f'<div class="thumb">{img}</div>'
                     f'<figcaption><span class="name" title="{e(c["path"])}">{e(c["name"])}</span>'
                     f'<span class="count">{n} instance{"" if n == 1 else "s"}</span>'
-                    f'{": " if labels else ""}<span class="cls">{e(", ".join(labels))}</span>{note}</figcaption></figure>')
+                    f'{": " if labels else ""}<span class="cls">{e(", ".join(labels))}</span>{note}'
+                    '</figcaption></figure>')
     shown = sum(1 for c in cards if c["failed"] is None)
     k = sample_sizes["per_stratum"]
     failed_part = f" and {len(cards) - shown:,} of {failed:,} failed inputs" if failed else ""
@@ -337,8 +339,9 @@ def plots_section(stats: Stats, candidates=None) -> str:
               f'(COCO results, usually kept down to score 0): what a lower threshold would add.</p>'
               if candidates else "")
     log = candidates is not None  # thousands of low-score candidates next to tens of kept instances
+    svg = histogram_svg(stats.scores, score_ticks(), marker=marker, bar_titles=score_titles(), behind=behind, log=log)
     parts.append(f'<div class="plot"><h3>Scores, all classes ({"log scale; " if log else ""}dashed: the map '
-                 f'threshold)</h3>{histogram_svg(stats.scores, score_ticks(), marker=marker, bar_titles=score_titles(), behind=behind, log=log)}'
+                 f'threshold)</h3>{svg}'
                  f'{legend}</div>')
     count_ticks = [(i + 0.5, str(i)) for i in range(0, COUNT_BINS - 1, 2)] + [(COUNT_BINS - 0.5, f"{COUNT_BINS - 1}+")]
     count_titles = [f"{i} instances" for i in range(COUNT_BINS - 1)] + [f"{COUNT_BINS - 1}+ instances"]
@@ -358,11 +361,13 @@ def plots_section(stats: Stats, candidates=None) -> str:
         svg = histogram_svg(c.scores, score_ticks(), color=hex_color(c.category_id), width=240, height=100,
                             marker=marker, bar_titles=score_titles(),
                             behind=candidates.per_class.get(c.category_id) if candidates else None, log=log)
-        multiples.append(f'<div class="plot"><h3>{e(label)} ({c.count:,}{", log scale" if log else ""})</h3>{svg}</div>')
+        scale = ", log scale" if log else ""
+        multiples.append(f'<div class="plot"><h3>{e(label)} ({c.count:,}{scale})</h3>{svg}</div>')
     extra = (f'<p class="note">{len(by_count) - SMALL_MULTIPLES} less frequent classes: see the table.</p>'
              if len(by_count) > SMALL_MULTIPLES else "")
     rows = "".join(f'<tr><td><span style="color:{hex_color(c.category_id)}">■</span> {e(label)}</td>'
-                   f'<td class="num">{c.category_id}</td><td class="num">{c.count:,}</td><td class="num">{c.images:,}</td>'
+                   f'<td class="num">{c.category_id}</td><td class="num">{c.count:,}</td>'
+                   f'<td class="num">{c.images:,}</td>'
                    f'<td class="num">{fmt(c.score_sum / c.scored if c.scored else None, 3)}</td></tr>'
                    for label, c in by_count)
     table = ('<table id="class-table"><tr><th>class</th><th>category id</th><th>instances</th><th>images</th>'
@@ -378,7 +383,8 @@ def failures_section(failed: int, stages: dict, rows: list, files: list) -> str:
     by_stage = ", ".join(f"{k}: {v:,}" for k, v in sorted(stages.items()))
     more = (f'<p class="note">The first {len(rows):,} of {failed:,}; all in {files_links(files)}.</p>'
             if failed > len(rows) else "")
-    body = "".join(f'<tr><td class="path">{e(r["path"])}</td><td>{e(r["stage"])}</td><td class="err">{e(r["error"])}</td></tr>'
+    body = "".join(f'<tr><td class="path">{e(r["path"])}</td><td>{e(r["stage"])}</td>'
+                   f'<td class="err">{e(r["error"])}</td></tr>'
                    for r in rows)
     return (f'<section id="failures"><h2>Failures ({failed:,}; {e(by_stage)})</h2>{more}'
             f'<table id="failure-table"><tr><th>path</th><th>stage</th><th>error</th></tr>{body}</table></section>')
