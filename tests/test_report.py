@@ -522,3 +522,24 @@ def test_remote_out_on_s3_through_the_cli(s3_env, tmp_path):
     assert page.tile("failed (last run)") == 3 and len(page.tables["failure-table"]) == 4
     for link in page.images:
         assert fs.exists(f"runs/out/report/{unquote(link)}"), link
+
+
+def test_big_images_are_drawn_at_a_bounded_size(tmp_path):
+    """A photo above OVERLAY_MAX_PX is drawn at that size (JPEG draft decode, the map resized by
+    nearest neighbour), and looks like the full-size drawing scaled down."""
+    from m2f_cli.report import OVERLAY_MAX_PX, _Palette, _result_from_card, card_of, record_of
+    from m2f_cli.writers.overlay import render_overlay
+    out = tmp_path / "out"
+    synthesise(str(out), 3, seed=7, size=(2400, 1800), empty_every=100)
+    build_report(str(out))
+    for c in read_page(out).photo_cards():
+        drawn = Image.open(out / "report" / unquote(c["href"])).convert("RGB")
+        assert drawn.size == (OVERLAY_MAX_PX, OVERLAY_MAX_PX * 3 // 4)
+        rel = c["attrs"]["data-name"][:-len(".jpg")]
+        doc = json.loads((out / f"{rel}.json").read_text())
+        card = card_of(record_of(doc, rel, "x", True))
+        label_map = np.asarray(Image.open(out / f"{rel}.png"))
+        full = render_overlay(np.asarray(Image.open(doc["image"]).convert("RGB")), _result_from_card(card, label_map),
+                              _Palette()).resize(drawn.size, Image.Resampling.BILINEAR)
+        diff = np.abs(np.asarray(drawn, np.int16) - np.asarray(full, np.int16)).mean()
+        assert diff < 6, diff  # the tags and contours are drawn at the smaller size: close, not equal

@@ -51,6 +51,7 @@ AREA_PER_DECADE = 4        # ... in bins a quarter decade wide
 FAILURE_ROWS = 1000        # failures listed in the page; all of them stay in failures.jsonl
 MAX_MODELS = 20            # distinct model ids counted (a folder normally has one)
 FETCH_BATCH = 64           # remote sidecars fetched per concurrent request round
+OVERLAY_MAX_PX = 1600      # longest side of the overlays the report draws itself (drawn_size)
 
 Progress = Callable[[str, int, Optional[int]], None]
 """progress(phase, done, total): phase "read" (total unknown) or "draw" (total known)."""
@@ -563,36 +564,63 @@ class _Palette:
         return Category(0, category_id, "", _color(category_id))
 
 
+def drawn_size(width: int, height: int) -> tuple[int, int]:
+    """The size the report draws an overlay at: the image's, scaled down to OVERLAY_MAX_PX on its
+    longest side (a 12 MP photo costs ~1 s to draw at full size, for a page that shows 200 px)."""
+    scale = min(1.0, OVERLAY_MAX_PX / max(1, width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _result_from_card(card: dict, label_map):
-    """An ImageResult rebuilt from a sampled sidecar (masks come from the PNG map, not RLE)."""
+    """An ImageResult rebuilt from a sampled sidecar, at label_map's size (masks come from the PNG
+    map, not RLE; boxes are scaled with it, for the tags)."""
     from .records import ImageRef, ImageResult, Instance, Segment
     ref = ImageRef(card["path"], card["name"], card["rel"], 0)
+    h, w = label_map.shape
+    sx, sy = w / max(1, card["width"]), h / max(1, card["height"])
+
+    def box(b):
+        b = (list(b) + [0, 0, 0, 0])[:4]
+        return (round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy))
     items = card["items"]
     if card["task"] == "instance":
-        inst = [Instance(i.id, i.label, i.category_id, -1, i.score or 0.0, tuple(i.bbox), i.area, {})
-                for i in items]
-        return ImageResult(ref, card["width"], card["height"], inst, label_map,
-                           map_threshold=float(card["threshold"] or 0.0))
-    segs = [Segment(i.id, i.label, i.category_id, -1, i.isthing, i.score, i.area, tuple(i.bbox)) for i in items]
-    return ImageResult(ref, card["width"], card["height"], [], label_map, map_threshold=0.0,
-                       task=card["task"], segments=segs)
+        inst = [Instance(i.id, i.label, i.category_id, -1, i.score or 0.0, box(i.bbox), i.area, {}) for i in items]
+        return ImageResult(ref, w, h, inst, label_map, map_threshold=float(card["threshold"] or 0.0))
+    segs = [Segment(i.id, i.label, i.category_id, -1, i.isthing, i.score, i.area, box(i.bbox)) for i in items]
+    return ImageResult(ref, w, h, [], label_map, map_threshold=0.0, task=card["task"], segments=segs)
 
 
-def _input_rgb(card: dict):
-    """The decoded input at the record's size, or None (moved, unreadable, or a different image)."""
+class _Draft:
+    """decode()'s DraftTarget: JPEGs decode at the smallest 1/2^k scale that covers (w, h)."""
+
+    def __init__(self, w: int, h: int):
+        self.w, self.h = w, h
+
+    def draft_size(self, h: int, w: int) -> tuple[int, int]:
+        return self.w, self.h
+
+
+def _input_rgb(card: dict, size: tuple[int, int]):
+    """The input image at size (w, h), or None when it moved, cannot be read, or is not the image
+    of the record any more (another size)."""
+    from PIL import Image
     from .decode import DecodeError, decode
+    full = (card["width"], card["height"])
     try:
-        img = decode(card["path"], max_pixels=None)
+        img = decode(card["path"], max_pixels=None, draft=None if size == full else _Draft(*size))
     except (DecodeError, OSError, ValueError):
         return None
-    if img.rgb.shape[:2] != (card["height"], card["width"]):
+    if (img.width, img.height) != full:
         return None
-    return img.rgb
-
-
-def _gray(card: dict):
+    if img.rgb.shape[:2] == (size[1], size[0]):
+        return img.rgb
     import numpy as np
-    return np.full((max(1, card["height"]), max(1, card["width"]), 3), 96, np.uint8)
+    return np.asarray(Image.fromarray(img.rgb).resize(size, Image.Resampling.BILINEAR))
+
+
+def _gray(size: tuple[int, int]):
+    import numpy as np
+    return np.full((size[1], size[0], 3), 96, np.uint8)
 
 
 def _jpeg(img, quality: int = 85) -> bytes:
@@ -642,7 +670,7 @@ class _Drawer:
         card["thumb"] = thumb_rel
         notes = [] if card["has_map"] else ["boxes only (no PNG maps)"]
         if not (self.reader.exists(full) and self.reader.exists(thumb)):
-            rgb = _input_rgb(card)
+            rgb = _input_rgb(card, drawn_size(card["width"], card["height"]))
             if rgb is None:
                 notes.append("input image not found or changed: drawn on grey")
             img = self._render(card, rgb, notes)
@@ -653,24 +681,30 @@ class _Drawer:
         card["note"] = "; ".join(notes) or None
 
     def _render(self, card: dict, rgb, notes: list):
-        """The overlay of a card: masks from the PNG map (the overlay writer's drawing), or, for
-        JSON Lines records, boxes; on grey without the input image."""
+        """The overlay of a card at drawn_size: masks from the PNG map (the overlay writer's
+        drawing), or, for JSON Lines records, boxes; on grey without the input image."""
         from PIL import Image, ImageDraw
+        size = drawn_size(card["width"], card["height"])
+        base = _gray(size) if rgb is None else rgb
         if card["has_map"]:
             import numpy as np
             from .writers.overlay import render_overlay
             data = self.folder.read_bytes(self.folder.path(card["rel"], ".png"))
-            label_map = np.asarray(Image.open(io.BytesIO(data)))
-            if label_map.shape != (card["height"], card["width"]):
-                label_map = np.zeros((card["height"], card["width"]), np.uint16)
+            png = Image.open(io.BytesIO(data))
+            if png.size != (card["width"], card["height"]):
                 notes.append("instance map of another size: not drawn")
-            return render_overlay(_gray(card) if rgb is None else rgb, _result_from_card(card, label_map),
-                                  _Palette())
-        img = Image.fromarray(_gray(card) if rgb is None else rgb)
+                label_map = np.zeros((size[1], size[0]), np.uint16)
+            else:
+                if png.size != size:
+                    png = png.resize(size, Image.Resampling.NEAREST)  # ids stay ids
+                label_map = np.asarray(png)
+            return render_overlay(base, _result_from_card(card, label_map), _Palette())
+        img = Image.fromarray(base)
         draw = ImageDraw.Draw(img)
         pal = _Palette()
+        s = size[0] / max(1, card["width"])
         for i in card["items"]:
-            x, y, w, h = (list(i.bbox) + [0, 0, 0, 0])[:4]
+            x, y, w, h = [v * s for v in (list(i.bbox) + [0, 0, 0, 0])[:4]]
             draw.rectangle([x, y, x + w, y + h], outline=pal.by_id(i.category_id).color,
                            width=max(1, round(min(img.size) / 200)))
         return img
