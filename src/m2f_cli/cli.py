@@ -278,6 +278,82 @@ def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the sha
     raise typer.Exit(ExitCode.OK if report.ok else ExitCode.INPUTS_FAILED)
 
 
+@app.command()
+def report(
+    out: str = typer.Argument(..., help="The --out folder (or URL) of a finished or interrupted run."),
+    open_page: bool = typer.Option(False, "--open", help="Open the page in the default web browser."),
+    gallery: int = typer.Option(240, "--gallery", metavar="N", help="Images sampled over the whole run "
+                                "into the gallery."),
+    per_class: int = typer.Option(12, "--per-class", metavar="N", help="Also up to N images per class and "
+                                  "per score band of 0.1, 2N with no instance and 2N failed inputs."),
+    thumb_size: int = typer.Option(320, "--thumb-size", metavar="PX", help="Longest side of a thumbnail."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+) -> None:
+    """Write OUT/report/index.html: the run's settings and summary, a gallery of overlays, per-class
+    counts and score histograms, mask sizes and the failures; a static page, no model run."""
+    _setup_logging(quiet)
+    if gallery < 0 or per_class < 0 or thumb_size < 16:
+        raise _error("--gallery and --per-class: 0 or more; --thumb-size: 16 or more", ExitCode.USAGE)
+    from .report import ReportError, build_report
+    from .state import OutputError
+    try:
+        with _report_progress(quiet) as progress:
+            summary = build_report(out, gallery=gallery, per_stratum=per_class, thumb_px=thumb_size,
+                                   progress=progress)
+    except ReportError as e:
+        raise _error(str(e), ExitCode.USAGE)
+    except OutputError as e:
+        raise _error(str(e.args[-1]), ExitCode.FATAL)
+    if not quiet:
+        typer.echo(f"m2f: report: {summary.line()}", err=True)
+    if open_page:
+        import os
+        import webbrowser
+        from .storage import is_url
+        if is_url(summary.index):
+            typer.echo(f"m2f: note: {summary.index} is remote; copy report/ (and the overlays) to open it", err=True)
+        elif not webbrowser.open("file://" + os.path.abspath(summary.index)):
+            typer.echo("m2f: note: no web browser found to open the page", err=True)
+
+
+def _report_progress(quiet: bool):
+    """A context manager yielding build_report's progress callback: a rich bar on terminals,
+    a line every 5 s otherwise, nothing with --quiet."""
+    import contextlib
+    import time
+
+    @contextlib.contextmanager
+    def plain():
+        last = [time.monotonic()]  # the first line after 5 s: a quick report prints only its result
+
+        def progress(phase: str, done: int, total: Optional[int]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 5.0:
+                last[0] = now
+                what = "images read" if phase == "read" else "thumbnails"
+                typer.echo(f"m2f: report: {done}{f'/{total}' if total else ''} {what}", err=True)
+        yield progress
+
+    @contextlib.contextmanager
+    def bar():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        with Progress(TextColumn("[bold]report {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as p:
+            tasks: dict = {}
+
+            def progress(phase: str, done: int, total: Optional[int]) -> None:
+                if phase not in tasks:
+                    tasks[phase] = p.add_task("reading outputs" if phase == "read" else "drawing thumbnails",
+                                              total=total)
+                p.update(tasks[phase], completed=done, total=total)
+            yield progress
+
+    if quiet:
+        return contextlib.nullcontext(None)
+    return bar() if sys.stderr.isatty() else plain()
+
+
 @app.command("eval")
 def eval_cmd(
     gt: str = typer.Option(..., "--gt", help="COCO annotation file (ground truth)."),
