@@ -30,6 +30,9 @@ def test_resolve_by_name_and_id_and_unknown():
 
 
 def test_colours_are_stable_and_distinct():
+    """Colours are a pure function of the category id, pinned here: overlays of two runs, two
+    versions or two machines colour a class alike."""
     t = CategoryTable.coco()
-    assert t.by_id(1).color == CategoryTable.coco().by_id(1).color
+    assert [t.by_id(i).color for i in (1, 13, 18)] == [(60, 113, 242), (242, 98, 60), (242, 196, 60)]
+    assert CategoryTable.from_id2label({0: "dog"}).by_id(18).color == (242, 196, 60)  # by id, not index
     assert len({c.color for c in t.categories}) > 70

@@ -55,11 +55,47 @@ def test_png_masks_match_planted_regions(tmp_path, resize, batch, workers):
 
 
 def test_batches_never_mix_shapes_in_paper_mode(tmp_path):
-    d, _ = _make(tmp_path)
-    pred = PlantedPredictor()
-    seg = Segmenter(pred, resize="paper")
-    run(RunConfig(inputs=[str(d)], out=str(tmp_path / "o"), batch_size=16, workers=0), segmenter=seg)
-    assert sum(pred.batch_sizes) == len(SIZES) and pred.calls >= 2  # sizes differ -> several batches
+    """Same-shape images share a batch, never another shape's: a predictor that sees every batch
+    checks, and the images of one shape are batched together (batching is on)."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    sizes = [(640, 480), (300, 500), (640, 480), (300, 500), (640, 480), (1000, 250), (640, 480)]
+    for n, (w, h) in enumerate(sizes):
+        planted_image(w, h, seed=n)[0].save(d / f"im{n}.png")
+    shapes = []
+
+    class Recording(PlantedPredictor):
+        def __call__(self, pixel_values):
+            shapes.append(tuple(pixel_values.shape))
+            return super().__call__(pixel_values)
+
+    seg = Segmenter(Recording(), resize="paper")
+    s = run(RunConfig(inputs=[str(d)], out=str(tmp_path / "o"), batch_size=4, workers=0), segmenter=seg)
+    assert s.images == len(sizes)
+    assert sum(b for b, *_ in shapes) == len(sizes)
+    assert max(b for b, *_ in shapes) == 4  # the four 640x480 images went through as one batch
+    assert len({s[2:] for s in shapes}) == 3
+
+
+def test_group_batches_flushes_the_oldest_group_when_the_buffer_is_full():
+    """Shapes that never fill a batch are flushed oldest first once more than max_buffered wait,
+    so memory and latency stay bounded; a failed sample comes out alone at once."""
+    from m2f_cli.batch import Sample, group_batches
+    from m2f_cli.records import ImageRef
+    import torch
+
+    def sample(seq, shape, error=None):
+        ref = ImageRef(f"{seq}.png", f"{seq}.png", str(seq), seq)
+        pv = None if error else torch.zeros(3, *shape)
+        return Sample(seq, ref, pv, shape, shape, error=error)
+    stream = [sample(0, (8, 8)), sample(1, (8, 16)), sample(2, (16, 8)), sample(3, (0, 0), "bad"),
+              sample(4, (8, 8)), sample(5, (8, 32)), sample(6, (8, 16))]
+    batches = [[s.seq for s in b] for b in group_batches(stream, batch_size=3, max_buffered=3)]
+    assert batches[0] == [3]                          # the failure, at once
+    assert batches[1] == [0, 4]                       # buffer over 3: the oldest shape flushed, not full
+    assert sorted(x for b in batches for x in b) == list(range(7))
+    for b in batches:
+        assert len({stream[x].shape for x in b}) == 1
 
 
 def test_segmenter_api_on_arrays_and_pil():
