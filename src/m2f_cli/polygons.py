@@ -83,6 +83,12 @@ def _polygons(geom) -> list:
     return []  # points and lines: no area
 
 
+def _ring_area(ring: np.ndarray) -> float:
+    """Signed area of an open (N, 2) ring (shoelace): positive counter-clockwise in (x, y)."""
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
 def _to_part(poly) -> Optional[Part]:
     """A shapely polygon as a Part, oriented; None when degenerate (< 3 vertices or zero area)."""
     from shapely.geometry.polygon import orient
@@ -96,7 +102,7 @@ def _to_part(poly) -> Optional[Part]:
     holes = []
     for ring in poly.interiors:
         h = np.asarray(ring.coords, np.float64)[:-1]
-        if len(h) >= 3:
+        if len(h) >= 3 and _ring_area(h) != 0:
             holes.append(h)
     return Part(ext, tuple(holes), float(poly.area))
 

@@ -5,8 +5,8 @@ as a ``<label>`` (name, colour, type polygon, a text attribute ``score``), then 
 ``<image id name width height>`` per image (name: its source name, the relative path CVAT knows it
 by when the folder is uploaded as the task's data) holding one ``<polygon label source="auto"
 occluded="0" points="x1,y1;x2,y2;..." z_order="0" group_id>`` per part of each object with
-``<attribute name="score">``. The parts of an instance share a group_id (1, 2, ... within the image,
-CVAT's grouping); holes are joined to their part by zero-width seams (polygons.seamed), since CVAT
+``<attribute name="score">``. The parts of an instance share a group_id (CVAT's grouping): its
+instance id, the PNG pixel value; holes are joined to their part by zero-width seams (polygons.seamed), since CVAT
 polygons have none. The score is a text attribute: CVAT's number attributes are integers.
 
 Images stream into a journal as they finish and the XML is rebuilt from it atomically at the end of
@@ -96,11 +96,11 @@ class CvatWriter(Writer):
 
     def record(self, result: ImageResult) -> dict:
         polygons = []
-        for group, s in enumerate(shapes(result, self.threshold, self.simplify), start=1):
+        for s in shapes(result, self.threshold, self.simplify):
             score = None if s.score is None else f"{s.score:.6f}".rstrip("0").rstrip(".")
             for part in s.parts:
                 pts = ";".join(f"{number(x)},{number(y)}" for x, y in seamed(part))
-                polygons.append({"label": s.label, "points": pts, "group": group, "score": score})
+                polygons.append({"label": s.label, "points": pts, "group": s.id, "score": score})
         return {"rel": result.ref.rel, "name": result.ref.name, "width": result.width,
                 "height": result.height, "polygons": polygons}
 
