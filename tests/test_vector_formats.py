@@ -18,7 +18,8 @@ from m2f_cli.pipeline import UsageError
 
 from planted import PlantedPredictor
 from rasterize import decode, fill, iou
-from vector_readers import cvat_masks, geojson_masks, labelme_masks, yolo_masks, yolo_masks_cv2
+from vector_readers import (cvat_masks, cvat_masks_pycocotools, geojson_masks, labelme_masks, yolo_masks,
+                            yolo_masks_cv2)
 
 VECTOR = ("yolo", "labelme", "cvat", "geojson")
 SIZES = [(320, 240), (400, 300), (240, 320)]
@@ -69,6 +70,7 @@ def _instances(out: Path, stem: str) -> tuple[dict, list[dict]]:
 def test_round_trip_keeps_holes_and_parts(planted_run):
     out = planted_run["out"]
     cvat = cvat_masks(out / "annotations.xml")
+    coco = cvat_masks_pycocotools(out / "annotations.xml")  # CVAT's own path from polygons to masks
     for stem, (cx, cy) in planted_run["holes"].items():
         side, insts = _instances(out, stem)
         h, w = side["height"], side["width"]
@@ -78,7 +80,7 @@ def test_round_trip_keeps_holes_and_parts(planted_run):
         assert truth[ring_id].any() and not truth[ring_id][cy, cx]  # the RLE has the hole
         read = {"geojson": geojson_masks(out / f"{stem}.geojson"),
                 "labelme": labelme_masks(out / "labelme" / f"{stem}.json"),
-                "cvat": cvat[f"{stem}.png"]}
+                "cvat": cvat[f"{stem}.png"], "cvat via pycocotools": coco[f"{stem}.png"]}
         for fmt, masks in read.items():
             assert set(masks) == set(truth), fmt
             for k, m in masks.items():

@@ -80,3 +80,20 @@ def yolo_masks_cv2(path: Path, h: int, w: int) -> list[tuple[int, np.ndarray]]:
         cv2.fillPoly(m, [np.asarray(ring, np.int32)], 1)
         out.append((c, m.astype(bool)))
     return out
+
+
+def cvat_masks_pycocotools(path: Path) -> dict[str, dict[int, np.ndarray]]:
+    """cvat_masks with pycocotools' polygon rasteriser (frPyObjects), the one CVAT's dataset layer
+    (Datumaro) turns polygons into masks with."""
+    from pycocotools import mask as mask_utils
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for im in ET.parse(path).getroot().findall("image"):
+        h, w = int(im.get("height")), int(im.get("width"))
+        per: dict[int, np.ndarray] = {}
+        for p in im.findall("polygon"):
+            flat = _points(p.get("points")).ravel().tolist()
+            m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([flat], h, w))).astype(bool)
+            g = int(p.get("group_id"))
+            per[g] = per.get(g, np.zeros((h, w), bool)) | m
+        out[im.get("name")] = per
+    return out
