@@ -154,6 +154,32 @@ def place_tags(result: ImageResult, measure: Callable[[str, int], tuple[int, int
     return tags
 
 
+class _TagFont:
+    """Fonts by size and the tag box of a text: (width, height) of the text plus padding."""
+
+    def __init__(self):
+        self.fonts: dict[int, object] = {}
+        self.draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # textbbox needs a canvas, not its size
+
+    def font(self, size: int):
+        if size not in self.fonts:
+            self.fonts[size] = _font(size)
+        return self.fonts[size]
+
+    @staticmethod
+    def pad(size: int) -> int:
+        return max(1, round(size / 8))
+
+    def measure(self, text: str, size: int) -> tuple[int, int]:
+        l, t, r, b = self.draw.textbbox((0, 0), text, font=self.font(size))
+        return r - l + 2 * self.pad(size), b - t + 2 * self.pad(size)
+
+
+def overlay_tags(result: ImageResult, show_scores: bool = True, fonts: Optional[_TagFont] = None) -> list[Tag]:
+    """The tags render_overlay draws for this result (place_tags with the overlay's fonts)."""
+    return place_tags(result, (fonts or _TagFont()).measure, show_scores)
+
+
 def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: float = 0.5,
                    show_scores: bool = True) -> Image.Image:
     """rgb: (H, W, 3) uint8 upright image; returns the RGB overlay at the same size."""
@@ -177,21 +203,9 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
     out[edge] = palette[owner[edge]]
     img = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    fonts: dict[int, object] = {}
-
-    def font(size: int):
-        if size not in fonts:
-            fonts[size] = _font(size)
-        return fonts[size]
-
-    def pad(size: int) -> int:
-        return max(1, round(size / 8))
-
-    def measure(text: str, size: int) -> tuple[int, int]:
-        l, t, r, b = draw.textbbox((0, 0), text, font=font(size))
-        return r - l + 2 * pad(size), b - t + 2 * pad(size)
-
-    for tag in place_tags(result, measure, show_scores):
+    fonts = _TagFont()
+    tags = overlay_tags(result, show_scores, fonts)
+    for tag in tags:  # leader lines first, so that no line crosses a tag's text
         color = tuple(int(c) for c in palette[tag.value])
         x0, y0, x1, y1 = tag.box
         ax, ay = tag.anchor
@@ -200,11 +214,14 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
             draw.line([(lx, ly), (ax, ay)], fill=color, width=thick)
             r = thick + 1
             draw.ellipse([ax - r, ay - r, ax + r, ay + r], fill=color)
+    for tag in tags:
+        color = tuple(int(c) for c in palette[tag.value])
+        x0, y0, x1, y1 = tag.box
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=color)
         lum = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
-        f = font(tag.size)
+        f = fonts.font(tag.size)
         l, t, _, _ = draw.textbbox((0, 0), tag.text, font=f)
-        p = pad(tag.size)
+        p = fonts.pad(tag.size)
         draw.text((x0 + p - l, y0 + p - t), tag.text, fill=(0, 0, 0) if lum > 140 else (255, 255, 255), font=f)
     return img
 
