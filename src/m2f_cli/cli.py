@@ -245,8 +245,8 @@ def info(
 
 @app.command()
 def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the shards wrote into.")) -> None:
-    """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl
-    and failures.jsonl; exit 3 when a shard is missing or incomplete."""
+    """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl,
+    annotations.xml (CVAT) and failures.jsonl; exit 3 when a shard is missing or incomplete."""
     from .merge import MergeError, merge as merge_parts
     from .state import OutputError, OutputLockedError
     try:
