@@ -150,17 +150,58 @@ def mask_parts(mask: np.ndarray, simplify: float = 0.0, origin: tuple[int, int] 
     return parts
 
 
+def rle_counts(rle: dict) -> np.ndarray:
+    """The run lengths of a COCO RLE (int64; zeros first, column-major), from its compressed string
+    (pycocotools' maskApi.c rleFrString layout: 5 bits per character from '0', a 6th bit for "more",
+    sign-extended; from the third count on, each is stored as its difference to the one two before)
+    or from an uncompressed list."""
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        return np.asarray(counts, np.int64)
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    out: list[int] = []
+    x = k = 0
+    for ch in counts:
+        c = ord(ch) - 48
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+        x = k = 0
+    return np.asarray(out, np.int64)
+
+
+def rle_crop(rle: dict, bbox: Sequence[int]) -> np.ndarray:
+    """The (h, w) bool window bbox [x, y, w, h] of a COCO RLE mask, decoded without the rest of the
+    image (a full 12 MP decode takes ~20 ms per instance)."""
+    x0, y0, w, h = (int(v) for v in bbox)
+    height = int(rle["size"][0])
+    ends = np.cumsum(rle_counts(rle))
+    starts = np.concatenate([[0], ends[:-1]])
+    s1, e1 = starts[1::2], ends[1::2]  # the runs of ones, as flat column-major [start, end)
+    lo, hi = x0 * height, (x0 + w) * height  # the columns of the window
+    keep = (e1 > lo) & (s1 < hi)
+    s1, e1 = np.clip(s1[keep], lo, hi) - lo, np.clip(e1[keep], lo, hi) - lo
+    edges = np.zeros(hi - lo + 1, np.int32)
+    np.add.at(edges, s1, 1)
+    np.add.at(edges, e1, -1)
+    cols = (np.cumsum(edges[:-1]) > 0).reshape(w, height).T
+    return cols[y0:y0 + h]
+
+
 def rle_parts(rle: dict, bbox: Sequence[int], simplify: float = 0.0) -> list[Part]:
     """The parts of a COCO RLE mask ({"size": [H, W], "counts"}); bbox: [x, y, w, h] around it
-    (Instance.bbox), so that only that window is traced."""
-    from pycocotools import mask as mask_utils
-
+    (Instance.bbox), so that only that window is decoded and traced."""
     x, y, w, h = (int(v) for v in bbox)
     if w <= 0 or h <= 0:
         return []
-    counts = rle["counts"]
-    full = mask_utils.decode({"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts})
-    return mask_parts(full[y:y + h, x:x + w], simplify, origin=(x, y))
+    return mask_parts(rle_crop(rle, bbox), simplify, origin=(x, y))
 
 
 def region_parts(label_map: np.ndarray, value: int, bbox: Sequence[int], simplify: float = 0.0) -> list[Part]:

@@ -3,6 +3,7 @@ polygons (polygons.py), and the ``--simplify`` option."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,23 @@ def simplify_option(ctx) -> float:
     return value
 
 
+# The last image's shapes: the writers of a run take each result in turn in one thread, so two or
+# more polygon formats trace an image's masks once (decoding a 12 MP RLE alone takes ~20 ms).
+_last: Optional[tuple] = None
+
+
 def shapes(result: ImageResult, threshold: float, simplify: float) -> list[Shape]:
+    """_shapes, remembered for the last (result, threshold, simplify)."""
+    global _last
+    key = (id(result), result.ref, threshold, simplify)
+    if _last is not None and _last[0] == key and _last[1]() is result:
+        return _last[2]
+    out = _shapes(result, threshold, simplify)
+    _last = (key, weakref.ref(result), out)
+    return out
+
+
+def _shapes(result: ImageResult, threshold: float, simplify: float) -> list[Shape]:
     """The objects of one image with score >= threshold, as polygons.
 
     Instances are traced from their full masks (the RLE, overlaps included, as in predictions.json);
