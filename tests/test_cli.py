@@ -46,6 +46,7 @@ def test_info_names_the_resolved_model(tiny_model):
     (["--device", "cuda:0"], "--device cuda:0"),
     (["--threshold", "1.5"], "--threshold 1.5"),
     (["--resize", "huge"], "--resize 'huge'"),
+    (["--simplify", "-1", "--format", "geojson"], "--simplify -1"),
     (["--out", "-", "--format", "png"], "--out -"),
 ])
 def test_usage_errors_exit_2_before_any_work(tmp_path, image_dir, tiny_model, args, needle):

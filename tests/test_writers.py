@@ -36,8 +36,18 @@ def _check_file(path):
     if path.suffix in (".png", ".jpg"):
         with Image.open(path) as im:
             im.load()
-    elif path.suffix == ".json":
+    elif path.suffix in (".json", ".geojson"):
         json.loads(path.read_text())
+    elif path.suffix == ".xml":
+        import xml.etree.ElementTree as ET
+        ET.parse(path)
+    elif path.suffix == ".yaml":
+        import yaml
+        assert yaml.safe_load(path.read_text())["names"]
+    elif path.suffix == ".txt":
+        for line in path.read_text().splitlines():
+            cls, *xy = line.split()
+            assert int(cls) >= 0 and len(xy) >= 6 and len(xy) % 2 == 0 and all(0 <= float(v) <= 1 for v in xy)
     elif path.suffix == ".jsonl":
         for line in path.read_text().splitlines():
             json.loads(line)

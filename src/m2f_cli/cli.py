@@ -27,6 +27,10 @@ FORMATS = {
     "coco": "<out>/predictions.json COCO results (+ predictions_bbox.json, images.json)",
     "overlay": "<out>/<name>.overlay.jpg: masks, contours and labels drawn on the image",
     "jsonl": "<out>/predictions.jsonl, or stdout with --out -: one JSON object per image",
+    "yolo": "<out>/labels/<name>.txt Ultralytics YOLO segmentation labels + <out>/data.yaml",
+    "labelme": "<out>/labelme/<name>.json: LabelMe polygons with label and score",
+    "cvat": "<out>/annotations.xml: CVAT for images 1.1 polygons with a score attribute",
+    "geojson": "<out>/<name>.geojson: FeatureCollection of (Multi)Polygons; GeoTIFFs in their CRS",
 }
 
 
@@ -93,7 +97,12 @@ def segment(
                                                    "image ids and categories from it (matched by file name)."),
     overlay_format: str = typer.Option(_D.overlay_format, help="Overlay image format: jpg or png."),
     overlay_alpha: float = typer.Option(_D.overlay_alpha, help="Mask opacity in overlays, 0..1."),
+    overlay_scores: bool = typer.Option(_D.overlay_scores, "--overlay-scores/--no-overlay-scores",
+                                        help="Overlay tags show \"label score\" (or the label only)."),
     rle: bool = typer.Option(_D.rle, "--rle", help="Include RLE masks in JSON Lines records."),
+    simplify: float = typer.Option(_D.simplify, "--simplify", metavar="PX",
+                                   help="Polygon formats (yolo, labelme, cvat, geojson): simplify outlines "
+                                   "within PX pixels (Douglas-Peucker, topology kept); 0 = exact pixel edges."),
     compile: Optional[bool] = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the "
                                            "model (one-time compile, then a faster forward). Default: on "
                                            "for CPU runs of 1000+ images at a fixed input size."),
@@ -120,7 +129,8 @@ def segment(
     null: bool = typer.Option(False, "--null", "-0", help="With -, paths on stdin are NUL-separated."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ) -> None:
-    """Segment images and write instance maps, overlays, COCO results or JSON Lines."""
+    """Segment images and write instance maps, overlays, COCO results, JSON Lines or polygons
+    (YOLO, LabelMe, CVAT, GeoJSON)."""
     _setup_logging(quiet)
     if "-" in inputs:
         from .walk import read_path_list
@@ -147,7 +157,7 @@ def segment(
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
-        overlay_alpha=overlay_alpha, rle=rle, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
+        overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle, simplify=simplify, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
         ray_actors=ray_actors, ray_timeout=ray_timeout)
     if ray is not None and devices:
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
@@ -253,8 +263,8 @@ def info(
 
 @app.command()
 def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the shards wrote into.")) -> None:
-    """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl
-    and failures.jsonl; exit 3 when a shard is missing or incomplete."""
+    """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl,
+    annotations.xml (CVAT) and failures.jsonl; exit 3 when a shard is missing or incomplete."""
     from .merge import MergeError, merge as merge_parts
     from .state import OutputError, OutputLockedError
     try:

@@ -63,7 +63,9 @@ class RunConfig:
     coco_annotations: Optional[str] = None
     overlay_format: str = "jpg"
     overlay_alpha: float = 0.5
+    overlay_scores: bool = True  # "label score" tags; False: label only
     rle: bool = False
+    simplify: float = 0.0  # polygon formats: Douglas-Peucker tolerance in pixels; 0 = exact (polygons.py)
     compile: Optional[bool] = None  # None = auto (pipeline.resolve_compile)
     trace_cache: bool = True  # the start-up cache (traced.py)
     shard: Optional[tuple[int, int]] = None

@@ -2,7 +2,8 @@
 
 Reads ``m2f-run.shard-I-of-N.json`` manifests to find missing or incomplete shards, then writes
 predictions.json, predictions_bbox.json, images.json (image ids renumbered 1..n in sorted name
-order, as one run over a folder assigns them), predictions.jsonl and failures.jsonl, atomically.
+order, as one run over a folder assigns them), predictions.jsonl, failures.jsonl and the CVAT
+annotations.xml (images renumbered 0..n-1 in sorted name order), atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from .state import OutputFolder
 from .storage import RemoteError, open_output
 from .walk import order_key
+from .writers.cvat import read_document, write_document
 
 _PART = re.compile(r"\.shard-(\d+)-of-(\d+)\.")
 
@@ -127,3 +129,22 @@ def _merge_files(folder: OutputFolder, names: set[str], n: int, report: MergeRep
         folder.write_bytes(folder.join(f"{stem}.jsonl"),
                            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines).encode())
         report.written.append(f"{stem}.jsonl")
+
+    cvat_parts = _parts(folder, names, "annotations", ".xml", n)
+    if cvat_parts:
+        _merge_cvat(folder, [p for _, p in cvat_parts])
+        report.written.append("annotations.xml")
+
+
+def _merge_cvat(folder: OutputFolder, parts: list[str]) -> None:
+    """One CVAT XML from the shards' parts: their images in sorted name order, ids 0..n-1, written
+    as one run writes it (writers/cvat.py)."""
+    labels, records = [], []
+    for p in parts:
+        labels, recs = read_document(folder.read_bytes(p))
+        records += recs
+    records.sort(key=lambda r: order_key(r["name"]))
+
+    def write(f):
+        write_document(f, labels, enumerate(records), len(records))
+    folder.write_atomic(folder.join("annotations.xml"), write)

@@ -158,6 +158,8 @@ def validate(config: RunConfig) -> None:
         raise UsageError(f"--overlay-format {config.overlay_format!r}: expected jpg or png")
     if not 0.0 <= config.overlay_alpha <= 1.0:
         raise UsageError(f"--overlay-alpha {config.overlay_alpha}: expected a value in [0, 1]")
+    if not config.simplify >= 0:
+        raise UsageError(f"--simplify {config.simplify}: expected a tolerance >= 0 pixels")
     if config.ray is not None:
         if not config.ray.strip():
             raise UsageError("--ray: expected auto, local or a cluster address")
@@ -185,7 +187,8 @@ def open_writers(config: RunConfig, folder: Optional[OutputFolder], categories: 
                  model_id: str, stdout: IO[str]) -> list[Writer]:
     writers = []
     options = {"coco_annotations": config.coco_annotations, "overlay_format": config.overlay_format,
-               "overlay_alpha": config.overlay_alpha, "rle": config.rle, **config.options}
+               "overlay_alpha": config.overlay_alpha, "overlay_scores": config.overlay_scores,
+               "rle": config.rle, "simplify": config.simplify, **config.options}
     for fmt, thr in writer_thresholds(config).items():
         ctx = WriterContext(folder=folder, categories=categories, model=model_id, revision=config.revision,
                             top_k=config.top_k, threshold=thr, overwrite=config.overwrite, stdout=stdout,

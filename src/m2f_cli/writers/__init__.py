@@ -6,6 +6,6 @@ The registry feeds the CLI's ``--format`` choices, its help text and the paramet
 from __future__ import annotations
 
 from .base import REGISTRY, Writer, WriterContext, register
-from . import png, coco, jsonl, overlay  # noqa: F401  (each module registers its writer)
+from . import png, coco, jsonl, overlay, yolo, labelme, cvat, geojson  # noqa: F401  (each registers its writer)
 
 __all__ = ["REGISTRY", "Writer", "WriterContext", "register"]
