@@ -145,7 +145,7 @@ def segment(
     if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
         tune_malloc()
     from .progress import make_reporter
-    from .state import OutputError, OutputLockedError
+    from .state import LeaseLostError, OutputError, OutputLockedError
 
     try:
         if devices:
@@ -166,6 +166,8 @@ def segment(
         raise _error(str(e), ExitCode.USAGE)
     except OutputLockedError as e:
         raise _error(str(e), ExitCode.LOCKED)
+    except LeaseLostError as e:  # another run took the remote output location over mid-run
+        raise _error(str(e.args[-1]), ExitCode.LOCKED)
     except (ModelLoadError, OutputError, EngineError) as e:
         raise _error(str(e.args[-1] if isinstance(e, OutputError) else e), ExitCode.FATAL)
     if summary_json:
@@ -238,13 +240,15 @@ def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the sha
     """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl
     and failures.jsonl; exit 3 when a shard is missing or incomplete."""
     from .merge import MergeError, merge as merge_parts
-    from .state import OutputError, OutputLockedError
+    from .state import LeaseLostError, OutputError, OutputLockedError
     try:
         report = merge_parts(out)
     except MergeError as e:
         raise _error(str(e), ExitCode.USAGE)
     except OutputLockedError as e:
         raise _error(str(e), ExitCode.LOCKED)
+    except LeaseLostError as e:
+        raise _error(str(e.args[-1]), ExitCode.LOCKED)
     except OutputError as e:
         raise _error(str(e.args[-1]), ExitCode.FATAL)
     for i in report.missing:

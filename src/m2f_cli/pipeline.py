@@ -319,7 +319,10 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
                            [f for f in found.failures if shard_of(f.ref.rel, n) == i])
     if folder is not None:
         folder.check_writable()
-        folder.lock()
+        try:
+            folder.lock()
+        except RemoteError as e:  # a store that does not enforce conditional writes (storage.py)
+            raise UsageError(f"--out {e}") from None
     try:
         return _run_locked(config, reporter, segmenter, stdout, folder, found, device, t_start, engine)
     finally:
