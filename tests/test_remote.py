@@ -508,3 +508,64 @@ def test_a_backend_without_conditional_writes_is_refused_unless_opted_in(mem, mo
     names = [p.split("bucket/out/", 1)[1] for p in plain.find("bucket/out")]
     assert {"a.png", "a.json", "predictions.json"} <= set(names)
     assert not [n for n in names if ".m2f-part-" in n]  # uploaded under a temporary name, then moved
+
+
+class _FakeGcs:
+    """The three calls _GcsStore makes through gcsfs (GET an object's resource, a multipart upload
+    with ifGenerationMatch, DELETE with ifGenerationMatch), with GCS's precondition semantics and
+    gcsfs's exceptions (404 -> FileNotFoundError, 412 -> FileExistsError). No GCS server is in the
+    suite: this checks the protocol m2f speaks, not a store."""
+
+    _location = "https://storage.googleapis.com"
+
+    def __init__(self):
+        self.objects, self.gen = {}, 0
+
+    def split_path(self, path):
+        bucket, _, key = path.partition("/")
+        return bucket, key, None
+
+    def invalidate_cache(self, path=None):
+        pass
+
+    def call(self, method, path, *args, ifGenerationMatch=None, data=None, json_out=False, **kw):
+        import email.utils
+        if method == "GET":
+            key = "/".join(args)
+            if key not in self.objects:
+                raise FileNotFoundError(key)
+            meta = self.objects[key]
+            return {"Date": email.utils.formatdate(usegmt=True)}, json.dumps(meta).encode()
+        if method == "POST":
+            head = json.loads(data.split(b"\n\n", 1)[1].split(b"\n--==0==", 1)[0])
+            key = f"{path.rsplit('/b/', 1)[1].split('/')[0]}/{head['name']}"
+        else:
+            key = "/".join(args)
+        current = self.objects.get(key, {}).get("generation", "0")
+        if ifGenerationMatch is not None and str(ifGenerationMatch) != current:
+            raise FileExistsError(key)  # gcsfs: HTTP 412
+        if method == "DELETE":
+            del self.objects[key]
+            return {}, b""
+        self.gen += 1
+        self.objects[key] = {"generation": str(self.gen), "metadata": head["metadata"],
+                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        return {"generation": str(self.gen)}
+
+
+def test_gcs_lease_speaks_generation_preconditions(monkeypatch):
+    fake = _FakeGcs()
+    a, b = storage._GcsStore(fake), storage._GcsStore(fake)
+    v1 = a.create("bkt/out/.m2f/lock", b'{"holder": "a"}')
+    with pytest.raises(storage._Conflict):
+        b.create("bkt/out/.m2f/lock", b'{"holder": "b"}')
+    seen = b.read("bkt/out/.m2f/lock")
+    assert seen.holder == {"holder": "a"} and seen.version == v1 and 0 <= seen.age_s < 5
+    v2 = a.replace("bkt/out/.m2f/lock", b'{"holder": "a", "renewals": 1}', v1)
+    with pytest.raises(storage._Conflict):  # a takeover from a stale read loses to the renewal
+        b.replace("bkt/out/.m2f/lock", b'{"holder": "b"}', v1)
+    b.delete("bkt/out/.m2f/lock", v1)  # not the current generation: left alone
+    assert b.read("bkt/out/.m2f/lock").version == v2
+    a.delete("bkt/out/.m2f/lock", v2)
+    assert a.read("bkt/out/.m2f/lock") is None
+    assert storage.LEASE_STORES["gs"] is storage._GcsStore
