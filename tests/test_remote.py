@@ -10,6 +10,7 @@ import sys
 import time
 
 import fsspec
+from fsspec.implementations.memory import MemoryFileSystem
 import pytest
 from PIL import Image
 
@@ -170,21 +171,36 @@ def test_lost_journal_chunk_is_redone_not_lost(mem, monkeypatch):
         sorted(json.dumps(r, sort_keys=True) for r in reference)
 
 
-def test_remote_lease_lock(mem):
+def test_remote_lease_lock(mem, monkeypatch):
+    """memory:// (one process): a held lease refuses a second run, naming its holder; a lease the
+    store has not seen renewed for LEASE_STALE_S is taken over; the lease is released at the end."""
     fs, root = mem
     _put_tree(fs, root, {"a.png": _image_bytes(0, 64, 48)})
     url = f"memory://{root}"
     cfg = RunConfig(inputs=[url], out=f"{url}-out", workers=0)
     lock = f"{root}-out/.m2f/lock"
-    fs.pipe_file(lock, json.dumps({"holder": "otherhost:123:abc", "time": time.time()}).encode())
+    fs.pipe_file(lock, json.dumps({"holder": "otherhost:123:abc", "renewals": 4}).encode())
     with pytest.raises(OutputLockedError, match="otherhost:123"):
         run(cfg, segmenter=Segmenter(PlantedPredictor()))
     assert not fs.exists(f"{root}-out/a.png")
-    # a lease nobody renewed for longer than LEASE_STALE_S belonged to a dead run: taken over
-    fs.pipe_file(lock, json.dumps({"holder": "otherhost:123:abc",
-                                   "time": time.time() - storage.LEASE_STALE_S - 1}).encode())
+    # nobody renewed it for LEASE_STALE_S (by the store's clock: here this process's): a dead run's
+    monkeypatch.setattr(storage, "LEASE_STALE_S", 0.3)
+    time.sleep(0.4)
     assert run(cfg, segmenter=Segmenter(PlantedPredictor())).images == 1
     assert not fs.exists(lock)  # released at the end
+
+
+def test_memory_lease_is_exact_between_folders_of_one_process(mem):
+    fs, root = mem
+    a, b = storage.open_output(f"memory://{root}/out"), storage.open_output(f"memory://{root}/out")
+    a.lock()
+    try:
+        with pytest.raises(OutputLockedError, match="in use by another m2f run"):
+            b.lock()
+    finally:
+        a.unlock()
+    b.lock()
+    b.unlock()
 
 
 def test_merge_remote_shards(mem):
@@ -285,3 +301,271 @@ def test_staging_folders_of_dead_runs_are_swept(mem, tmp_path, monkeypatch):
                segmenter=Segmenter(PlantedPredictor())).images == 1
     assert not stale.exists() and live.exists() and other.exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(f"m2f-stage-{os.getpid()}-")] == [live]
+
+
+# --- exclusivity on S3: conditional writes against the moto server ----------------------------------
+
+@pytest.fixture()
+def s3_out(s3_server, monkeypatch):
+    """A fresh s3:// output location on the moto server (this process's environment points at it)."""
+    import s3fs
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    # fsspec reads FSSPEC_S3_* when it is imported: give this process the same settings directly
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3_server["FSSPEC_S3_ENDPOINT_URL"],
+                                                   "key": "testing", "secret": "testing"})
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_server["FSSPEC_S3_ENDPOINT_URL"])
+    bucket = f"lease-{time.time_ns()}"
+    fs.mkdir(bucket)
+    yield fs, f"s3://{bucket}/out"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _holder_of(fs, url):
+    fs.invalidate_cache()
+    return json.loads(fs.cat_file(f"{url[5:]}/.m2f/lock"))["holder"]
+
+
+def test_two_drivers_racing_for_s3_exactly_one_wins(s3_out):
+    """The race that write-sleep-read lost: B finds the location free, A takes it meanwhile with
+    an upload slower than any sleep, then B's create arrives. If-None-Match makes B lose, and B's
+    run writes nothing. Then the same race with both creates released at once, a few times."""
+    fs, url = s3_out
+    a, b = storage.open_output(url), storage.open_output(url)
+    real_create = b.store.create
+
+    def slow_create(key, body):
+        a.lock()  # A's whole acquisition happens while B's request is on its way
+        return real_create(key, body)
+    b.store.create = slow_create
+    with pytest.raises(OutputLockedError, match="in use by another m2f run"):
+        b.lock()
+    assert _holder_of(fs, url) == a._lease.holder
+    assert b._lease is None and not b.tmp  # the loser holds nothing and stages nothing
+    a.unlock()
+    assert not fs.exists(f"{url[5:]}/.m2f/lock")
+
+    import threading
+    for round_ in range(3):
+        folders = [storage.open_output(url) for _ in range(2)]
+        barrier = threading.Barrier(2)
+        won, lost = [], []
+
+        def go(f):
+            create = f.store.create
+            f.store.create = lambda key, body: (barrier.wait(), create(key, body))[1]
+            try:
+                f.lock()
+                won.append(f)
+            except OutputLockedError:
+                lost.append(f)
+        threads = [threading.Thread(target=go, args=(f,)) for f in folders]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert (len(won), len(lost)) == (1, 1), round_
+        assert _holder_of(fs, url) == won[0]._lease.holder
+        won[0].unlock()
+
+
+def test_the_loser_of_an_s3_race_writes_nothing(s3_out, tmp_path):
+    """A run that finds the location held exits before any writer: no chunk, no output."""
+    fs, url = s3_out
+    img = tmp_path / "in"
+    img.mkdir()
+    (img / "a.png").write_bytes(_image_bytes(0, 64, 48))
+    holder = storage.open_output(url)
+    holder.lock()
+    try:
+        before = set(fs.find(url[5:]))
+        with pytest.raises(OutputLockedError, match=holder._lease.holder):
+            run(RunConfig(inputs=[str(img)], out=url, formats=("png", "coco"), workers=0),
+                segmenter=Segmenter(PlantedPredictor()))
+        fs.invalidate_cache()
+        assert set(fs.find(url[5:])) == before
+    finally:
+        holder.unlock()
+
+
+def test_a_renewal_after_a_takeover_fails_and_the_old_holder_stops_writing(s3_out, monkeypatch):
+    """A stops renewing (a long pause); by the store's clock its lease goes stale and B takes it
+    over with If-Match on the version it read. A's next renewal fails on its condition: A stops,
+    its journal chunk and outputs are refused, its release leaves B's lease alone."""
+    fs, url = s3_out
+    monkeypatch.setattr(storage, "LEASE_RENEW_S", 3600.0)   # A's renewal thread stays asleep
+    monkeypatch.setattr(storage, "LEASE_STALE_S", 2.0)
+    monkeypatch.setattr(storage, "LEASE_VALID_S", 3600.0)  # only the failed condition can stop A here
+    a, b = storage.open_output(url), storage.open_output(url)
+    a.lock()
+    journal = a.journal("coco")
+    journal.append({"rel": "x", "image": {"id": 1}, "dets": []})
+    journal.flush()  # while A holds the lease: one chunk
+    with pytest.raises(OutputLockedError, match="in use"):
+        b.lock()  # not stale yet: refused, by the store's own clock
+    time.sleep(3.2)  # HTTP dates have 1 s resolution
+    b.lock()
+    assert _holder_of(fs, url) == b._lease.holder
+    chunks = sorted(fs.find(f"{url[5:]}/.m2f/coco.journal"))
+    assert len(chunks) == 1
+
+    with pytest.raises(storage.LeaseLostError, match="taken over by " + b._lease.holder):
+        a._lease.renew()
+    journal.append({"rel": "y", "image": {"id": 2}, "dets": []})
+    with pytest.raises(storage.LeaseLostError):
+        journal.flush()
+    with pytest.raises(storage.LeaseLostError):
+        a.write_bytes(a.join("late.json"), b"{}")
+    a.unlock()
+    fs.invalidate_cache()
+    assert sorted(fs.find(f"{url[5:]}/.m2f/coco.journal")) == chunks  # nothing of A's after the takeover
+    assert not fs.exists(f"{url[5:]}/late.json")
+    assert _holder_of(fs, url) == b._lease.holder  # A's release did not remove B's lease
+    assert b._lease.renew()  # and B's conditional renewals go on
+    b.unlock()
+    assert not fs.exists(f"{url[5:]}/.m2f/lock")
+
+
+def test_a_takeover_loses_to_a_renewal_in_between(s3_out, monkeypatch):
+    """B reads a stale lease, A renews before B writes: B's If-Match fails, B refuses."""
+    fs, url = s3_out
+    monkeypatch.setattr(storage, "LEASE_RENEW_S", 3600.0)
+    monkeypatch.setattr(storage, "LEASE_STALE_S", 1.0)
+    a, b = storage.open_output(url), storage.open_output(url)
+    a.lock()
+    time.sleep(2.2)
+    real_read = b.store.read
+
+    def read_then_a_renews(key):
+        seen = real_read(key)
+        assert seen.age_s >= storage.LEASE_STALE_S
+        assert a._lease.renew()
+        return seen
+    b.store.read = read_then_a_renews
+    with pytest.raises(OutputLockedError, match="just taken over"):
+        b.lock()
+    assert _holder_of(fs, url) == a._lease.holder
+    a.unlock()
+
+
+def test_a_holder_that_cannot_renew_stops_before_a_takeover_is_possible(mem, monkeypatch):
+    fs, root = mem
+    folder = storage.open_output(f"memory://{root}/out")
+    folder.lock()
+    clock = [time.monotonic()]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
+    folder.write_bytes(folder.join("a.json"), b"{}")
+    clock[0] += storage.LEASE_VALID_S + 1  # renewals failed all that time (store unreachable)
+    with pytest.raises(storage.LeaseLostError, match="not renewed"):
+        folder.write_bytes(folder.join("b.json"), b"{}")
+    assert storage.LEASE_VALID_S < storage.LEASE_STALE_S
+    folder.unlock()
+
+
+def test_an_s3_store_that_ignores_conditions_is_refused(s3_out, monkeypatch, tmp_path):
+    fs, url = s3_out
+    (tmp_path / "a.png").write_bytes(_image_bytes(0, 64, 48))
+    real_call = storage._S3Store._call
+
+    def ignoring(self, method, key, **kw):
+        kw.pop("IfNoneMatch", None), kw.pop("IfMatch", None)
+        return real_call(self, method, key, **kw)
+    monkeypatch.setattr(storage._S3Store, "_call", ignoring)
+    with pytest.raises(UsageError, match="does not enforce conditional writes.*M2F_UNSAFE_REMOTE=1"):
+        run(RunConfig(inputs=[str(tmp_path)], out=url, workers=0), segmenter=Segmenter(PlantedPredictor()))
+    fs.invalidate_cache()
+    assert not fs.exists(f"{url[5:]}/a.png")
+
+
+class _PlainFS(MemoryFileSystem):
+    """A filesystem-like backend with no conditional writes (as sftp, hdfs, smb)."""
+
+    protocol = "m2fplain"
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("m2fplain://"))
+
+
+def test_a_backend_without_conditional_writes_is_refused_unless_opted_in(mem, monkeypatch, tmp_path):
+    fsspec.register_implementation("m2fplain", _PlainFS, clobber=True)
+    fs, root = mem
+    _put_tree(fs, root, {"a.png": _image_bytes(0, 64, 48)})
+    out = "m2fplain://bucket/out"
+    from typer.testing import CliRunner
+    from m2f_cli.cli import app
+    r = CliRunner().invoke(app, ["segment", f"memory://{root}", "--out", out, "--model", str(tmp_path / "none")])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "m2fplain:// offers no conditional writes" in lines[0] and \
+        "M2F_UNSAFE_REMOTE=1" in lines[0], r.stderr
+    monkeypatch.setenv("M2F_UNSAFE_REMOTE", "1")
+    s = run(RunConfig(inputs=[f"memory://{root}"], out=out, formats=("png", "coco"), workers=0),
+            segmenter=Segmenter(PlantedPredictor()))
+    assert s.images == 1
+    plain = _PlainFS()
+    names = [p.split("bucket/out/", 1)[1] for p in plain.find("bucket/out")]
+    assert {"a.png", "a.json", "predictions.json"} <= set(names)
+    assert not [n for n in names if ".m2f-part-" in n]  # uploaded under a temporary name, then moved
+
+
+class _FakeGcs:
+    """The three calls _GcsStore makes through gcsfs (GET an object's resource, a multipart upload
+    with ifGenerationMatch, DELETE with ifGenerationMatch), with GCS's precondition semantics and
+    gcsfs's exceptions (404 -> FileNotFoundError, 412 -> FileExistsError). No GCS server is in the
+    suite: this checks the protocol m2f speaks, not a store."""
+
+    _location = "https://storage.googleapis.com"
+
+    def __init__(self):
+        self.objects, self.gen = {}, 0
+
+    def split_path(self, path):
+        bucket, _, key = path.partition("/")
+        return bucket, key, None
+
+    def invalidate_cache(self, path=None):
+        pass
+
+    def call(self, method, path, *args, ifGenerationMatch=None, data=None, json_out=False, **kw):
+        import email.utils
+        if method == "GET":
+            key = "/".join(args)
+            if key not in self.objects:
+                raise FileNotFoundError(key)
+            meta = self.objects[key]
+            return {"Date": email.utils.formatdate(usegmt=True)}, json.dumps(meta).encode()
+        if method == "POST":
+            head = json.loads(data.split(b"\n\n", 1)[1].split(b"\n--==0==", 1)[0])
+            key = f"{path.rsplit('/b/', 1)[1].split('/')[0]}/{head['name']}"
+        else:
+            key = "/".join(args)
+        current = self.objects.get(key, {}).get("generation", "0")
+        if ifGenerationMatch is not None and str(ifGenerationMatch) != current:
+            raise FileExistsError(key)  # gcsfs: HTTP 412
+        if method == "DELETE":
+            del self.objects[key]
+            return {}, b""
+        self.gen += 1
+        self.objects[key] = {"generation": str(self.gen), "metadata": head["metadata"],
+                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())}
+        return {"generation": str(self.gen)}
+
+
+def test_gcs_lease_speaks_generation_preconditions(monkeypatch):
+    fake = _FakeGcs()
+    a, b = storage._GcsStore(fake), storage._GcsStore(fake)
+    v1 = a.create("bkt/out/.m2f/lock", b'{"holder": "a"}')
+    with pytest.raises(storage._Conflict):
+        b.create("bkt/out/.m2f/lock", b'{"holder": "b"}')
+    seen = b.read("bkt/out/.m2f/lock")
+    assert seen.holder == {"holder": "a"} and seen.version == v1 and 0 <= seen.age_s < 5
+    v2 = a.replace("bkt/out/.m2f/lock", b'{"holder": "a", "renewals": 1}', v1)
+    with pytest.raises(storage._Conflict):  # a takeover from a stale read loses to the renewal
+        b.replace("bkt/out/.m2f/lock", b'{"holder": "b"}', v1)
+    b.delete("bkt/out/.m2f/lock", v1)  # not the current generation: left alone
+    assert b.read("bkt/out/.m2f/lock").version == v2
+    a.delete("bkt/out/.m2f/lock", v2)
+    assert a.read("bkt/out/.m2f/lock") is None
+    assert storage.LEASE_STORES["gs"] is storage._GcsStore

@@ -1,6 +1,7 @@
 """The start-up cache (traced.py): the traced model computes what the eager one does, later loads
 skip transformers, and the cache is keyed, replaced, repaired and bypassed where it must be."""
 
+import errno
 import fcntl
 import json
 import os
@@ -93,7 +94,15 @@ def test_the_key_follows_weights_size_and_switches(model_dir, cache, tmp_path, m
     before = traced.cache_path(str(copy), size, torch.float32)
     weights = copy / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert traced.cache_path(str(copy), size, torch.float32) != before          # weights rewritten
+    assert traced.cache_path(str(copy), size, torch.float32) == before          # touched, same bytes
+    data = bytearray(weights.read_bytes())
+    st = weights.stat()
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])  # other values, same size...
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # ...and the same mtime (rsync -a, tar)
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert traced.cache_path(str(copy), size, torch.float32) != before          # content, not stat
+    before = traced.cache_path(str(copy), size, torch.float32)
     cfg = json.loads((copy / "config.json").read_text())
     cfg["id2label"]["0"] = "human"
     (copy / "config.json").write_text(json.dumps(cfg))
@@ -105,9 +114,11 @@ def test_new_weights_replace_the_old_trace(tmp_path, cache):
     d = make_tiny_model(str(tmp_path / "m"), seed=1)
     old = Segmenter(d, device="cpu").predictor
     assert [p.name for p in traces(cache)] == [old.path.name]
+    old_path = old.path
+    old.release()  # nothing uses the old trace any more (test_a_trace_in_use_is_never_deleted)
     make_tiny_model(d, seed=2)  # retrained in place: new weights, same folder
     new = Segmenter(d, device="cpu").predictor
-    assert isinstance(new, traced.TracedPredictor) and new.path != old.path
+    assert isinstance(new, traced.TracedPredictor) and new.path != old_path
     assert [p.name for p in traces(cache)] == [new.path.name]  # the stale trace is gone
     x = torch.randn(1, 3, 384, 384)
     want = HFPredictor(load_model(resolve_model(d)), CPU)(x)
@@ -219,3 +230,140 @@ def test_runs_starting_together_build_once(tmp_path, cache):
     assert waiter.returncode == 0, err
     assert out.split() == ["TracedPredictor", "False"]
     assert "building the start-up cache" not in err
+
+
+def test_same_size_same_mtime_weights_of_other_values_get_a_new_trace(tmp_path, cache):
+    """Weights retrained with the same shapes, copied over the old file with its mtime kept: the
+    cached trace of the old weights must not be loaded (the key is the weights' content)."""
+    d = make_tiny_model(str(tmp_path / "m"), seed=6)
+    other = make_tiny_model(str(tmp_path / "other"), seed=7)
+    old = Segmenter(d, device="cpu").predictor
+    assert isinstance(old, traced.TracedPredictor)
+    weights = Path(d, "model.safetensors")
+    st = weights.stat()
+    new_bytes = Path(other, "model.safetensors").read_bytes()
+    assert len(new_bytes) == st.st_size and new_bytes != weights.read_bytes()
+    weights.write_bytes(new_bytes)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    new = Segmenter(d, device="cpu").predictor
+    assert isinstance(new, traced.TracedPredictor) and new.path != old.path
+    x = torch.randn(1, 3, 384, 384)
+    want = HFPredictor(load_model(resolve_model(other)), CPU)(x)
+    torch.testing.assert_close(new(x)[1], want[1], rtol=0, atol=1e-4)
+
+
+def _plant(cache: Path, name: str, size: int, age_s: float) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    p = cache / name
+    p.write_bytes(b"\0" * size)
+    t = time.time() - age_s
+    os.utime(p, (t, t))
+    return p
+
+
+def test_lru_eviction_keeps_the_cap_and_skips_traces_in_use(cache, monkeypatch):
+    from m2f_cli import cache as cachefiles
+    monkeypatch.setenv("M2F_CACHE_MAX_BYTES", "2500")
+    assert cachefiles.max_bytes() == 2500
+    oldest = _plant(cache, "a-1-384x384-e-k1.pt", 1000, 400)
+    older = _plant(cache, "b-1-384x384-e-k1.pt", 1000, 300)
+    old = _plant(cache, "c-1-384x384-e-k1.pt", 1000, 200)
+    new = _plant(cache, "d-1-384x384-e-k1.pt", 1000, 0)
+    hold = cachefiles.open_in_use(oldest)  # a live user (it also touches it: used now)
+    try:
+        os.utime(oldest, (time.time() - 500,) * 2)  # still the least recently used
+        assert [e.path for e in cachefiles.entries()] == [oldest, older, old, new]
+        assert [e.in_use for e in cachefiles.entries()] == [True, False, False, False]
+        removed = cachefiles.evict(keep=new)
+        assert removed == [older, old]  # 4000 -> 2000 bytes: the oldest is in use, skipped
+        assert oldest.exists() and new.exists()
+    finally:
+        hold.close()
+    assert cachefiles.evict(keep=new) == []  # within the cap now
+    monkeypatch.setenv("M2F_CACHE_MAX_BYTES", "1k")
+    assert cachefiles.evict(keep=new) == [oldest]
+
+
+def test_a_load_touches_the_trace(model_dir, cache):
+    path = Segmenter(model_dir, device="cpu").predictor.path
+    os.utime(path, (1, 1))
+    Segmenter(model_dir, device="cpu")
+    assert path.stat().st_mtime > time.time() - 60  # most recently used again
+
+
+def test_a_trace_in_use_is_never_deleted(tmp_path, cache):
+    """Another live process uses the old trace while new weights replace it: the old file stays
+    until it is released; m2f cache clear skips it too, and removes it once free."""
+    d = make_tiny_model(str(tmp_path / "m"), seed=8)
+    Segmenter(d, device="cpu")
+    (old,) = traces(cache)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from m2f_cli import Segmenter
+        seg = Segmenter({d!r}, device="cpu")
+        print(type(seg.predictor).__name__, flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert holder.stdout.readline().split() == ["TracedPredictor"]
+        make_tiny_model(d, seed=9)  # retrained: the next load builds a new trace
+        new = Segmenter(d, device="cpu").predictor
+        assert new.path != old and sorted(traces(cache)) == sorted([old, new.path])  # old one in use: kept
+        new.release()
+        r = subprocess.run([sys.executable, "-m", "m2f_cli", "cache", "clear"], capture_output=True, text=True,
+                           env=os.environ.copy(), timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"kept {old.name}: in use" in r.stderr and "removed 1 traces" in r.stderr
+        assert traces(cache) == [old]
+    finally:
+        holder.communicate("", timeout=60)
+    r = subprocess.run([sys.executable, "-m", "m2f_cli", "cache", "clear", "--all"], capture_output=True,
+                       text=True, env=os.environ.copy(), timeout=120)
+    assert r.returncode == 0 and "removed 1 traces" in r.stderr, r.stderr
+    assert traces(cache) == [] and not (cache.parent / "digests.json").exists()
+
+
+def test_environments_sharing_a_cache_keep_each_others_traces(tmp_path, cache, monkeypatch):
+    d = make_tiny_model(str(tmp_path / "m"), seed=10)
+    mine = Segmenter(d, device="cpu").predictor
+    mine.release()
+    stem, env, _ = mine.path.name.rsplit("-", 2)
+    theirs = _plant(cache, f"{stem.rsplit('-', 1)[0]}-{stem.rsplit('-', 1)[1]}-0123456789-{'f' * 20}.pt", 10, 0)
+    real_versions = traced._versions
+    monkeypatch.setattr(traced, "_versions", lambda: {**real_versions(), "torch": "another"})
+    assert traced.cache_path(d, (384, 384), torch.float32).name.rsplit("-", 2)[1] != env  # another env
+    monkeypatch.setattr(traced, "_versions", real_versions)
+    make_tiny_model(d, seed=11)  # new weights in this environment: replaces this environment's trace only
+    new = Segmenter(d, device="cpu").predictor
+    assert sorted(traces(cache)) == sorted([theirs, new.path])
+
+
+def test_the_cache_command_lists_and_clears_without_torch(model_dir, cache):
+    Segmenter(model_dir, device="cpu").predictor.release()
+    probe = textwrap.dedent("""
+        import sys
+        from typer.testing import CliRunner
+        from m2f_cli.cli import app
+        r = CliRunner().invoke(app, ["cache", "list"])
+        print(r.exit_code, "torch" in sys.modules, "numpy" in sys.modules)
+        print(r.output)
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=os.environ.copy(),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    first, *listing = out.stdout.splitlines()
+    assert first.split() == ["0", "False", "False"]
+    (trace,) = traces(cache)
+    assert any(trace.name in line and "MB" in line for line in listing)
+    assert "1 traces" in listing[-2] and str(cache) in listing[-2] and "M2F_CACHE_MAX_BYTES" in listing[-2]
+
+
+def test_no_flock_in_the_cache_folder_is_one_line_and_the_run_goes_on(model_dir, cache, monkeypatch, caplog):
+    def no_flock(*a, **k):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    seg = Segmenter(model_dir, device="cpu")
+    assert isinstance(seg.predictor, HFPredictor)
+    (msg,) = [r.getMessage() for r in caplog.records if "file locks" in r.getMessage()]
+    assert "\n" not in msg and "filesystem at /" in msg and "M2F_CACHE_DIR" in msg and "--no-trace-cache" in msg
+    assert traces(cache) == []

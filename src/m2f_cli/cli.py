@@ -169,7 +169,7 @@ def segment(
     if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
         tune_malloc()
     from .progress import make_reporter
-    from .state import OutputError, OutputLockedError
+    from .state import LeaseLostError, OutputError, OutputLockedError
 
     try:
         if devices:
@@ -192,6 +192,8 @@ def segment(
         raise _error(str(e), ExitCode.NO_IMAGES)
     except OutputLockedError as e:
         raise _error(str(e), ExitCode.LOCKED)
+    except LeaseLostError as e:  # another run took the remote output location over mid-run
+        raise _error(str(e.args[-1]), ExitCode.LOCKED)
     except (ModelLoadError, OutputError, EngineError, WriterError) as e:
         raise _error(str(e.args[-1] if isinstance(e, OutputError) else e), ExitCode.FATAL)
     if summary.stdout_closed:
@@ -266,13 +268,15 @@ def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the sha
     """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl,
     annotations.xml (CVAT) and failures.jsonl; exit 3 when a shard is missing or incomplete."""
     from .merge import MergeError, merge as merge_parts
-    from .state import OutputError, OutputLockedError
+    from .state import LeaseLostError, OutputError, OutputLockedError
     try:
         report = merge_parts(out)
     except MergeError as e:
         raise _error(str(e), ExitCode.USAGE)
     except OutputLockedError as e:
         raise _error(str(e), ExitCode.LOCKED)
+    except LeaseLostError as e:
+        raise _error(str(e.args[-1]), ExitCode.LOCKED)
     except OutputError as e:
         raise _error(str(e.args[-1]), ExitCode.FATAL)
     for i in report.missing:
@@ -362,6 +366,47 @@ def _report_progress(quiet: bool):
     if quiet:
         return contextlib.nullcontext(None)
     return bar() if sys.stderr.isatty() else plain()
+
+
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="The start-up cache (traced models in M2F_CACHE_DIR or ~/.cache/m2f): list or clear it.")
+app.add_typer(cache_app, name="cache")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@cache_app.command("list")
+def cache_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """Each cached trace (least recently used first): size, last use, whether a live process uses it."""
+    import time
+
+    from .cache import entries, max_bytes, traces_dir
+    items = entries()
+    if as_json:
+        typer.echo(json.dumps([{"path": str(e.path), "bytes": e.size, "last_used": e.last_used,
+                                "in_use": e.in_use} for e in items]))
+        return
+    for e in items:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        typer.echo(f"{_mb(e.size):>10}  {when}  {'in use' if e.in_use else '      '}  {e.path.name}")
+    cap = max_bytes()
+    typer.echo(f"{len(items)} traces, {_mb(sum(e.size for e in items))} in {traces_dir()} "
+               f"(cap {_mb(cap) if cap > 0 else 'none'}: M2F_CACHE_MAX_BYTES)")
+
+
+@cache_app.command("clear")
+def cache_clear(everything: bool = typer.Option(False, "--all", help="Also forget the weight digests "
+                                                "(digests.json: weights are hashed again on next use)."),
+                ) -> None:
+    """Delete every cached trace no live process is using (those in use are kept and named)."""
+    from .cache import clear
+    removed, kept = clear(everything)
+    for e in kept:
+        typer.echo(f"m2f: kept {e.path.name}: in use by a running m2f process", err=True)
+    typer.echo(f"m2f: removed {len(removed)} traces ({_mb(sum(e.size for e in removed))})"
+               f"{' and the weight digests' if everything else ''}", err=True)
 
 
 @app.command("eval")

@@ -65,7 +65,10 @@ def merge(out: str) -> MergeReport:
             report.incomplete.append(i)
 
     folder.check_writable()
-    folder.lock()
+    try:
+        folder.lock()
+    except RemoteError as e:
+        raise MergeError(str(e)) from None
     try:
         _merge_files(folder, names, n, report)
     finally:

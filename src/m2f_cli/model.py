@@ -214,13 +214,18 @@ def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype
             log.warning("m2f: start-up cache unavailable (%s)", e)
     if path is None:
         return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
-    cached = traced.load(path, trace_size, device)
-    if cached is not None:
-        return cached
-    notify = notify or log.info
-    with traced.build_lock(path, notify):
-        cached = traced.load(path, trace_size, device)  # another process may have built it meanwhile
+    from .cache import CacheLockError
+    try:
+        cached = traced.load(path, trace_size, device)
         if cached is not None:
             return cached
-        predictor = HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
-        return traced.build(predictor, trace_size, path, notify) or predictor
+        notify = notify or log.info
+        with traced.build_lock(path, notify):
+            cached = traced.load(path, trace_size, device)  # another process may have built it meanwhile
+            if cached is not None:
+                return cached
+            predictor = HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
+            return traced.build(predictor, trace_size, path, notify) or predictor
+    except CacheLockError as e:  # no flock where the cache is: one line, and the run goes on without it
+        log.warning("m2f: %s", e.args[-1])
+        return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)

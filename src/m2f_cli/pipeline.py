@@ -378,7 +378,10 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
     found = find_inputs(config, folder)
     if folder is not None:
         folder.check_writable()
-        folder.lock()
+        try:
+            folder.lock()
+        except RemoteError as e:  # a store that does not enforce conditional writes (storage.py)
+            raise UsageError(f"--out {e}") from None
     try:
         return _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine)
     except BaseException:

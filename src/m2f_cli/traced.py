@@ -18,23 +18,33 @@ forward ~1.2 s vs ~1.3-1.4 s eager; peak RSS 619 MB vs 717 MB eager (an unfrozen
 outputs identical at batch 1, within 2.5e-5 (mask logits) at batch 2-3, the size of the last-bit
 changes batch mates already cause in eager mode.
 
-The cache file's name carries a key of everything the trace depends on: the model folder's
-config/preprocessor JSON (content) and weight files (resolved path, size, mtime, as Python's own
-bytecode cache does), the input size, dtype, the fast-deformable switch, and the versions of torch,
-transformers, m2f and of this module and deformable.py. A different key builds a new trace; the
-previous trace of the same model folder and size is then removed. One process builds a trace at a
-time (``build_lock``); the others wait and load it. Writes are atomic (temporary file + rename).
-Anything wrong with a cache file (unreadable, not a trace) means: warn, delete it, load through
-transformers and rebuild. The archive also keeps the model config's id2label, so a cached load names
-the classes exactly as a transformers load does.
+The cache file's name is ``<folder>-<folder hash>-<H>x<W>-<env>-<key>.pt``. ``env`` is a digest of
+what this environment runs the trace with: the versions of torch, transformers, m2f, of this module
+and deformable.py, the dtype and the fast-deformable switch. ``key`` adds the input size and the
+model folder's fingerprint (fingerprint.py): a content hash of its JSON and weight files, each weight
+file's digest computed once and remembered by path, size, mtime, ctime and inode. Content, not
+path/size/mtime: weights retrained with the same shapes and copied with preserved or normalised
+mtimes (``rsync -a``, tar, container images with mtime 0) get another key. (The other way, the
+safetensors header plus a sampled digest, would cost less on first use but can miss a change in the
+bytes it does not sample; hashing 190 MB once per file version is ~0.3 s.)
+A new key for the same folder, size and env means new weights: that older trace is then removed,
+unless a live process uses it. Traces of other environments sharing the cache (another torch, another
+m2f) are left alone; the size cap (cache.py: ``M2F_CACHE_MAX_BYTES``, least recently used first)
+bounds what accumulates. A trace is held with a shared flock while a process uses it (cache.py), so
+no eviction, replacement or ``m2f cache clear`` deletes it under that process.
+One process builds a trace at a time (``build_lock``); the others wait and load it. Writes are atomic
+(temporary file + rename). Anything wrong with a cache file (unreadable, not a trace) means: warn,
+delete it, load through transformers and rebuild. The archive also keeps the model config's id2label,
+so a cached load names the classes exactly as a transformers load does.
 
 Why TorchScript: torch 2.13 marks torch.jit deprecated in favour of torch.export, but loading this
 model's ExportedProgram (``torch.export.load``) took ~20 s here, longer than the start-up it would
 save. The jit calls below silence that DeprecationWarning; if a later torch drops torch.jit, building
 fails with a warning and runs go on through transformers.
 
-Location: ``$M2F_CACHE_DIR``, else ``$XDG_CACHE_HOME/m2f``, else ``~/.cache/m2f``; under ``traced/``.
-``--no-trace-cache`` (``Segmenter(trace_cache=False)``) neither reads nor writes it.
+Location: ``$M2F_CACHE_DIR``, else ``$XDG_CACHE_HOME/m2f``, else ``~/.cache/m2f``; under ``traced/``
+(fingerprint.cache_root, cache.traces_dir). ``--no-trace-cache`` (``Segmenter(trace_cache=False)``)
+neither reads nor writes it. ``m2f cache list`` / ``m2f cache clear`` (cli.py) show and empty it.
 """
 
 from __future__ import annotations
@@ -55,24 +65,21 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from . import __version__, deformable
+from . import __version__, cache, deformable
 from .categories import CategoryTable
+from .fingerprint import model_fingerprint
 from .storage import one_line
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what is traced changes in a way the key below does not see
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _SOURCES = (Path(__file__), Path(deformable.__file__))
 _META = "m2f.json"  # in the archive: the traced model's config.id2label
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("M2F_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "m2f") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "m2f")
-    return Path(root) / "traced"
+    """Where the traces are (cache.traces_dir: one place for the cache's location)."""
+    return cache.traces_dir()
 
 
 def eligible(device: torch.device, dtype: torch.dtype, compile: bool) -> bool:
@@ -89,40 +96,46 @@ def _versions() -> dict:
             "sources": [hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in _SOURCES]}
 
 
+def env_key(dtype: torch.dtype) -> str:
+    """A hex digest of what this environment runs a trace with (versions, dtype, switches): traces
+    of other environments sharing the cache have another one, and are never replaced by ours."""
+    doc = {**_versions(), "dtype": str(dtype), "fast_deformable": deformable.enabled()}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
 def cache_key(local_dir: str, size: tuple[int, int], dtype: torch.dtype) -> str:
-    """A hex digest of everything the trace of this model folder at this input size depends on."""
-    h = hashlib.sha256()
-    h.update(json.dumps({**_versions(), "size": list(size), "dtype": str(dtype),
-                         "fast_deformable": deformable.enabled()}, sort_keys=True).encode())
-    for name in sorted(os.listdir(local_dir)):
-        path = os.path.join(local_dir, name)
-        if name.endswith(".json"):
-            h.update(name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
-        elif name.endswith(_WEIGHT_SUFFIXES):
-            real = os.path.realpath(path)
-            st = os.stat(real)
-            h.update(f"{name}\0{real}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()
+    """A hex digest of everything the trace of this model folder at this input size depends on:
+    the environment, the size and what the folder holds (fingerprint.model_fingerprint)."""
+    doc = {"env": env_key(dtype), "size": list(size), "model": model_fingerprint(local_dir)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def cache_path(local_dir: str, size: tuple[int, int], dtype: torch.dtype) -> Path:
-    """<cache>/<folder name>-<folder hash>-<H>x<W>-<key>.pt: one name stem per model folder and size."""
+    """<cache>/<folder name>-<folder hash>-<H>x<W>-<env>-<key>.pt: a trace of this folder at this
+    size in this environment replaces only its own older versions (same name up to the key)."""
     folder = os.path.realpath(local_dir)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder))[:48] or "model"
-    stem = f"{slug}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}-{size[0]}x{size[1]}"
-    return cache_dir() / f"{stem}-{cache_key(local_dir, size, dtype)[:24]}.pt"
+    stem = f"{slug}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}-{size[0]}x{size[1]}-{env_key(dtype)[:10]}"
+    return cache_dir() / f"{stem}-{cache_key(local_dir, size, dtype)[:20]}.pt"
 
 
 class TracedPredictor:
     """A traced model: pixel_values (B, 3, H, W) at the traced size -> (class logits, mask logits)."""
 
     def __init__(self, module: torch.jit.ScriptModule, size: tuple[int, int], device: torch.device,
-                 categories: CategoryTable, path: Optional[Path] = None):
+                 categories: CategoryTable, path: Optional[Path] = None, hold=None):
         self.module = module
         self.size = tuple(size)
         self.device = device
         self.categories = categories
         self.path = path
+        self._hold = hold  # the trace file, open with a shared flock: in use (cache.py)
+
+    def release(self) -> None:
+        """Let the cache evict or replace this predictor's trace file (it stays loaded here)."""
+        if self._hold is not None:
+            self._hold.close()
+            self._hold = None
 
     def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(pixel_values.shape[-2:]) != self.size:
@@ -139,7 +152,8 @@ def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator
     """Held while this process loads through transformers and builds the trace at path, so that
     runs starting together on a machine (or on a cluster sharing the cache folder) build it once
     and the others load it: flock on <path>.lock, which the kernel drops when its holder dies.
-    Best effort: where the lock cannot be taken, go on without it (builds are atomic anyway)."""
+    Raises cache.CacheLockError where the filesystem has no flock; where the lock file cannot be
+    made at all (an unwritable cache), goes on without it (build then warns and runs untraced)."""
     fd = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,10 +163,12 @@ def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator
         except BlockingIOError:
             notify(f"waiting for another m2f process to build the start-up cache: {path}")
             fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
+    except OSError as e:
         if fd is not None:
             os.close(fd)
             fd = None
+        if e.errno in cache.NO_FLOCK_ERRNOS:
+            raise cache.no_flock(path, e) from None
     try:
         yield
     finally:
@@ -162,20 +178,23 @@ def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator
 
 def load(path: Path, size: tuple[int, int], device: torch.device) -> Optional[TracedPredictor]:
     """The cached trace at path, or None (absent; or unusable: then it is removed with a warning).
-    Its label table is the one the traced model's config had (kept in the archive)."""
-    if not path.exists():
+    Its label table is the one the traced model's config had (kept in the archive). The file stays
+    held (in use) while the predictor lives: cache.open_in_use. Raises cache.CacheLockError."""
+    hold = cache.open_in_use(path)
+    if hold is None:
         return None
     extra = {_META: ""}
     try:
         with _quiet():
-            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            module = torch.jit.load(hold, map_location=device, _extra_files=extra)
         id2label = json.loads(extra[_META])["id2label"]
     except Exception as e:  # noqa: BLE001 - any failure only means "rebuild"
         log.warning("m2f: %s: unusable cached trace (%s); rebuilding it", path, one_line(e)[:200])
-        _remove(path)
+        hold.close()
+        cache.remove_if_unused(path)
         return None
     from .model import categories_of
-    return TracedPredictor(module.eval(), size, device, categories_of(id2label), path)
+    return TracedPredictor(module.eval(), size, device, categories_of(id2label), path, hold)
 
 
 class _Forward(torch.nn.Module):
@@ -217,12 +236,14 @@ def build(predictor, size: tuple[int, int], path: Path,
                     "(set M2F_CACHE_DIR to a writable folder, or pass --no-trace-cache)",
                     path, one_line(e)[:200])
         return None
-    stem = path.name.rsplit("-", 1)[0]
-    for old in [*path.parent.glob(f"{stem}-*.pt"), *path.parent.glob(f"{stem}-*.pt.lock")]:
-        if old.name not in (path.name, f"{path.name}.lock"):
-            _remove(old)
+    stem = path.name.rsplit("-", 1)[0]  # this folder, size and environment: older weights' traces
+    for old in path.parent.glob(f"{stem}-*{cache.SUFFIX}"):
+        if old.name != path.name:
+            cache.remove_if_unused(old)  # one in use stays; the size cap evicts it later
+    cache.evict(keep=path)
     log.info("m2f: traced in %.1f s", time.perf_counter() - t0)
-    return TracedPredictor(module, size, predictor.device, predictor.categories, path)
+    hold = cache.open_in_use(path)
+    return TracedPredictor(module, size, predictor.device, predictor.categories, path, hold)
 
 
 @contextlib.contextmanager

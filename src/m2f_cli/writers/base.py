@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import IO, ClassVar, Optional
+from typing import IO, Callable, ClassVar, Iterable, Iterator, Optional
 
 from ..categories import CategoryTable
 from ..records import ImageRef, ImageResult
@@ -30,7 +30,8 @@ class Writer:
     """One output format. Subclasses set name/help/default_threshold and implement the methods.
 
     done(ref): True when this image's output is complete on disk (resume skips the image when
-        every writer says so, and asks only the writers that are not done for the others).
+        every writer says so, and asks only the writers that are not done for the others): whole
+        files (OutputFolder.complete), never mere existence.
     write(result): write one image's outputs atomically; raises OutputError on I/O failure.
     close(): finalise run-level files (also after an interrupt); must leave only valid files.
     """
@@ -61,6 +62,28 @@ class Writer:
 
     def close(self) -> None:
         pass
+
+
+def unique_records(records: Iterable[dict], id_of: Optional[Callable[[dict], object]] = None) -> Iterator[dict]:
+    """A journal's records, one per image (the first; "rel" names the image) and, with id_of, one
+    per id: a record whose id an earlier record already has is dropped, and its image is then not
+    done, so it is redone under a fresh id. Journals hold such records only after two runs wrote
+    into one folder at once (a lease lost on an object store: storage.py); the files built from them
+    must still name each image once and never give two images one id."""
+    seen_rel: set = set()
+    seen_id: set = set()
+    for r in records:
+        if id_of is not None:
+            i = id_of(r)
+            if i in seen_id:
+                continue
+        rel = r.get("rel")
+        if rel is not None and rel in seen_rel:
+            continue
+        seen_rel.add(rel)
+        if id_of is not None:
+            seen_id.add(i)
+        yield r
 
 
 REGISTRY: dict[str, type[Writer]] = {}

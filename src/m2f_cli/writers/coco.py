@@ -28,7 +28,7 @@ from typing import Optional
 
 from ..categories import CategoryTable, canonical_name
 from ..records import ImageRef, ImageResult
-from .base import Writer, register
+from .base import Writer, register, unique_records
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,13 @@ class CocoWriter(Writer):
         self._done: set[str] = set()
         self._next_id = 1
         self._unlisted: set[str] = set()
-        for r in self.journal.records():
-            self._done.add(r["rel"])
+        for r in self.journal.records():  # every id ever given, also those of dropped records
             self._next_id = max(self._next_id, int(r["image"]["id"]) + 1)
+        self._done = {r["rel"] for r in self._records()}
+
+    def _records(self):
+        """The journal's records, one per image and per image id (base.unique_records)."""
+        return unique_records(self.journal.records(), lambda r: r["image"]["id"])
 
     def has_outputs(self, refs) -> bool:
         return bool(self._done)
@@ -158,7 +162,7 @@ class CocoWriter(Writer):
             def write(f):
                 f.write(b"[")
                 first = True
-                for r in self.journal.records():
+                for r in self._records():
                     iid = r["image"]["id"]
                     for d in r["dets"]:
                         rec = {"image_id": iid, "category_id": d["category_id"]}
@@ -179,7 +183,7 @@ class CocoWriter(Writer):
 
         def images(f):
             f.write(b'{"info":' + json.dumps(info).encode() + b',"images":[')
-            for n, r in enumerate(self.journal.records()):
+            for n, r in enumerate(self._records()):
                 f.write((b"," if n else b"") + json.dumps(r["image"], ensure_ascii=False).encode())
             f.write(b'],"annotations":[],"categories":')
             f.write(json.dumps(categories, ensure_ascii=False).encode() + b"}\n")

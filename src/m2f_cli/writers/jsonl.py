@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ..records import ImageRef, ImageResult
-from .base import Writer, register
+from .base import Writer, register, unique_records
 
 
 def image_record(result: ImageResult, threshold: float, with_rle: bool) -> dict:
@@ -34,7 +34,7 @@ class JsonlWriter(Writer):
         self._done: set[str] = set()
         if ctx.folder is not None:
             self.journal = ctx.folder.journal("jsonl", fresh=ctx.overwrite)
-            self._done = {r["rel"] for r in self.journal.records()}
+            self._done = {r["rel"] for r in unique_records(self.journal.records())}
 
     def done(self, ref: ImageRef) -> bool:
         return ref.rel in self._done
@@ -61,6 +61,6 @@ class JsonlWriter(Writer):
         folder = self.ctx.folder
 
         def write(f):
-            for r in self.journal.records():
+            for r in unique_records(self.journal.records()):
                 f.write(json.dumps(r["record"], ensure_ascii=False).encode() + b"\n")
         folder.write_atomic(folder.run_file("predictions", ".jsonl"), write)

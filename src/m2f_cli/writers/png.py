@@ -55,7 +55,8 @@ class PngWriter(Writer):
         return f.path(ref.rel, ".png"), f.path(ref.rel, ".json")
 
     def done(self, ref: ImageRef) -> bool:
-        return all(self.ctx.folder.exists(p) for p in self._paths(ref))
+        # whole files only: an empty or cut-off PNG or sidecar (a power cut, a full disk) is redone
+        return all(self.ctx.folder.complete(p) for p in self._paths(ref))
 
     def write(self, result: ImageResult) -> None:
         png_path, json_path = self._paths(result.ref)
