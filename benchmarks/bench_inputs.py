@@ -148,7 +148,7 @@ def describe_folder(folder: str) -> dict:
 # checkpoint
 
 def full_config():
-    """Mask2FormerConfig of facebook/mask2former-swin-tiny-coco-instance (REFERENCE.md)."""
+    """Mask2FormerConfig of facebook/mask2former-swin-tiny-coco-instance (docs/mask2former.md)."""
     from transformers import Mask2FormerConfig, SwinConfig
 
     from m2f_cli.categories import COCO_NAMES

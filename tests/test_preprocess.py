@@ -43,7 +43,7 @@ def test_spec_reads_legacy_keys():
 
 
 def _reference_paper(h, w, short=800, long=1333):
-    """Straight from REFERENCE.md: scale the shortest edge to 800, cap the longest at 1333,
+    """Straight from docs/mask2former.md: scale the shortest edge to 800, cap the longest at 1333,
     sizes rounded int(x + 0.5); pad bottom/right to a multiple of 32."""
     s = short / min(h, w)
     if max(h, w) * s > long:

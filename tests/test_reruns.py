@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -38,7 +37,7 @@ def _m2f_cmd():
 
 
 def _files(out):
-    """Every output file (not our bookkeeping) -> (size, mtime_ns, bytes)."""
+    """Every output file (not our bookkeeping) -> its bytes."""
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
             if p.is_file() and ".m2f" not in p.parts and not p.name.startswith(("m2f-run", "failures"))}
 

@@ -1,6 +1,6 @@
 """Stage 5: the original Mask2Former instance inference, turned into our Instance records.
 
-For one image (REFERENCE.md, "Instance inference"):
+For one image (docs/mask2former.md, "The original test protocol"):
 1. mask logits (Q, h/4, w/4) -> bilinear (align_corners=False) to the padded model input ->
    crop the padding -> bilinear to the ORIGINAL (H0, W0);
 2. class probabilities = softmax over C+1, "no object" dropped; top-k over all Q x C pairs

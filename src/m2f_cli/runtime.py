@@ -2,7 +2,7 @@
 
 glibc returns every large tensor (above its dynamic mmap threshold) to the kernel when it is
 freed and faults the pages in again for the next image: on these 2-core machines 19-43% of the
-snippet's CPU time went to the kernel (PERF_NOTES.md). Raising the mmap threshold to glibc's
+snippet's CPU time went to the kernel (docs/performance.md). Raising the mmap threshold to glibc's
 maximum and never trimming the heap keeps those pages in the process instead. Same effect as the
 MALLOC_*_ environment variables, without asking users to set them.
 """

@@ -389,18 +389,31 @@ class Journal:
             return
         with open(self.path, "rb") as f:
             for line in f:
+                if not line.endswith(b"\n"):
+                    return  # a line cut by a failed write: its image is not journaled
                 if line.strip():
                     yield json.loads(line)
 
     def append(self, record: dict) -> None:
+        """Append one record as one whole line. A write that fails part-way (a full disk, a file
+        size limit) is undone, so the journal keeps whole lines only. Raises OutputError."""
+        data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        start = None
         try:
             if self._f is None:
-                self._f = open(self.path, "wb" if self.fresh else "ab")
+                self._f = open(self.path, "wb" if self.fresh else "ab", buffering=0)
                 if self._on_write is not None:
                     self._on_write()
-            self._f.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
-            self._f.flush()
+            start = os.lseek(self._f.fileno(), 0, os.SEEK_END)
+            view = memoryview(data)
+            while view:  # an unbuffered write may be short: the rest goes next, or fails
+                view = view[self._f.write(view):]
         except OSError as e:
+            if start is not None:
+                try:
+                    os.ftruncate(self._f.fileno(), start)
+                except OSError:
+                    pass
             raise OutputError(e.errno, f"{self.path}: cannot write ({e.strerror or e})") from None
 
     def sync(self, dirs_first: bool = True) -> None:
@@ -408,7 +421,6 @@ class Journal:
             return
         if dirs_first and self._before_sync is not None:
             self._before_sync()
-        self._f.flush()
         os.fsync(self._f.fileno())
 
     def close(self) -> None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -221,12 +222,18 @@ def build(predictor, size: tuple[int, int], path: Path,
         with _quiet():  # and TracerWarnings: the sizes a trace bakes in are part of its key
             module = torch.jit.trace(_Forward(predictor).eval(), (example,), check_trace=False)
             module = torch.jit.freeze(module)
+        meta = json.dumps({"id2label": {str(k): v for k, v in predictor.id2label.items()}})
+        # Serialised in memory, then written by Python: torch's file writer aborts the whole
+        # process (an exception in a C++ destructor) when a write fails, e.g. a full disk or a
+        # quota, and a cache must never cost the run. Briefly one more copy of the weights in RAM.
+        buf = io.BytesIO()
+        with _quiet():
+            torch.jit.save(module, buf, _extra_files={_META: meta})
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
         try:
-            meta = json.dumps({"id2label": {str(k): v for k, v in predictor.id2label.items()}})
-            with _quiet():
-                torch.jit.save(module, tmp, _extra_files={_META: meta})
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getbuffer())
+            del buf
             os.replace(tmp, path)
         except BaseException:
             _remove(Path(tmp))
