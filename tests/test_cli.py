@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from m2f_cli.cli import FORMATS, app
+from m2f_cli.cli import SEGMENT_PANELS, app
+from m2f_cli.formats import FORMATS
 from m2f_cli.config import ExitCode
 from m2f_cli.state import OutputFolder
 from m2f_cli.writers import REGISTRY
@@ -184,3 +185,28 @@ def test_help_imports_neither_torch_nor_numpy():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def test_every_segment_option_has_a_help_panel_and_a_readable_placeholder():
+    import typer.main
+    cmd = typer.main.get_command(app).commands["segment"]
+    placed = {name for names in SEGMENT_PANELS.values() for name in names}
+    assert [p.name for p in cmd.params if p.name not in placed] == []
+    text = _invoke("segment", "--help").stdout
+    assert "<list[str]>" not in text and "<str>" not in text and "<int>" not in text
+    panels = [line.rstrip(":") for line in text.splitlines() if line and not line.startswith(" ") and
+              line.endswith(":")]
+    assert panels[:7] == ["Inputs", "Outputs", "Model", "Quality", "Speed", "Scale-out", "Bookkeeping"]
+    assert "Examples:" in text and all(f"  {name} " in text for name in FORMATS)
+
+
+def test_help_follows_the_terminal_width():
+    narrow = runner.invoke(app, ["segment", "--help"], terminal_width=80).stdout
+    wide = runner.invoke(app, ["segment", "--help"], terminal_width=150).stdout
+    assert max(map(len, narrow.splitlines())) <= 80 < max(map(len, wide.splitlines()))
+
+
+def test_version():
+    from m2f_cli import __version__
+    r = _invoke("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"m2f {__version__}"

@@ -14,24 +14,90 @@ import typer
 
 from .config import DEFAULT_MODEL, ExitCode, RunConfig
 
+# Help follows the terminal's width (click caps it at 80 columns unless told otherwise).
+_CONTEXT = {"max_content_width": 160, "help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # plain click help: no rich import, so --help stays fast
+                  context_settings=_CONTEXT,
                   help="Mask2Former instance segmentation over folders of images.")
 
 _D = RunConfig(inputs=[], out="")  # the defaults, from their one place
 
-# Kept in sync with writers.REGISTRY by a test (the registry imports torch-free modules only,
-# but importing it here would pull numpy/Pillow/pycocotools into --help).
-FORMATS = {
-    "png": "<out>/<name>.png 16-bit instance map + <name>.json sidecar",
-    "coco": "<out>/predictions.json COCO results (+ predictions_bbox.json, images.json)",
-    "overlay": "<out>/<name>.overlay.jpg: masks, contours and labels drawn on the image",
-    "jsonl": "<out>/predictions.jsonl, or stdout with --out -: one JSON object per image",
-    "yolo": "<out>/labels/<name>.txt Ultralytics YOLO segmentation labels + <out>/data.yaml",
-    "labelme": "<out>/labelme/<name>.json: LabelMe polygons with label and score",
-    "cvat": "<out>/annotations.xml: CVAT for images 1.1 polygons with a score attribute",
-    "geojson": "<out>/<name>.geojson: FeatureCollection of (Multi)Polygons; GeoTIFFs in their CRS",
+# `m2f segment --help` in panels, in the order a user needs them (by parameter name), with
+# readable placeholders. A test checks that every option of segment has a panel.
+SEGMENT_PANELS: dict[str, tuple[str, ...]] = {
+    "Inputs": ("inputs", "null", "max_pixels"),
+    "Outputs": ("out", "formats", "overlay_format", "overlay_alpha", "overlay_scores", "rle", "simplify",
+                "coco_annotations"),
+    "Model": ("model", "revision", "allow_pickle", "task"),
+    "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full"),
+    "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "trace_cache", "fast_decode"),
+    "Scale-out": ("shard", "devices", "ray", "ray_actors", "ray_timeout", "ray_cpus_per_actor"),
+    "Bookkeeping": ("overwrite", "max_failures", "summary_json", "quiet", "help"),
 }
+METAVARS = {
+    "inputs": "PATH|GLOB|URL|-", "out": "DIR|URL|-", "formats": "FORMAT", "model": "HUB_ID|DIR",
+    "revision": "REV", "device": "DEVICE", "dtype": "DTYPE", "batch_size": "N", "workers": "N", "threads": "N",
+    "threshold": "SCORE", "top_k": "K", "classes": "NAMES", "resize": "MODE", "task": "TASK",
+    "max_pixels": "N", "max_failures": "N", "coco_annotations": "FILE", "overlay_format": "jpg|png",
+    "overlay_alpha": "0..1", "simplify": "PX", "shard": "I/N", "devices": "LIST", "summary_json": "FILE",
+    "tile": "SIZE[,OVERLAP]|auto", "ray_cpus_per_actor": "N",
+}
+SEGMENT_EXAMPLES = (
+    "m2f segment photos --out masks",
+    "m2f segment photos --out masks -f overlay -f coco",
+    "find /data -name '*.jpg' -print0 | m2f segment - -0 --out masks",
+    "m2f segment photos -f jsonl --out - | jq '.instances | length'",
+    "m2f segment s3://bucket/imgs --out s3://bucket/masks --shard 3/16",
+)
+
+
+class _PanelledCommand(typer.core.TyperCommand):
+    """Click's plain help, with the options grouped in SEGMENT_PANELS and readable METAVARS."""
+
+    def format_options(self, ctx, formatter) -> None:
+        where = {name: panel for panel, names in SEGMENT_PANELS.items() for name in names}
+        groups: dict[str, list] = {panel: [] for panel in SEGMENT_PANELS}
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                record = (f"{param.name.upper()}...  {METAVARS.get(param.name, '')}".strip(), param.help or "")
+            else:
+                if param.name in METAVARS and getattr(param, "metavar", None) is None:
+                    param.metavar = METAVARS[param.name]
+                record = param.get_help_record(ctx)
+            if record is not None:
+                groups.setdefault(where.get(param.name, "Other"), []).append(record)
+        for panel, records in groups.items():
+            if records:
+                with formatter.section(panel):
+                    formatter.write_dl(records)
+
+    def collect_usage_pieces(self, ctx) -> list:
+        return [self.options_metavar] + [f"{p.name.upper()}..." for p in self.get_params(ctx)
+                                         if isinstance(p, typer.core.TyperArgument)]
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from .formats import FORMATS
+        with formatter.section("Formats (--format)"):
+            formatter.write_dl(list(FORMATS.items()))
+        with formatter.section("Examples"):
+            for line in SEGMENT_EXAMPLES:
+                formatter.write_text(line)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        typer.echo(f"m2f {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Mask2Former instance segmentation over folders of images: PNG instance maps, overlays,
+    COCO results, JSON Lines and polygons, resumable, from the shell."""
 
 
 def _silence_stdout() -> None:
@@ -55,7 +121,7 @@ def _setup_logging(quiet: bool) -> None:
                         format="m2f: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
-@app.command()
+@app.command(cls=_PanelledCommand)
 def segment(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (walked recursively), glob "
                                        "patterns, fsspec URLs (s3://bucket/imgs, gs://..., memory://...), "
@@ -63,8 +129,7 @@ def segment(
     out: str = typer.Option(..., "--out", "-o", help="Output folder (created) or fsspec URL (s3://bucket/masks), "
                                                         "or - for JSON Lines on stdout."),
     formats: List[str] = typer.Option(list(_D.formats), "--format", "-f",
-                                      help="Output format, repeatable: " + "; ".join(
-                                          f"{k}: {v}" for k, v in FORMATS.items())),
+                                      help="Output format, repeatable (listed below)."),
     model: str = typer.Option(_D.model, "--model", "-m", help="Hub id or local save_pretrained folder."),
     revision: Optional[str] = typer.Option(_D.revision, help="Hub revision (branch, tag or commit) to pin."),
     allow_pickle: bool = typer.Option(_D.allow_pickle, "--allow-pickle",
@@ -85,8 +150,8 @@ def segment(
                                           "COCO ids, comma-separated (see m2f labels)."),
     resize: str = typer.Option(_D.resize, help="checkpoint (the model's preprocessor: 384x384), paper "
                                "(shortest edge 800, longest <= 1333, aspect kept) or SHORT[,LONG]."),
-    task: str = typer.Option(_D.task, help="auto (from the checkpoint's name or label count), instance, "
-                             "panoptic or semantic."),
+    task: str = typer.Option(_D.task, help="auto (what the checkpoint's name or classes say; else it asks), "
+                             "instance, panoptic or semantic."),
     fast_decode: bool = typer.Option(_D.fast_decode, "--fast-decode",
                                      help="Decode JPEGs at reduced size (draft mode): faster on big photos, "
                                      "pixels differ slightly from the checkpoint's preprocessing."),
@@ -149,6 +214,7 @@ def segment(
         except ValueError as e:
             raise _error(str(e), ExitCode.USAGE)
     for f in formats:
+        from .formats import FORMATS
         if f not in FORMATS:
             raise _error(f"--format {f!r}: expected one of {', '.join(FORMATS)}", ExitCode.USAGE)
     config = RunConfig(

@@ -27,7 +27,8 @@ class WriterContext:
 
 
 class Writer:
-    """One output format. Subclasses set name/help/default_threshold and implement the methods.
+    """One output format. Subclasses set name (one of formats.FORMATS) and default_threshold and
+    implement the methods.
 
     done(ref): True when this image's output is complete on disk (resume skips the image when
         every writer says so, and asks only the writers that are not done for the others): whole
@@ -37,7 +38,6 @@ class Writer:
     """
 
     name: ClassVar[str] = ""
-    help: ClassVar[str] = ""
     default_threshold: ClassVar[float] = 0.5
     # The entries of ctx.options this writer's files depend on (besides the model, task, resize,
     # dtype, classes, top-k and its own threshold, which every writer's files depend on). They go

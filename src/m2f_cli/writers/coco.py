@@ -94,7 +94,6 @@ def _names(cats: list, n: int = 6) -> str:
 class CocoWriter(Writer):
     name = "coco"
     recorded = ("coco_annotations",)
-    help = "<out>/predictions.json (COCO segm results) + predictions_bbox.json + images.json"
     default_threshold = 0.0
 
     def __init__(self, ctx):

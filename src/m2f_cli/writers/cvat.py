@@ -83,7 +83,6 @@ def write_document(f, labels: Sequence[tuple[str, str]], records: Iterable[tuple
 class CvatWriter(Writer):
     name = "cvat"
     recorded = ("simplify",)
-    help = "<out>/annotations.xml CVAT for images 1.1 polygons (label, score attribute)"
 
     def __init__(self, ctx):
         super().__init__(ctx)

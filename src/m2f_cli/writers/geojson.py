@@ -81,7 +81,6 @@ def _geometry(parts, affine) -> dict:
 class GeojsonWriter(Writer):
     name = "geojson"
     recorded = ("simplify",)
-    help = "<out>/<name>.geojson FeatureCollection (Polygon/MultiPolygon with holes; a GeoTIFF's CRS)"
 
     def __init__(self, ctx):
         super().__init__(ctx)

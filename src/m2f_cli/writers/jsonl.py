@@ -25,7 +25,6 @@ def image_record(result: ImageResult, threshold: float, with_rle: bool) -> dict:
 class JsonlWriter(Writer):
     name = "jsonl"
     recorded = ("rle",)
-    help = "<out>/predictions.jsonl, or stdout with --out - (one object per image; masks with --rle)"
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -32,7 +32,6 @@ LABELME_VERSION = "5.5.0"  # the label-file layout written here is the one of La
 class LabelmeWriter(Writer):
     name = "labelme"
     recorded = ("simplify",)
-    help = "<out>/labelme/<name>.json LabelMe polygons (label, score, group_id per instance)"
 
     def __init__(self, ctx):
         super().__init__(ctx)

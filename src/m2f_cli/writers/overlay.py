@@ -230,7 +230,6 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
 class OverlayWriter(Writer):
     name = "overlay"
     recorded = ("overlay_alpha", "overlay_scores")
-    help = "<out>/<name>.overlay.jpg (or .png): the image with masks, contours and labels drawn"
 
     def __init__(self, ctx):
         super().__init__(ctx)

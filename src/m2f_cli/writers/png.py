@@ -47,8 +47,6 @@ def sidecar(result: ImageResult, writer: Writer) -> dict:
 @register
 class PngWriter(Writer):
     name = "png"
-    help = ("<out>/<name>.png (16-bit instance map; panoptic: segment ids; semantic: category ids) "
-            "+ <name>.json (instances with RLE masks, or segments_info)")
 
     def _paths(self, ref: ImageRef) -> tuple[str, str]:
         f = self.ctx.folder

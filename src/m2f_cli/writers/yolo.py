@@ -32,7 +32,6 @@ def _yaml_str(s: str) -> str:
 class YoloWriter(Writer):
     name = "yolo"
     recorded = ("simplify",)
-    help = "<out>/labels/<name>.txt Ultralytics YOLO segmentation labels + <out>/data.yaml"
 
     def __init__(self, ctx):
         super().__init__(ctx)
