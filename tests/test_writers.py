@@ -158,19 +158,41 @@ def test_overlay_colours_the_mask_and_nothing_far_away(tmp_path):
         assert changed[far].mean() < 0.01 and far.sum() > 100
 
 
+class _LeftThird(PlantedPredictor):
+    """One confident person whose mask is the left third of the image, whatever the pixels."""
+
+    def __call__(self, pixel_values):
+        cls, masks = super().__call__(pixel_values)
+        masks[:] = -20.0
+        masks[:, 0, :, : masks.shape[-1] // 3] = 20.0
+        return cls, masks
+
+
 def test_overlay_of_grayscale_and_rgba_inputs_is_colour(tmp_path):
+    """A grayscale or RGBA input gets a colour overlay: inside the mask the person's colour is
+    blended in at --overlay-alpha, outside it the pixels are the input's (lossless PNG overlays)."""
+    from m2f_cli.categories import CategoryTable
     d = tmp_path / "imgs"
     d.mkdir()
-    img, _ = planted_image(200, 150)
+    img, _ = planted_image(210, 150)
     img.convert("RGBA").save(d / "rgba.png")
     img.convert("L").save(d / "gray.png")
     out = tmp_path / "out"
-    s = run(RunConfig(inputs=[str(d)], out=str(out), formats=("overlay",), workers=0),
-            segmenter=Segmenter(PlantedPredictor()))
-    assert s.failed == 0
-    for name in ("rgba", "gray"):
-        im = Image.open(out / f"{name}.overlay.jpg")
-        assert im.mode == "RGB" and im.size == (200, 150)
+    s = run(RunConfig(inputs=[str(d)], out=str(out), formats=("overlay",), workers=0, overlay_format="png",
+                      overlay_scores=False), segmenter=Segmenter(_LeftThird()))
+    assert s.failed == 0 and s.instances == 2
+    person = np.array(CategoryTable.coco().by_id(1).color, float)
+    for name, mode in (("rgba", "RGB"), ("gray", "L")):
+        src = np.asarray(img.convert(mode).convert("RGB"), float)
+        with Image.open(out / f"{name}.overlay.png") as im:
+            assert im.mode == "RGB" and im.size == (210, 150)
+            ov = np.asarray(im, float)
+        inside, outside = ov[70:135, 10:55], ov[70:135, 150:200]  # away from the contour and the tag
+        want = 0.5 * src[70:135, 10:55] + 0.5 * person
+        assert np.abs(inside - want).max() <= 1.0
+        assert np.abs(outside - src[70:135, 150:200]).max() == 0
+        if name == "gray":
+            assert (inside.max(axis=2) - inside.min(axis=2)).min() > 40  # colour, not gray
 
 
 def test_jsonl_streams_through_a_real_pipe(tmp_path, tiny_model):
