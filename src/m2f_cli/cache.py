@@ -28,14 +28,11 @@ from typing import IO, Optional
 
 from .fingerprint import cache_root
 from .state import NO_FLOCK_ERRNOS, no_flock_message
+from .errors import CacheLockError  # noqa: F401  (defined there; raised and re-exported here)
 
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 MAX_BYTES_ENV = "M2F_CACHE_MAX_BYTES"
 SUFFIX = ".pt"
-
-
-class CacheLockError(OSError):
-    """The cache folder's filesystem has no flock: one line naming it and the way out."""
 
 
 def traces_dir() -> Path:

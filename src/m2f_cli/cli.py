@@ -5,6 +5,7 @@ No torch/transformers import at module level: ``m2f --help`` must stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -109,6 +110,16 @@ def _silence_stdout() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # no real stdout (a test runner's buffer)
         pass
+
+
+@contextlib.contextmanager
+def _errors_as_exit_codes():
+    """Any of m2f's own errors (errors.py) -> its one line on stderr and its exit code."""
+    from .errors import KNOWN, exit_code_for, one_line
+    try:
+        yield
+    except KNOWN as e:
+        raise _error(one_line(e), exit_code_for(e)) from None
 
 
 def _error(msg: str, code: int) -> "typer.Exit":
@@ -229,15 +240,14 @@ def segment(
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
 
     import os
-    from .model import ModelLoadError
-    from .pipeline import EngineError, NoImagesError, UsageError, WriterError, run
+    from .errors import UsageError
+    from .pipeline import run
     from .runtime import tune_malloc
     if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
         tune_malloc()
     from .progress import make_reporter
-    from .state import LeaseLostError, OutputError, OutputLockedError
 
-    try:
+    with _errors_as_exit_codes():
         if devices:
             from .devices import WorkerError, parse_devices, run_devices
             try:
@@ -246,22 +256,12 @@ def segment(
                 raise UsageError(str(e)) from None
             try:
                 summary = run_devices(config, device_list, make_reporter(quiet=quiet))
-            except WorkerError as e:
-                raise _error(str(e), ExitCode.FATAL)
+            except (UsageError, WorkerError):
+                raise
             except ValueError as e:
                 raise UsageError(str(e)) from None
         else:
             summary = run(config, make_reporter(quiet=quiet))
-    except UsageError as e:
-        raise _error(str(e), ExitCode.USAGE)
-    except NoImagesError as e:
-        raise _error(str(e), ExitCode.NO_IMAGES)
-    except OutputLockedError as e:
-        raise _error(str(e), ExitCode.LOCKED)
-    except LeaseLostError as e:  # another run took the remote output location over mid-run
-        raise _error(str(e.args[-1]), ExitCode.LOCKED)
-    except (ModelLoadError, OutputError, EngineError, WriterError) as e:
-        raise _error(str(e.args[-1] if isinstance(e, OutputError) else e), ExitCode.FATAL)
     if summary.stdout_closed:
         _silence_stdout()  # like a Unix filter whose reader left: no traceback, no flush errors
     if summary_json:
@@ -333,18 +333,9 @@ def info(
 def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the shards wrote into.")) -> None:
     """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl,
     annotations.xml (CVAT) and failures.jsonl; exit 3 when a shard is missing or incomplete."""
-    from .merge import MergeError, merge as merge_parts
-    from .state import LeaseLostError, OutputError, OutputLockedError
-    try:
+    from .merge import merge as merge_parts
+    with _errors_as_exit_codes():
         report = merge_parts(out)
-    except MergeError as e:
-        raise _error(str(e), ExitCode.USAGE)
-    except OutputLockedError as e:
-        raise _error(str(e), ExitCode.LOCKED)
-    except LeaseLostError as e:
-        raise _error(str(e.args[-1]), ExitCode.LOCKED)
-    except OutputError as e:
-        raise _error(str(e.args[-1]), ExitCode.FATAL)
     for i in report.missing:
         typer.echo(f"m2f: error: shard {i}/{report.count} is missing (no m2f-run.shard-{i}-of-{report.count}.json)",
                    err=True)
@@ -374,16 +365,10 @@ def report(
     _setup_logging(quiet)
     if gallery < 0 or per_class < 0 or thumb_size < 16:
         raise _error("--gallery and --per-class: 0 or more; --thumb-size: 16 or more", ExitCode.USAGE)
-    from .report import ReportError, build_report
-    from .state import OutputError
-    try:
-        with _report_progress(quiet) as progress:
-            summary = build_report(out, gallery=gallery, per_stratum=per_class, thumb_px=thumb_size,
-                                   progress=progress)
-    except ReportError as e:
-        raise _error(str(e), ExitCode.USAGE)
-    except OutputError as e:
-        raise _error(str(e.args[-1]), ExitCode.FATAL)
+    from .report import build_report
+    with _errors_as_exit_codes(), _report_progress(quiet) as progress:
+        summary = build_report(out, gallery=gallery, per_stratum=per_class, thumb_px=thumb_size,
+                               progress=progress)
     if not quiet:
         typer.echo(f"m2f: report: {summary.line()}", err=True)
     if open_page:
@@ -488,11 +473,9 @@ def eval_cmd(
 ) -> None:
     """Evaluate predictions with pycocotools' COCOeval and print the standard table; exit 2 when
     predictions and ground truth do not fit together (no image or category in common, other sizes)."""
-    from .evaluate import EvalError, evaluate_run, format_table
-    try:
+    from .evaluate import evaluate_run, format_table
+    with _errors_as_exit_codes():
         result = evaluate_run(gt, pred, iou_type, images_path=images, all_gt_images=all_gt_images)
-    except EvalError as e:
-        raise _error(str(e), ExitCode.USAGE)
     for note in result.notes:
         typer.echo(f"m2f: {note}", err=True)
     typer.echo(json.dumps(result.stats) if as_json else format_table(result.stats))

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Optional
+
+from .errors import ExitCode  # noqa: F401  (the exit codes live with the errors; re-exported)
 
 
 DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"
@@ -12,19 +13,6 @@ DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"
 DEFAULT_MAX_PIXELS = 89_478_485
 # --ray-timeout: seconds one chunk of images may run on a Ray actor before it is killed and retried
 DEFAULT_RAY_TIMEOUT = 600.0
-
-
-class ExitCode(IntEnum):
-    """Process exit codes (documented in the README)."""
-
-    OK = 0               # every input written (or already complete and skipped)
-    FATAL = 1            # the run could not go on: model, output folder, unexpected error
-    USAGE = 2            # bad command line: option values, missing inputs, unknown class or device
-    INPUTS_FAILED = 3    # the run finished but some inputs failed (listed in failures.jsonl)
-    LOCKED = 4           # another m2f run is writing into the same --out
-    NO_IMAGES = 5        # the inputs hold no image m2f reads (empty folder, only unsupported files)
-    STDOUT_CLOSED = 141  # the reader of --out - closed the pipe (m2f ... | head): 128 + SIGPIPE
-    INTERRUPTED = 130    # SIGINT (Ctrl-C); 143 for SIGTERM (128 + signal number)
 
 
 @dataclass

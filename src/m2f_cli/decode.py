@@ -22,12 +22,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import DEFAULT_MAX_PIXELS
 from .storage import is_url, local_path, one_line, read_bytes
+from .errors import DecodeError  # noqa: F401  (defined there; raised and re-exported here)
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
-
-
-class DecodeError(Exception):
-    """The file is not a readable image; the message is one line without the path."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import time
 from .config import RunConfig
 from .progress import Reporter, Summary
 from .records import Failure, ImageRef
+from .errors import WorkerError  # noqa: F401  (defined there; raised and re-exported here)
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -74,10 +75,6 @@ def _child(config: RunConfig, q, worker: int) -> None:
     q.close()
     q.join_thread()
     os._exit(0)
-
-
-class WorkerError(RuntimeError):
-    """A device worker could not run (model, device or output problem)."""
 
 
 def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
+from .errors import EvalError  # noqa: F401  (defined there; raised and re-exported here)
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
@@ -27,10 +28,6 @@ STAT_LABELS = (
     "Average Recall     (AR) @[ IoU=0.50:0.95 | area=medium | maxDets=100 ]",
     "Average Recall     (AR) @[ IoU=0.50:0.95 | area= large | maxDets=100 ]",
 )
-
-
-class EvalError(ValueError):
-    """Ground truth and predictions do not fit together; the message says how."""
 
 
 def _load_json(path: str, what: str):

@@ -16,12 +16,9 @@ from .state import OutputFolder
 from .storage import RemoteError, open_output
 from .walk import order_key
 from .writers.cvat import read_document, write_document
+from .errors import MergeError  # noqa: F401  (defined there; raised and re-exported here)
 
 _PART = re.compile(r"\.shard-(\d+)-of-(\d+)\.")
-
-
-class MergeError(ValueError):
-    """Nothing to merge, or parts of different shard counts."""
 
 
 @dataclass

@@ -19,18 +19,11 @@ import torch
 
 from . import deformable
 from .categories import CategoryTable
+from .errors import DeviceError, ModelLoadError, one_line  # noqa: F401  (defined there; raised and re-exported here)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be resolved or loaded; the message says what to do."""
-
-
-class DeviceError(ValueError):
-    """The requested device does not exist here."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +67,7 @@ def resolve_model(spec: str, revision: Optional[str] = None, allow_pickle: bool 
             f"download it where there is network (`hf download {spec}`) or pass --model DIR "
             f"with a save_pretrained folder") from None
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{spec}: cannot download ({str(e).splitlines()[0]}); "
+        raise ModelLoadError(f"{spec}: cannot download ({one_line(e)}); "
                              f"retry, or pass --model DIR with a local copy") from None
     commit = os.path.basename(os.path.normpath(path))
     return ModelSource(spec, path, revision, commit, True)
@@ -185,7 +178,7 @@ def load_model(source: ModelSource, allow_pickle: bool = False) -> torch.nn.Modu
         return Mask2FormerForUniversalSegmentation.from_pretrained(
             source.local_dir, use_safetensors=None if allow_pickle else True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"{source.local_dir}: cannot load the model ({str(e).splitlines()[0]})") from None
+        raise ModelLoadError(f"{source.local_dir}: cannot load the model ({one_line(e)})") from None
 
 
 def read_categories(source: ModelSource) -> CategoryTable:

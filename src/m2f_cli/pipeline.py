@@ -36,17 +36,9 @@ from .state import OutputError, OutputFolder
 from .storage import RemoteError, one_line, open_output
 from .walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
 from .writers import REGISTRY, Writer, WriterContext
+from .errors import UsageError, EngineError, StdoutClosed, WriterError, NoImagesError  # noqa: F401  (defined there; raised and re-exported here)
 
 log = logging.getLogger(__name__)
-
-
-class UsageError(ValueError):
-    """A bad option value or input, found before any work starts."""
-
-
-class EngineError(RuntimeError):
-    """The engine cannot run at all (no Ray cluster to connect to, no actor can load the model).
-    Per-image problems are failures, never this."""
 
 
 RAY_MISSING = "--ray needs Ray: pip install 'm2f[ray]'"
@@ -235,14 +227,6 @@ class _Interrupt:
                 signal.signal(s, h)
 
 
-class StdoutClosed(Exception):
-    """The reader of stdout went away (``m2f ... --out - | head``): stop like a Unix filter."""
-
-
-class WriterError(RuntimeError):
-    """A writer failed in a way m2f did not expect (not an I/O error on an output): fatal."""
-
-
 class _WriterThread:
     """Writes results in a background thread through a bounded queue (off the critical path).
 
@@ -346,10 +330,6 @@ class Engine(Protocol):
 
     def results(self, todo: list[ImageRef], stages: Stages, stopping: Callable[[], bool]
                 ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]: ...
-
-
-class NoImagesError(ValueError):
-    """The inputs hold no image m2f can read (an empty folder, only unsupported files)."""
 
 
 def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optional[Segmenter] = None,
@@ -641,7 +621,7 @@ def infer_batch(segmenter: Segmenter, batch: list[Sample]) -> list[tuple[int, Un
         per_image = segmenter.infer(x, [s.ref for s in batch], [s.valid for s in batch],
                                     [s.original for s in batch])
     except (RuntimeError, ValueError) as e:  # e.g. out of memory on one odd batch
-        return [(s.seq, Failure(s.ref, "model", str(e).splitlines()[0])) for s in batch]
+        return [(s.seq, Failure(s.ref, "model", one_line(e))) for s in batch]
     return [(s.seq, r) for s, r in zip(batch, per_image)]
 
 

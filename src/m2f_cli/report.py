@@ -42,6 +42,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from .state import OutputFolder
 from .storage import RemoteError, RemoteOutputFolder, is_url, local_path, one_line, open_output
+from .errors import ReportError  # noqa: F401  (defined there; raised and re-exported here)
 
 REPORT_DIR = "report"
 SCORE_BINS = 20            # score histograms: 0.05 wide
@@ -55,10 +56,6 @@ OVERLAY_MAX_PX = 1600      # longest side of the overlays the report draws itsel
 
 Progress = Callable[[str, int, Optional[int]], None]
 """progress(phase, done, total): phase "read" (total unknown) or "draw" (total known)."""
-
-
-class ReportError(ValueError):
-    """Nothing to report on: OUT has no sidecars and no predictions.jsonl."""
 
 
 @dataclass

@@ -29,14 +29,11 @@ from typing import Any, Optional, Sequence
 
 from . import __version__
 from .fingerprint import file_digest, model_fingerprint
+from .errors import SettingsConflict  # noqa: F401  (defined there; raised and re-exported here)
 
 log = logging.getLogger(__name__)
 
 RECORD_FORMAT = 1  # the layout of the record file itself
-
-
-class SettingsConflict(ValueError):
-    """A rerun whose settings differ from those of the outputs already in the folder."""
 
 
 @dataclass(frozen=True)

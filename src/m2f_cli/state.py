@@ -32,6 +32,8 @@ import time
 import uuid
 from typing import Callable, Iterator, Optional
 
+from .errors import OutputLockedError, OutputError, LeaseLostError  # noqa: F401  (defined there; raised and re-exported here)
+
 STATE_DIR = ".m2f"  # our bookkeeping folder inside --out; hidden, so never walked as input
 DIR_SYNC_S = 2.0    # touched directories and journals are fsynced at most this often during a run
 # errnos of a filesystem that has no flock (some NFS, SMB/CIFS, FUSE and 9p mounts)
@@ -44,20 +46,6 @@ NO_LOCK_ENV = "M2F_NO_LOCK"
 # (DataLoader workers) share: batch._worker_init closes these so that a killed run's orphaned
 # workers cannot keep the folder locked.
 HELD_LOCK_FDS: set[int] = set()
-
-
-class OutputLockedError(RuntimeError):
-    """Another m2f run is writing into the same output folder."""
-
-
-class OutputError(OSError):
-    """An output cannot be written (disk full, permissions); names the path."""
-
-
-class LeaseLostError(OutputError):
-    """This run's lease on a remote output location was taken over by another run (storage.py):
-    it must not write there any more. The CLI reports it as OutputLockedError (exit 4); it is an
-    OutputError so that it stops the writers as a failing disk does."""
 
 
 def fsync_dir(path: str) -> None:

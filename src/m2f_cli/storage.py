@@ -54,6 +54,7 @@ from email.utils import parsedate_to_datetime
 from typing import Callable, Iterator, Optional
 
 from .state import LeaseLostError, OutputError, OutputFolder, OutputLockedError, part_suffix, state_dir
+from .errors import RemoteError, one_line  # noqa: F401  (defined there; raised and re-exported here)
 
 JOURNAL_FLUSH_RECORDS = 256
 JOURNAL_FLUSH_S = 10.0
@@ -61,10 +62,6 @@ LEASE_RENEW_S = 20.0   # the holder renews its lease this often
 LEASE_VALID_S = 60.0   # the holder stops writing this long after its last successful renewal
 LEASE_STALE_S = 90.0   # another run takes over a lease the store saw last written this long ago
 UNSAFE_REMOTE_ENV = "M2F_UNSAFE_REMOTE"  # "1": best-effort lease on backends without conditional writes
-
-
-class RemoteError(OSError):
-    """A remote path cannot be used: unknown protocol, missing backend, no credentials."""
 
 
 def is_url(path: str) -> bool:
@@ -76,7 +73,6 @@ def is_url(path: str) -> bool:
 def local_path(path: str) -> str:
     """file:///a/b -> /a/b; other strings unchanged."""
     return path[len("file://"):] if path.startswith("file://") else path
-
 
 
 def filesystem(url: str):
@@ -819,12 +815,6 @@ def sweep_stale_stages(root: Optional[str] = None) -> list[str]:
 def open_output(out: str, shard: Optional[tuple[int, int]] = None) -> OutputFolder:
     """The OutputFolder for --out: remote for fsspec URLs, local otherwise."""
     return RemoteOutputFolder(out, shard) if is_url(out) else OutputFolder(local_path(out), shard)
-
-
-def one_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type's name when it has none."""
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def _output_error(what: str, e: BaseException) -> OutputError:

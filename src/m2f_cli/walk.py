@@ -29,15 +29,12 @@ from typing import Iterator, Optional, Sequence
 
 from .records import Failure, ImageRef
 from .storage import RemoteError, is_url, local_path, walk_url
+from .errors import InputError  # noqa: F401  (defined there; raised and re-exported here)
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                               ".heic", ".heif", ".avif"})
-
-
-class InputError(ValueError):
-    """An input argument that names nothing usable (missing path, empty glob)."""
 
 
 @dataclass(frozen=True)
