@@ -22,8 +22,9 @@ and call ``PendingBatch.finish`` afterwards. No float64 anywhere (MPS has none).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +66,25 @@ class _Transfer:
             self.event.synchronize()
             return self.host.numpy()
         return self.source.to("cpu").numpy()
+
+
+_SIDE: dict = {}
+
+
+@contextmanager
+def _side_stream(device: torch.device, after=None) -> Iterator[None]:
+    """CUDA: run the block on this device's side stream, after the event `after` (the packed masks
+    it reads are complete then). Elsewhere: nothing (the work is ordered anyway)."""
+    if device.type != "cuda":
+        yield
+        return
+    side = _SIDE.get(device)
+    if side is None:
+        side = _SIDE[device] = torch.cuda.Stream(device)
+    if after is not None:
+        side.wait_event(after)
+    with torch.cuda.stream(side):
+        yield
 
 
 def _pack(pos: torch.Tensor) -> torch.Tensor:
@@ -152,9 +172,9 @@ class PendingBatch:
         probs = self.class_logits.float().softmax(-1)[..., :self.num_c]
         opts = self.options
         if opts.keep is not None:
-            drop = torch.ones(self.num_c, dtype=torch.bool)
-            drop[sorted(opts.keep)] = False
-            probs = probs.masked_fill(drop.to(probs.device), -1.0)
+            drop = torch.ones(self.num_c, dtype=torch.bool, device=probs.device)
+            drop[torch.tensor(sorted(opts.keep), device=probs.device)] = False
+            probs = probs.masked_fill(drop, -1.0)
         top_p, top_i = probs.flatten(1).topk(self.k, dim=1, sorted=True)
         alive = top_p >= max(opts.threshold, 0.0)
         if opts.keep is not None:
@@ -196,8 +216,12 @@ class PendingBatch:
                 slices.append(g.packed[j][qi, y:y + h, a:z].reshape(-1))
                 sizes.append((h, z - a))
             plans.append(plan)
-        buf = _to_host(torch.cat(slices) if slices else
-                       torch.zeros(0, dtype=torch.uint8, device=self.mask_logits.device)).wait()  # transfer 2
+        dev = self.mask_logits.device
+        with _side_stream(dev, after=g.stats.event):
+            # CUDA: on a second stream, so that this gather and copy run beside the next batch's
+            # forward (queued on the main stream after this batch's stats) instead of behind it
+            buf = _to_host(torch.cat(slices) if slices else torch.zeros(0, dtype=torch.uint8, device=dev))
+        buf = buf.wait()  # transfer 2
         results, off = [], 0
         for j, b in enumerate(g.images):
             plan = plans[j]
