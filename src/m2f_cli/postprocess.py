@@ -135,6 +135,8 @@ class _Sampler:
         cols = torch.nonzero(pos.any(0)).flatten()
         r0, r1 = self._span(self.ry0, self.ry1, int(rows[0]), int(rows[-1]))
         c0, c1 = self._span(self.cx0, self.cx1, int(cols[0]), int(cols[-1]))
+        if r1 <= r0 or c1 <= c0:
+            return None  # no output pixel samples a positive logit (outputs much smaller than the logits)
         if (r1 - r0) * (c1 - c0) > FULL_WINDOW * self.full_pixels:
             # a window near the image's size: torch's one-pass kernel over the whole image
             full = F.interpolate(low[None, None], size=self.original, mode="bilinear", align_corners=False)[0, 0]
