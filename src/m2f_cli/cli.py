@@ -153,6 +153,9 @@ def segment(
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
 
     import os
+    # torch reads this when it loads: ops MPS lacks then run on the CPU (Segmenter says which, once)
+    # instead of raising NotImplementedError; an explicit PYTORCH_ENABLE_MPS_FALLBACK=0 is kept
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     from .model import ModelLoadError
     from .pipeline import EngineError, NoImagesError, UsageError, WriterError, run
     from .runtime import tune_malloc
@@ -171,7 +174,7 @@ def segment(
             try:
                 summary = run_devices(config, device_list, make_reporter(quiet=quiet))
             except WorkerError as e:
-                raise _error(str(e), ExitCode.FATAL)
+                raise _error(str(e), e.code)
             except ValueError as e:
                 raise UsageError(str(e)) from None
         else:

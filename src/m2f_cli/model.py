@@ -184,8 +184,9 @@ def load_model(source: ModelSource, allow_pickle: bool = False) -> torch.nn.Modu
     try:
         return Mask2FormerForUniversalSegmentation.from_pretrained(
             source.local_dir, use_safetensors=None if allow_pickle else True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"{source.local_dir}: cannot load the model ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # OSError, ValueError, safetensors' own SafetensorError (a corrupt file), ...
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"{source.local_dir}: cannot load the model ({first})") from None
 
 
 def read_categories(source: ModelSource) -> CategoryTable:
