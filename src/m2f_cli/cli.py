@@ -112,6 +112,11 @@ def segment(
     ray_actors: Optional[int] = typer.Option(_D.ray_actors, "--ray-actors", metavar="N",
                                              help="Ray actors (auto: one per GPU; on CPUs, as many of "
                                              "--threads CPUs as fit leaving one CPU free)."),
+    ray_cpus_per_actor: Optional[int] = typer.Option(_D.ray_cpus_per_actor, "--ray-cpus-per-actor", metavar="N",
+                                                     help="CPUs each Ray actor reserves and uses (decoding, "
+                                                     "post-processing, torch threads). Auto: a GPU node's "
+                                                     "CPUs less one, split among its GPUs, at most 8; on "
+                                                     "CPU clusters --threads."),
     ray_timeout: float = typer.Option(_D.ray_timeout, "--ray-timeout", metavar="SECONDS",
                                       help="Restart a Ray actor whose chunk of images runs longer, "
                                       "and retry the chunk."),
@@ -148,7 +153,7 @@ def segment(
         resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
         overlay_alpha=overlay_alpha, rle=rle, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
-        ray_actors=ray_actors, ray_timeout=ray_timeout)
+        ray_actors=ray_actors, ray_timeout=ray_timeout, ray_cpus_per_actor=ray_cpus_per_actor)
     if ray is not None and devices:
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
 

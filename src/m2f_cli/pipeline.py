@@ -172,6 +172,10 @@ def validate(config: RunConfig) -> None:
             raise UsageError(RAY_MISSING)
     elif config.ray_actors is not None:
         raise UsageError("--ray-actors needs --ray")
+    elif config.ray_cpus_per_actor is not None:
+        raise UsageError("--ray-cpus-per-actor needs --ray")
+    if config.ray_cpus_per_actor is not None and config.ray_cpus_per_actor < 1:
+        raise UsageError(f"--ray-cpus-per-actor {config.ray_cpus_per_actor}: expected 1 or more")
     if config.ray_actors is not None and config.ray_actors < 1:
         raise UsageError(f"--ray-actors {config.ray_actors}: expected 1 or more")
     if not config.ray_timeout > 0:
