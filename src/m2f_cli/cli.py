@@ -69,9 +69,10 @@ def segment(
     dtype: str = typer.Option(_D.dtype, help="auto (float32 on CPU, bfloat16/float16 on CUDA), float32, "
                               "bfloat16 or float16."),
     batch_size: Optional[int] = typer.Option(_D.batch_size, "--batch-size", "-b",
-                                             help="Images per forward pass (auto: 2 on CPU, 16 on CUDA)."),
+                                             help="Images per forward pass (auto: 2 on CPU, 4 on MPS, on CUDA "
+                                             "what the card's memory holds; split and retried on out of memory)."),
     workers: Optional[int] = typer.Option(_D.workers, help="Decode/preprocess worker processes "
-                                          "(auto: 1 on small CPUs, up to 8 on CUDA); 0 decodes in-process."),
+                                          "(auto: 1 on small CPUs; on CUDA every core but two, at most 16); 0 decodes in-process."),
     threads: Optional[int] = typer.Option(_D.threads, help="Torch intra-op threads (auto: torch's choice, one per core)."),
     threshold: Optional[float] = typer.Option(_D.threshold, "--threshold", "-t",
                                               help="Minimum instance score for every format "
