@@ -439,3 +439,56 @@ def test_segment_samples_gives_every_result_once_with_a_batch_in_flight(monkeypa
     out = list(segment_samples(seg, _samples(5), batch_size=2))
     assert sorted(seq for seq, _ in out) == list(range(5))
     assert order == ["start", "start", "finish", "start", "finish", "finish"]  # batch n+1 queued first
+
+
+def test_cuda_auto_settings_follow_the_card(monkeypatch):
+    import os
+    from types import SimpleNamespace
+    from m2f_cli import RunConfig
+    from m2f_cli.pipeline import auto_settings
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=8 * 1024 ** 3))
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    cfg = RunConfig(inputs=[], out="o")
+    assert auto_settings(torch.device("cuda"), cfg, (384, 384), torch.bfloat16)[:2] == (8, 16)
+    assert auto_settings(torch.device("cuda"), cfg, (800, 1088), torch.float32)[0] == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert auto_settings(torch.device("cuda"), cfg, (384, 384), torch.bfloat16)[1] == 2
+    import dataclasses as dc
+    assert auto_settings(torch.device("cuda"), dc.replace(cfg, batch_size=3, workers=1), (384, 384))[:2] == (3, 1)
+
+
+def test_a_run_with_the_device_path_writes_what_the_cpu_path_writes(tmp_path, image_dir):
+    """The whole pipeline (batches of images of several sizes, png + coco + jsonl) with the batched
+    device post-processing forced on CPU: the same files as the default CPU path."""
+    from m2f_cli import RunConfig, run
+    from test_never_lose_work import _snapshot
+    outs = {}
+    for mode in ("host", "device"):
+        cfg = RunConfig(inputs=[str(image_dir)], out=str(tmp_path / mode), formats=("png", "coco", "jsonl"),
+                        workers=0, batch_size=4)
+        s = run(cfg, segmenter=Segmenter(PlantedPredictor(), postprocess=mode))
+        assert (s.images, s.failed) == (4, 0)
+        outs[mode] = _snapshot(tmp_path / mode)
+    assert outs["host"].keys() == outs["device"].keys()
+    for name in outs["host"]:
+        _close(outs["host"][name], outs["device"][name], name)
+
+
+def _close(a, b, where):
+    """Equal, except floats (scores, written to 6 decimals) within 1e-4: the two paths sum a mask's
+    sigmoid in a different order, which can move the 6th decimal."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=1e-4), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, str) and a.startswith("{") and "score" in a:  # a JSON Lines record
+        import json
+        _close(json.loads(a), json.loads(b), where)
+    else:
+        assert a == b, where
