@@ -23,7 +23,7 @@ from m2f_cli.preprocess import preprocess
 from m2f_cli.records import ImageRef
 from m2f_cli.segmenter import Segmenter
 
-from planted import PlantedPredictor, iou, planted_image
+from planted import PlantedPredictor, planted_image
 
 COCO = CategoryTable.coco()
 

@@ -30,7 +30,7 @@ from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
 from .preprocess import PreprocessSpec, load_checkpoint_spec, spec_for_resize
 from .accel import cuda_batch_size, free_device_memory, is_out_of_memory, stack_pixels
-from .segmenter import InFlight, Segmenter, StageError, _describe, resolve_classes, resolve_task
+from .segmenter import InFlight, Segmenter, StageError, describe_error, resolve_classes, resolve_task
 from .settings import (ModelIdentity, Recorder, SettingsConflict, check as check_settings, common_settings,
                        model_identity, writer_record)
 from .state import OutputError, OutputFolder
@@ -682,10 +682,10 @@ def start_batch(segmenter: Segmenter, batch: list[Sample], notify: Optional[Call
         return StartedBatch(batch, done=_failures(batch, e.stage, str(e)))
     except Exception as e:
         if not is_out_of_memory(e):
-            return StartedBatch(batch, done=_failures(batch, "model", _describe(e)))
+            return StartedBatch(batch, done=_failures(batch, "model", describe_error(e)))
         free_device_memory(segmenter.device)
         if len(batch) == 1:
-            return StartedBatch(batch, done=_failures(batch, "model", f"out of memory on one image ({_describe(e)})"))
+            return StartedBatch(batch, done=_failures(batch, "model", f"out of memory on one image ({describe_error(e)})"))
         half = (len(batch) + 1) // 2
         segmenter.max_batch = half
         notify(f"{segmenter.device.type} out of memory on a batch of {len(batch)} images: "

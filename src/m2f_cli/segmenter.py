@@ -107,7 +107,7 @@ class StageError(Exception):
         self.stage = stage
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
     """One line for any exception: its type and its first line."""
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -149,7 +149,7 @@ class InFlight:
                     out.append(seg._result(ref, class_logits[b], mask_logits[b], self.padded, self.valids[b],
                                            self.originals[b]))
             except Exception as e:
-                out.append(StageError("postprocess", _describe(e)))
+                out.append(StageError("postprocess", describe_error(e)))
         seg.times.forward_s += self.timer.elapsed()
         seg.times.postprocess_s += self.post_s + time.perf_counter() - t0
         self.logits = self.pending = None
@@ -232,7 +232,7 @@ class Segmenter:
             self.notify(f"post-processing ran out of {self.device.type} memory; this batch is "
                         f"post-processed on the CPU")
         elif self.postprocess != "host":
-            self.notify(f"post-processing on {self.device.type} failed ({_describe(e)}); "
+            self.notify(f"post-processing on {self.device.type} failed ({describe_error(e)}); "
                         f"post-processing on the CPU from now on")
             self.postprocess = "host"
 
@@ -254,7 +254,7 @@ class Segmenter:
             hint = ""
             if isinstance(e, NotImplementedError) and self.device.type == "mps":
                 hint = " (set PYTORCH_ENABLE_MPS_FALLBACK=1 before m2f starts, or use --device cpu)"
-            raise StageError("model", _describe(e) + hint) from e
+            raise StageError("model", describe_error(e) + hint) from e
         timer.stop()
         t1 = time.perf_counter()
         padded = tuple(pixel_values.shape[-2:])
