@@ -42,6 +42,10 @@ def main():
     ap.add_argument("--model", required=True, help="local save_pretrained folder (or hub id)")
     ap.add_argument("--out", required=True, help="output folder for <stem>.png / <stem>.json")
     ap.add_argument("--timings", required=True, help="write per-stage seconds here (JSON)")
+    ap.add_argument("--device", default="cpu", help="cpu (the model card) or cuda: model.to(device), "
+                    "inputs.to(device), as the card's users write it for a GPU (benchmarks/gpu.py)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the model's weights and pixel_values in this dtype (from_pretrained torch_dtype)")
     args = ap.parse_args()
 
     t0 = time.monotonic()
@@ -55,6 +59,9 @@ def main():
     processor = AutoImageProcessor.from_pretrained(args.model)
     model = Mask2FormerForUniversalSegmentation.from_pretrained(args.model)
     # ------------------------------------------------------------------------------------------
+    dtype = getattr(torch, args.dtype)
+    model = model.to(device=args.device, dtype=dtype)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     t_loaded = time.monotonic()
 
     paths = list_images(args.inputs)
@@ -69,9 +76,13 @@ def main():
         image = Image.open(p).convert("RGB")
         b = time.monotonic()
         inputs = processor(images=image, return_tensors="pt")
+        if args.device != "cpu" or dtype != torch.float32:
+            inputs = {k: (v.to(args.device, dtype=dtype) if v.is_floating_point() else v.to(args.device))
+                      for k, v in inputs.items()}
         c = time.monotonic()
         with torch.no_grad():
             outputs = model(**inputs)
+        sync()  # the forward's own time, not the post-processing's
         d = time.monotonic()
         result = processor.post_process_instance_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
         e = time.monotonic()
@@ -81,7 +92,7 @@ def main():
         if seg is None:
             seg_map = np.zeros((image.size[1], image.size[0]), np.uint16)
         else:
-            seg_map = (seg + 1).to(torch.int32).numpy().astype(np.uint16)  # -1 background -> 0
+            seg_map = (seg + 1).to(torch.int32).cpu().numpy().astype(np.uint16)  # -1 background -> 0
         Image.fromarray(seg_map).save(os.path.join(args.out, stem + ".png"))
         with open(os.path.join(args.out, stem + ".json"), "w") as f:
             json.dump({"image": p, "width": image.size[0], "height": image.size[1],
@@ -105,6 +116,7 @@ def main():
         "stages": {k: round(v, 4) for k, v in stages.items()},
         "processor_class": type(processor).__name__,
         "torch_threads": torch.get_num_threads(),
+        "device": args.device, "dtype": args.dtype,
         "per_image": per_image,
     }
     with open(args.timings, "w") as f:

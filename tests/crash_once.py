@@ -13,13 +13,13 @@ class CrashOnce:
 
     def __call__(self) -> Segmenter:
         seg = Segmenter(**self.options)
-        infer = seg.infer
+        start = seg.start  # every engine's per-batch step (pipeline.start_batch)
 
-        def crashing_infer(pixel_values, refs, valids, originals):
+        def crashing_start(pixel_values, refs, valids, originals):
             if any(r.name == self.victim for r in refs) and not os.path.exists(self.marker):
                 open(self.marker, "w").close()
                 os._exit(1)  # a worker killed mid-run, as by the OOM killer or a lost node
-            return infer(pixel_values, refs, valids, originals)
+            return start(pixel_values, refs, valids, originals)
 
-        seg.infer = crashing_infer
+        seg.start = crashing_start
         return seg

@@ -35,8 +35,9 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
     monkeypatch.setattr(torch, "compile", eager_compile)
     monkeypatch.setattr(pipeline, "COMPILE_AUTO_MIN_IMAGES", 2)
     batches = []
-    real = pipeline.infer_batch
-    monkeypatch.setattr(pipeline, "infer_batch", lambda seg, batch: batches.append(len(batch)) or real(seg, batch))
+    real = pipeline.start_batch  # every batch goes through it (pipeline.segment_samples)
+    monkeypatch.setattr(pipeline, "start_batch",
+                        lambda seg, batch, notify=None: batches.append(len(batch)) or real(seg, batch, notify))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()

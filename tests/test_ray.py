@@ -155,8 +155,61 @@ def test_actors_leave_a_cpu_free_and_take_one_gpu_each(monkeypatch):
     assert plan([16]) == (3, 4, 0, 2)            # 3 x 4 CPUs, 4 left
     assert plan([16, 16], threads=8) == (3, 8, 0, 2)  # 31 // 8; each node fits one or two
     assert plan([5, 5], threads=4) == (2, 4, 0, 2)    # (10 - 1) // 4 = 2, one per node
-    assert plan([32, 32], gpus=4) == (4, 1, 1, 16)    # one per GPU, one CPU each
+    assert plan([32, 32], gpus=4) == (4, 8, 1, 16)    # one per GPU, (64 - 1) // 4 CPUs each, at most 8
+    assert plan([32, 32], gpus=4, ray_cpus_per_actor=3) == (4, 3, 1, 16)
+    assert plan([6], gpus=4) == (4, 1, 1, 16)         # small nodes: at least one
     assert plan([32], gpus=2, device="cpu")[2] == 0
     assert plan([4], ray_actors=7, batch_size=3) == (7, 3, 0, 3)
     with pytest.raises(Exception, match="no node of the Ray cluster has 8 CPUs"):
         plan([4, 4], threads=8)
+
+
+def test_gpu_actors_get_their_node_share_of_cpus_and_set_their_threads(monkeypatch):
+    """Decoding and post-processing need CPUs next to each GPU: a node's CPUs less one, split among its
+    GPUs (so every actor can be placed), and the actor's torch threads follow (--ray-cpus-per-actor)."""
+    import ray
+    import torch
+    from m2f_cli.ray_engine import RayEngine, _Actor, gpu_actor_cpus
+
+    assert gpu_actor_cpus([{"CPU": 16, "GPU": 2}, {"CPU": 48, "GPU": 8}], 64, 10) == 5  # min(15//2, 47//8)
+    assert gpu_actor_cpus([{"CPU": 128, "GPU": 2}], 128, 2) == 8                         # capped
+    assert gpu_actor_cpus([{"CPU": 4, "GPU": 8}], 4, 8) == 1
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 24.0, "GPU": 2.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 24.0, "GPU": 2.0}}])
+    p = RayEngine(RunConfig(inputs=[], out="o", ray="auto")).plan()
+    assert (p.actors, p.num_cpus, p.num_gpus, p.threads) == (2, 8, 1, 8)
+    p = RayEngine(RunConfig(inputs=[], out="o", ray="auto", ray_cpus_per_actor=4, threads=2)).plan()
+    assert (p.num_cpus, p.threads) == (4, 2)
+    before = torch.get_num_threads()
+    try:
+        from planted import PlantedPredictor
+        from m2f_cli import Segmenter
+        actor = _Actor({}, lambda: Segmenter(PlantedPredictor()), 3, 2, None, False, decoders=3)
+        assert torch.get_num_threads() == 3 and actor.decoders == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ray_cpus_per_actor_is_checked(tmp_path, images):
+    runner = CliRunner()
+    r = runner.invoke(app, ["segment", str(images), "--out", str(tmp_path / "o"), "--ray-cpus-per-actor", "2"])
+    assert r.exit_code == 2 and "--ray-cpus-per-actor needs --ray" in r.stderr
+    r = runner.invoke(app, ["segment", str(images), "--out", str(tmp_path / "o"), "--ray", "local",
+                            "--ray-cpus-per-actor", "0"])
+    assert r.exit_code == 2 and "--ray-cpus-per-actor 0" in r.stderr
+
+
+def test_an_actor_decoding_in_threads_gives_the_same_results(images):
+    from planted import PlantedPredictor
+    from m2f_cli import Segmenter
+    from m2f_cli.ray_engine import _Actor
+    from m2f_cli.walk import walk
+    refs = walk([str(images)]).refs
+    items = list(enumerate(refs))
+    outs = []
+    for decoders in (1, 3):
+        actor = _Actor({}, lambda: Segmenter(PlantedPredictor()), None, 2, None, False, decoders=decoders)
+        out, seconds = actor.process(items)
+        outs.append([(seq, getattr(r, "stage", None) or len(r.instances)) for seq, r in sorted(out, key=lambda t: t[0])])
+        assert seconds["decode"] > 0
+    assert outs[0] == outs[1] and len(outs[0]) == len(refs)

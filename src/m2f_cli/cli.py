@@ -149,9 +149,10 @@ def segment(
     dtype: str = typer.Option(_D.dtype, help="auto (float32 on CPU, bfloat16/float16 on CUDA), float32, "
                               "bfloat16 or float16."),
     batch_size: Optional[int] = typer.Option(_D.batch_size, "--batch-size", "-b",
-                                             help="Images per forward pass (auto: 2 on CPU, 16 on CUDA)."),
+                                             help="Images per forward pass (auto: 2 on CPU, 4 on MPS, on CUDA "
+                                             "what the card's memory holds; split and retried on out of memory)."),
     workers: Optional[int] = typer.Option(_D.workers, help="Decode/preprocess worker processes "
-                                          "(auto: 1 on small CPUs, up to 8 on CUDA); 0 decodes in-process."),
+                                          "(auto: 1 on small CPUs; on CUDA every core but two, at most 16); 0 decodes in-process."),
     threads: Optional[int] = typer.Option(_D.threads, help="Torch intra-op threads (auto: torch's choice, one per core)."),
     threshold: Optional[float] = typer.Option(_D.threshold, "--threshold", "-t",
                                               help="Minimum instance score for every format "
@@ -197,6 +198,11 @@ def segment(
     ray_actors: Optional[int] = typer.Option(_D.ray_actors, "--ray-actors", metavar="N",
                                              help="Ray actors (auto: one per GPU; on CPUs, as many of "
                                              "--threads CPUs as fit leaving one CPU free)."),
+    ray_cpus_per_actor: Optional[int] = typer.Option(_D.ray_cpus_per_actor, "--ray-cpus-per-actor", metavar="N",
+                                                     help="CPUs each Ray actor reserves and uses (decoding, "
+                                                     "post-processing, torch threads). Auto: a GPU node's "
+                                                     "CPUs less one, split among its GPUs, at most 8; on "
+                                                     "CPU clusters --threads."),
     ray_timeout: float = typer.Option(_D.ray_timeout, "--ray-timeout", metavar="SECONDS",
                                       help="Restart a Ray actor whose chunk of images runs longer, "
                                       "and retry the chunk."),
@@ -234,12 +240,16 @@ def segment(
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
         max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
-        overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle, simplify=simplify, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
-        ray_actors=ray_actors, ray_timeout=ray_timeout)
+        overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle, simplify=simplify, compile=compile,
+        trace_cache=trace_cache, shard=shard_spec, ray=ray, ray_actors=ray_actors, ray_timeout=ray_timeout,
+        ray_cpus_per_actor=ray_cpus_per_actor)
     if ray is not None and devices:
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
 
     import os
+    # torch reads this when it loads: ops MPS lacks then run on the CPU (Segmenter says which, once)
+    # instead of raising NotImplementedError; an explicit PYTORCH_ENABLE_MPS_FALLBACK=0 is kept
+    os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     from .errors import UsageError
     from .pipeline import run
     from .runtime import tune_malloc

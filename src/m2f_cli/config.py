@@ -26,6 +26,9 @@ class RunConfig:
     ray: None = run here; "auto" (the running cluster: RAY_ADDRESS, else one `ray start`ed here), "local"
         (start one) or a cluster address: run the per-batch work as Ray actors (ray_engine.py).
     ray_actors: None = one per GPU, or as many CPU actors as fit leaving one CPU free.
+    ray_cpus_per_actor: CPUs Ray reserves for each actor (decode, preprocess, post-processing, torch
+        threads); None = for GPU actors a GPU node's CPUs less one, shared by its GPUs, at most 8; for
+        CPU actors --threads (ray_engine.RayEngine.plan).
     """
 
     inputs: list[str]
@@ -60,4 +63,5 @@ class RunConfig:
     ray: Optional[str] = None
     ray_actors: Optional[int] = None
     ray_timeout: float = DEFAULT_RAY_TIMEOUT
+    ray_cpus_per_actor: Optional[int] = None
     options: dict = field(default_factory=dict)

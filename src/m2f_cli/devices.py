@@ -13,9 +13,10 @@ import os
 import queue
 import signal
 import time
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
-
-from .config import RunConfig
+from .config import ExitCode, RunConfig
 from .progress import Reporter, Summary
 from .records import Failure, ImageRef
 from .errors import WorkerError  # noqa: F401  (defined there; raised and re-exported here)
@@ -63,7 +64,33 @@ class _QueueReporter:
         pass
 
 
+def child_device(device: str, visible: Optional[str]) -> tuple[dict[str, str], str]:
+    """(environment for the worker, device name inside it) for one entry of --devices.
+
+    A CUDA worker sees only its own card: CUDA_VISIBLE_DEVICES is set in its environment before it
+    starts (so before torch initialises CUDA there), and it runs on cuda:0. `visible` is this
+    process's CUDA_VISIBLE_DEVICES: index i means its i-th entry, as torch numbers them here.
+    Other devices (cpu, mps) pass through with nothing changed."""
+    if not device.startswith("cuda"):
+        return {}, device
+    idx = int(device.split(":", 1)[1]) if ":" in device else 0
+    entries = [v.strip() for v in visible.split(",")] if visible else None
+    physical = entries[idx] if entries is not None and idx < len(entries) else str(idx)
+    return {"CUDA_VISIBLE_DEVICES": physical}, "cuda:0"
+
+
 def _child(config: RunConfig, q, worker: int) -> None:
+    # Our own process group: a Ctrl-C at the terminal reaches the parent only, which sends each
+    # worker exactly one signal (their pipeline.run stops after the batch in flight and finalises the
+    # shard); a second one from the parent makes them exit at once. Until here SIGINT is ignored,
+    # inherited from the parent while it started us.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
+    if config.device.startswith("cuda"):
+        import torch
+        torch.cuda.set_device(0)  # the only card CUDA_VISIBLE_DEVICES leaves us
     from .pipeline import run
     try:
         summary = run(config, _QueueReporter(q, worker))
@@ -77,9 +104,45 @@ def _child(config: RunConfig, q, worker: int) -> None:
     os._exit(0)
 
 
+# A worker's error type -> the exit code the CLI gives it (config.ExitCode); anything else is fatal.
+_ERROR_CODES = {"UsageError": ExitCode.USAGE, "NoImagesError": ExitCode.NO_IMAGES,
+                "OutputLockedError": ExitCode.LOCKED}
+
+
+def _worker_failure(errors: list[tuple[int, str, str]], devices: list[str], every: bool) -> WorkerError:
+    """errors: (worker, error type, message). When every worker failed the same way (the model does not
+    load, a bad option), one line and that error's exit code; otherwise each worker's line, exit 1."""
+    if every and len({(t, m) for _, t, m in errors}) == 1:
+        _, kind, message = errors[0]
+        return WorkerError(f"every device worker: {message}", _ERROR_CODES.get(kind, ExitCode.FATAL))
+    lines = "; ".join(f"device worker {w} ({devices[w]}): {m}" for w, _, m in errors)
+    return WorkerError(lines, ExitCode.FATAL)
+
+
+@contextmanager
+def _child_env(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with env applied while a child is spawned (it copies the environment then)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
-    """Run config over devices, one process each on shard i of len(devices), then merge."""
-    from .merge import merge
+    """Run config over devices, one process each on shard i of len(devices), then merge.
+
+    Signals: workers run in their own process groups, so a terminal's Ctrl-C reaches this process only;
+    the first SIGINT/SIGTERM is sent on once to every worker (each finishes its batch in flight and
+    finalises its shard files, then the shards are merged); a second one is sent on too and this process
+    exits at once (128 + signal). Raises WorkerError (with its exit code) when workers fail.
+    """
+    from .merge import MergeError, merge
     from .pipeline import RunSummary, validate
     validate(config)
     if config.shard is not None:
@@ -88,21 +151,18 @@ def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
     if config.out == "-":
         raise ValueError("--devices needs an output folder (--out DIR)")
     n = len(devices)
-    threads = config.threads or (max(1, (os.cpu_count() or 1) // n) if devices[0] == "cpu" else None)
+    cores = os.cpu_count() or 1
+    threads = config.threads or (max(1, cores // n) if devices[0] == "cpu" else None)
+    workers = config.workers
+    if workers is None and any(d.startswith("cuda") for d in devices):
+        workers = min(16, max(1, cores // n - 1))  # each worker's share of the cores, one for its main thread
     ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
     q = ctx.Queue()
     procs = []
     t0 = time.perf_counter()
-    for i, dev in enumerate(devices):
-        cfg = dataclasses.replace(config, device=dev, shard=(i, n), threads=threads)
-        p = ctx.Process(target=_child, args=(cfg, q, i), name=f"m2f-device-{i}")
-        p.start()
-        procs.append(p)
+    stop: dict = {"sig": None}
 
-    stop = {"sig": None}
-
-    def forward_signal(signum, frame):
-        stop["sig"] = stop["sig"] or signum
+    def send(signum: int) -> None:
         for p in procs:
             if p.is_alive() and p.pid:
                 try:
@@ -110,10 +170,54 @@ def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
                 except OSError:
                     pass
 
-    old = {s: signal.signal(s, forward_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def on_signal(signum, frame):
+        if stop["sig"] is not None:  # the second: the workers exit at once, and so do we
+            send(signum)
+            os._exit(128 + signum)
+        stop["sig"] = signum
+        send(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    # the children inherit an ignored SIGINT until they are in their own process group (_child)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for i, dev in enumerate(devices):
+            env, inside = child_device(dev, visible)
+            cfg = dataclasses.replace(config, device=inside, shard=(i, n), threads=threads, workers=workers)
+            p = ctx.Process(target=_child, args=(cfg, q, i), name=f"m2f-device-{i}")
+            with _child_env(env):
+                p.start()
+            procs.append(p)
+    finally:
+        for s in old:
+            signal.signal(s, on_signal)
     summary = RunSummary()
     started, finished = {}, {}
-    errors: list[str] = []
+    early: list[tuple] = []  # progress events of workers that started before the others
+    errors: list[tuple[int, str, str]] = []
+    live = True
+
+    def report(msg) -> None:
+        kind = msg[0]
+        if kind == "advance":
+            reporter.advance(msg[2], msg[3])
+        elif kind == "failure":
+            f = Failure(ImageRef(msg[2], os.path.basename(msg[2]), msg[2], -1), msg[3], msg[4])
+            summary.failures.append(f)
+            reporter.failure(f)
+
+    def begin_when_all_known() -> None:
+        nonlocal live
+        if live and len(started) + len([w for w in finished if w not in started]) == n:
+            live = False
+            if not started:
+                return  # every worker failed before it started: the error says it all
+            reporter.start(sum(t for t, _ in started.values()), sum(s for _, s in started.values()))
+            for m in early:
+                report(m)
+            early.clear()
+
     try:
         while len(finished) < n:
             try:
@@ -123,31 +227,34 @@ def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
                 for i in dead:
                     if q.empty():
                         finished[i] = None
-                        errors.append(f"device worker {i} ({devices[i]}) died with exit code {procs[i].exitcode}")
+                        errors.append((i, "died", f"died with exit code {procs[i].exitcode}"))
+                begin_when_all_known()
                 continue
             kind, worker = msg[0], msg[1]
             if kind == "start":
                 started[worker] = msg[2:]
-                if len(started) == n:
-                    reporter.start(sum(t for t, _ in started.values()), sum(s for _, s in started.values()))
-            elif kind == "advance":
-                reporter.advance(msg[2], msg[3])
-            elif kind == "failure":
-                f = Failure(ImageRef(msg[2], os.path.basename(msg[2]), msg[2], -1), msg[3], msg[4])
-                summary.failures.append(f)
-                reporter.failure(f)
+            elif kind in ("advance", "failure"):
+                if live:
+                    early.append(msg)  # the bar starts when every worker has said how much it has
+                else:
+                    report(msg)
             elif kind == "message":
                 reporter.message(msg[2])
             elif kind == "done":
                 finished[worker] = msg[2]
             elif kind == "error":
                 finished[worker] = None
-                errors.append(f"device worker {worker} ({devices[worker]}): {msg[3]}")
+                errors.append((worker, msg[2], msg[3]))
+            begin_when_all_known()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         for p in procs:
             p.join()
+    q.close()
+    q.join_thread()
+    if errors and len(errors) == n:
+        raise _worker_failure(errors, devices, every=True)
     for d in finished.values():
         if d:
             summary.total += d["total"]
@@ -158,9 +265,13 @@ def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
             for k, v in d["stages"].items():
                 setattr(summary.stages, k, getattr(summary.stages, k) + v)
     summary.interrupted = stop["sig"]
-    merge(config.out)  # the combined files; missing parts show in the summary of each worker
+    try:
+        merge(config.out)  # the combined files; missing parts show in the summary of each worker
+    except MergeError:
+        if not summary.interrupted:
+            raise
     summary.wall_s = time.perf_counter() - t0
     reporter.finish(summary)
     if errors:
-        raise WorkerError("; ".join(errors))
+        raise _worker_failure(errors, devices, every=False)
     return summary

@@ -94,7 +94,12 @@ class EngineError(RuntimeError):
 
 
 class WorkerError(RuntimeError):
-    """A --devices worker could not run (model, device or output problem)."""
+    """A --devices worker could not run (model, device or output problem). code: the exit code
+    its own error would have had (every worker failing to load the model is exit 1, a bad option 2)."""
+
+    def __init__(self, message: str, code: int = ExitCode.FATAL):
+        super().__init__(message)
+        self.code = int(code)
 
 
 class WriterError(RuntimeError):
@@ -127,6 +132,8 @@ KNOWN: tuple[type, ...] = tuple(cls for cls, _ in _CODES)
 
 def exit_code_for(exc: BaseException) -> Optional[ExitCode]:
     """The exit code of one of m2f's errors, None for anything else (a bug: let it show)."""
+    if isinstance(exc, WorkerError):
+        return ExitCode(exc.code)
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code

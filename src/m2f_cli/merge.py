@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from .state import OutputFolder
+from .state import OutputFolder, OutputLockedError
 from .storage import RemoteError, open_output
 from .walk import order_key
 from .writers.cvat import read_document, write_document
@@ -66,11 +66,35 @@ def merge(out: str) -> MergeReport:
         folder.lock()
     except RemoteError as e:
         raise MergeError(str(e)) from None
+    shards: list[OutputFolder] = []
     try:
+        shards = _lock_shards(out, n)
         _merge_files(folder, names, n, report)
     finally:
+        for f in shards:
+            f.unlock()
         folder.unlock()
     return report
+
+
+def _lock_shards(out: str, n: int) -> list[OutputFolder]:
+    """Take every shard's lock (<out>/.m2f/lock.shard-I-of-N, the one its run holds): a shard still
+    running makes the merge refuse (OutputLockedError, exit 4) instead of merging half its outputs."""
+    held: list[OutputFolder] = []
+    try:
+        for i in range(n):
+            f = open_output(out, (i, n))
+            try:
+                f.lock()
+            except OutputLockedError:
+                raise OutputLockedError(f"{out}: shard {i}/{n} is still running (it holds its lock); "
+                                        f"merge when it has finished") from None
+            held.append(f)
+    except BaseException:
+        for f in held:
+            f.unlock()
+        raise
+    return held
 
 
 def _merge_files(folder: OutputFolder, names: set[str], n: int, report: MergeReport) -> None:

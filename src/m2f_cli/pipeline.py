@@ -29,7 +29,8 @@ from .model import DTYPES, ModelSource, read_categories, resolve_device, resolve
 from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
 from .preprocess import PreprocessSpec, load_checkpoint_spec, spec_for_resize
-from .segmenter import Segmenter, resolve_classes, resolve_task
+from .accel import cuda_batch_size, free_device_memory, is_out_of_memory, stack_pixels
+from .segmenter import InFlight, Segmenter, StageError, describe_error, resolve_classes, resolve_task
 from .settings import (ModelIdentity, Recorder, SettingsConflict, check as check_settings, common_settings,
                        model_identity, writer_record)
 from .state import OutputError, OutputFolder
@@ -89,15 +90,21 @@ class RunSummary(Summary):
         return int(ExitCode.INPUTS_FAILED if self.failed else ExitCode.OK)
 
 
-def auto_settings(device: torch.device, config: RunConfig) -> tuple[int, int, Optional[int]]:
+def auto_settings(device: torch.device, config: RunConfig, padded: Optional[tuple[int, int]] = None,
+                  dtype: Optional[torch.dtype] = None) -> tuple[int, int, Optional[int]]:
     """(batch_size, workers, threads) for the device unless the user chose them.
 
     CPU: the model's threads own the cores; one decode worker (two on bigger machines) is enough
-    to keep up with a ~1 s forward, and batching does not pay on CPU. GPU: big batches, many workers.
+    to keep up with a ~1 s forward, and batching does not pay on CPU. CUDA: the batch size the
+    card's memory holds at the model input size padded (accel.cuda_batch_size; an OOM still splits
+    the batch), and every core but two decoding (a GPU forward of Swin-T takes a few ms an image,
+    decoding a 640x480 JPEG and resizing it ~5-10 ms a core), at most 16.
     """
     cores = os.cpu_count() or 1
     if device.type == "cuda":
-        bs, workers = 16, min(8, cores)
+        total = torch.cuda.get_device_properties(device).total_memory
+        bs = cuda_batch_size(total, padded or (384, 384), dtype or torch.bfloat16)
+        workers = min(16, max(2, cores - 2))
     elif device.type == "mps":
         bs, workers = 4, min(4, cores)
     else:
@@ -159,6 +166,10 @@ def validate(config: RunConfig) -> None:
             raise UsageError(RAY_MISSING)
     elif config.ray_actors is not None:
         raise UsageError("--ray-actors needs --ray")
+    elif config.ray_cpus_per_actor is not None:
+        raise UsageError("--ray-cpus-per-actor needs --ray")
+    if config.ray_cpus_per_actor is not None and config.ray_cpus_per_actor < 1:
+        raise UsageError(f"--ray-cpus-per-actor {config.ray_cpus_per_actor}: expected 1 or more")
     if config.ray_actors is not None and config.ray_actors < 1:
         raise UsageError(f"--ray-actors {config.ray_actors}: expected 1 or more")
     if not config.ray_timeout > 0:
@@ -509,7 +520,10 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
             threshold=min(thresholds.values()), map_threshold=_map_threshold(config, thresholds),
             top_k=config.top_k, keep=m.keep)
 
-    batch_size, workers, threads = auto_settings(device, config)
+    spec = segmenter.spec if segmenter is not None else None
+    batch_size, workers, threads = auto_settings(
+        device, config, padded=spec.padded_size(3000, 4000) if spec is not None else None,  # a 4:3 photo
+        dtype=getattr(getattr(segmenter, "predictor", None), "dtype", None))
     if compiled and config.batch_size is None and device.type == "cpu":
         batch_size = 1  # a partial batch would be a new input shape, i.e. another compile
     if compiled:
@@ -566,7 +580,8 @@ def _process(config, segmenter, engine, todo, plan, recorder, batch_size, worker
         if engine is not None:
             results = engine.results(todo, summary.stages, stopping)
         else:
-            results = local_results(config, segmenter, todo, batch_size, workers, summary.stages, stopping)
+            results = local_results(config, segmenter, todo, batch_size, workers, summary.stages, stopping,
+                                    notify=reporter.message)
         try:
             _consume(results, writer, summary, reporter, stopping, abandon=interrupt.grace_over)
         finally:
@@ -610,34 +625,108 @@ def _fail(summary: RunSummary, reporter: Reporter, failure: Failure) -> None:
     reporter.failure(failure)
 
 
-def infer_batch(segmenter: Segmenter, batch: list[Sample]) -> list[tuple[int, Union[ImageResult, Failure]]]:
-    """One batch of samples of equal shape (or one failed sample) -> (seq, result or failure) each.
-    The per-batch step of every engine: the local loop below and the Ray actors run this."""
+def _failures(batch: list[Sample], stage: str, error: str) -> list[tuple[int, Failure]]:
+    return [(s.seq, Failure(s.ref, stage, error)) for s in batch]
+
+
+class StartedBatch:
+    """A batch queued on the segmenter (or already answered): finish() -> (seq, result or failure)
+    for each of its samples."""
+
+    def __init__(self, batch: list[Sample], flight: Optional[InFlight] = None,
+                 done: Optional[list[tuple[int, Union[ImageResult, Failure]]]] = None):
+        self.batch, self.flight, self.done = batch, flight, done
+
+    def finish(self) -> list[tuple[int, Union[ImageResult, Failure]]]:
+        if self.done is None:
+            self.done = [(s.seq, Failure(s.ref, r.stage, str(r)) if isinstance(r, StageError) else r)
+                         for s, r in zip(self.batch, self.flight.finish())]
+            self.flight = None
+        return self.done
+
+
+def start_batch(segmenter: Segmenter, batch: list[Sample], notify: Optional[Callable[[str], None]] = None
+                ) -> StartedBatch:
+    """Queue one batch of samples of equal shape (or answer one failed sample).
+
+    The pixels are stacked into pinned memory when the model is on CUDA (accel.stack_pixels), so the
+    copy to the card is asynchronous. A device out-of-memory error splits the batch in halves, retried
+    one after the other (down to one image at a time), with a one-line notice; later batches are cut
+    to the size that fitted (segmenter.max_batch). Any other failure of the model fails the batch's
+    images (stage "model"); one of the post-processing fails its image (stage "postprocess").
+    """
     if batch[0].error is not None:
-        s = batch[0]
-        return [(s.seq, Failure(s.ref, "decode", s.error))]
-    x = torch.stack([s.pixel_values for s in batch])
+        return StartedBatch(batch, done=_failures(batch, "decode", batch[0].error))
+    notify = notify or log.warning
+    limit = getattr(segmenter, "max_batch", None)
+    if limit is not None and len(batch) > limit:
+        return StartedBatch(batch, done=_in_parts(segmenter, batch, limit, notify))
     try:
-        per_image = segmenter.infer(x, [s.ref for s in batch], [s.valid for s in batch],
-                                    [s.original for s in batch])
-    except (RuntimeError, ValueError) as e:  # e.g. out of memory on one odd batch
-        return [(s.seq, Failure(s.ref, "model", one_line(e))) for s in batch]
-    return [(s.seq, r) for s, r in zip(batch, per_image)]
+        x = stack_pixels([s.pixel_values for s in batch], pin=segmenter.device.type == "cuda")
+        flight = segmenter.start(x, [s.ref for s in batch], [s.valid for s in batch], [s.original for s in batch])
+    except StageError as e:
+        return StartedBatch(batch, done=_failures(batch, e.stage, str(e)))
+    except Exception as e:
+        if not is_out_of_memory(e):
+            return StartedBatch(batch, done=_failures(batch, "model", describe_error(e)))
+        free_device_memory(segmenter.device)
+        if len(batch) == 1:
+            return StartedBatch(batch, done=_failures(batch, "model", f"out of memory on one image ({describe_error(e)})"))
+        half = (len(batch) + 1) // 2
+        segmenter.max_batch = half
+        notify(f"{segmenter.device.type} out of memory on a batch of {len(batch)} images: "
+               f"retrying in batches of {half}")
+        return StartedBatch(batch, done=_in_parts(segmenter, batch, half, notify))
+    return StartedBatch(batch, flight)
 
 
-def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int
+def _in_parts(segmenter: Segmenter, batch: list[Sample], size: int, notify: Callable[[str], None]
+              ) -> list[tuple[int, Union[ImageResult, Failure]]]:
+    out = []
+    for i in range(0, len(batch), size):
+        out += start_batch(segmenter, batch[i:i + size], notify).finish()
+    return out
+
+
+def infer_batch(segmenter: Segmenter, batch: list[Sample], notify: Optional[Callable[[str], None]] = None
+                ) -> list[tuple[int, Union[ImageResult, Failure]]]:
+    """One batch of samples of equal shape (or one failed sample) -> (seq, result or failure) each."""
+    return start_batch(segmenter, batch, notify).finish()
+
+
+def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int,
+                    notify: Optional[Callable[[str], None]] = None
                     ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
-    """Samples -> (seq, result or failure), batching samples of equal shape."""
+    """Samples -> (seq, result or failure), batching samples of equal shape: the per-batch loop of
+    every engine (the local one below, the Ray actors).
+
+    On CUDA one batch stays in flight: batch n+1 is queued (forward and device post-processing) before
+    batch n's host post-processing runs, so the card works while the host encodes masks. Elsewhere
+    each batch is finished before the next starts (a CPU has nothing to overlap; MPS timing syncs).
+    """
+    overlap = segmenter.device.type == "cuda"
+    in_flight: Optional[StartedBatch] = None
     for batch in group_batches(samples, batch_size):
-        yield from infer_batch(segmenter, batch)
+        started = start_batch(segmenter, batch, notify)
+        if not overlap:
+            yield from started.finish()
+            continue
+        if in_flight is not None:
+            yield from in_flight.finish()
+        in_flight = started
+    if in_flight is not None:
+        yield from in_flight.finish()
 
 
 def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef], batch_size: int,
-                  workers: int, stages: Stages, stopping: Callable[[], bool]
+                  workers: int, stages: Stages, stopping: Callable[[], bool],
+                  notify: Optional[Callable[[str], None]] = None
                   ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
-    """The local engine: decode + preprocess in DataLoader workers, the model in this process."""
+    """The local engine: decode + preprocess in DataLoader workers, the model in this process.
+    The loader does not pin (it yields Samples, which torch's pin_memory leaves as they are): each
+    batch is stacked into pinned memory instead (start_batch)."""
     dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode)
-    loader = make_loader(dataset, workers, pin_memory=segmenter.device.type == "cuda")
+    loader = make_loader(dataset, workers)
 
     def samples() -> Iterator[Sample]:
         it = iter(loader)
@@ -655,7 +744,7 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
         finally:
             del it  # shuts the workers down
 
-    return segment_samples(segmenter, samples(), batch_size)
+    return segment_samples(segmenter, samples(), batch_size, notify)
 
 
 def _consume(results: Iterator[tuple[int, object]], writer: _WriterThread, summary: RunSummary,

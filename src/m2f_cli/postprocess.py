@@ -116,8 +116,8 @@ class _Sampler:
     def __init__(self, valid: tuple[int, int], original: tuple[int, int], device: torch.device):
         (vh, vw), (h0, w0) = valid, original
         self.original, self.full_pixels = original, h0 * w0
-        self.ry0, self.ry1, self.wy = _source_rows(torch.arange(h0, device=device), vh, h0)
-        self.cx0, self.cx1, _ = _source_rows(torch.arange(w0, device=device), vw, w0)
+        self.ry0, self.ry1, self.wy = _source_rows(torch.arange(h0), vh, h0, device)
+        self.cx0, self.cx1, _ = _source_rows(torch.arange(w0), vw, w0, device)
 
     @staticmethod
     def _span(lo_idx: torch.Tensor, hi_idx: torch.Tensor, first: int, last: int) -> tuple[int, int]:
@@ -135,6 +135,8 @@ class _Sampler:
         cols = torch.nonzero(pos.any(0)).flatten()
         r0, r1 = self._span(self.ry0, self.ry1, int(rows[0]), int(rows[-1]))
         c0, c1 = self._span(self.cx0, self.cx1, int(cols[0]), int(cols[-1]))
+        if r1 <= r0 or c1 <= c0:
+            return None  # no output pixel samples a positive logit (outputs much smaller than the logits)
         if (r1 - r0) * (c1 - c0) > FULL_WINDOW * self.full_pixels:
             # a window near the image's size: torch's one-pass kernel over the whole image
             full = F.interpolate(low[None, None], size=self.original, mode="bilinear", align_corners=False)[0, 0]
@@ -266,14 +268,19 @@ def _crop_to_valid(mask_logits: torch.Tensor, padded: tuple[int, int], valid: tu
     return x[:, : valid[0], : valid[1]]
 
 
-def _source_rows(out_rows: torch.Tensor, in_h: int, out_h: int):
-    """Bilinear (align_corners=False) source rows and weights for output rows, as torch computes them."""
+def _source_rows(out_rows: torch.Tensor, in_h: int, out_h: int, device: Optional[torch.device] = None):
+    """Bilinear (align_corners=False) source rows and weights for output rows, as torch computes them.
+
+    out_rows: (n,) int64 on the CPU. Computed in float64 there (a few thousand values), then moved to
+    device (default: the CPU): MPS has no float64, and the rows are the same wherever the logits are.
+    Returns y0, y1 (n,) int64 and w1 (n,) float32 on device."""
     scale = in_h / out_h
-    src = ((out_rows.double() + 0.5) * scale - 0.5).clamp(min=0)
+    src = ((out_rows.cpu().double() + 0.5) * scale - 0.5).clamp(min=0)
     y0 = src.floor().long().clamp(max=in_h - 1)
     y1 = (y0 + 1).clamp(max=in_h - 1)
     w1 = (src - y0.double()).float()
-    return y0, y1, w1
+    dev = device or out_rows.device
+    return y0.to(dev), y1.to(dev), w1.to(dev)
 
 
 def upsample_stripes(logits: torch.Tensor, size: tuple[int, int], stripe_rows: Optional[int] = None):
@@ -287,7 +294,7 @@ def upsample_stripes(logits: torch.Tensor, size: tuple[int, int], stripe_rows: O
     wide = F.interpolate(logits[None].float(), size=(h, w0), mode="bilinear", align_corners=False)[0]
     for r0 in range(0, h0, stripe_rows):
         r1 = min(h0, r0 + stripe_rows)
-        y0, y1, w1 = _source_rows(torch.arange(r0, r1, device=logits.device), h, h0)
+        y0, y1, w1 = _source_rows(torch.arange(r0, r1), h, h0, logits.device)
         w1 = w1.to(wide.device).view(1, -1, 1)
         yield r0, r1, wide[:, y0] * (1 - w1) + wide[:, y1] * w1
 

@@ -130,10 +130,14 @@ class RichReporter(PlainReporter):
         if skipped:
             self.console.print(f"m2f: {skipped} images skipped (already done)")
         self.progress.start()
-        self.task = self.progress.add_task("segment", total=total, rate=0.0, failed=0)
+        # images advanced (or failed) before start (a caller's early events) count from the start
+        self.task = self.progress.add_task("segment", total=total, rate=0.0, failed=self.failed,
+                                           completed=self.done + self.failed)
 
     def advance(self, images: int, instances: int) -> None:
         self.done += images
+        if self.task is None:  # not started yet: counted, shown once start() makes the bar
+            return
         rate = self.done / max(time.monotonic() - self.t0, 1e-9)
         self.progress.update(self.task, advance=images, rate=rate)
 
@@ -149,7 +153,8 @@ class RichReporter(PlainReporter):
         self.console.print(f"m2f: {text}", markup=False, highlight=False)
 
     def finish(self, summary: Summary) -> None:
-        self.progress.stop()
+        if self.task is not None:
+            self.progress.stop()
         self.message(f"done: {summary.line()}")
 
 

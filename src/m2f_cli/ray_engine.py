@@ -10,7 +10,9 @@ run ``segment_samples``: the same code as a local run, so an image's outputs are
 Ray places the actors and restarts them; this module only keeps each actor fed with at most
 IN_FLIGHT chunks, in input order, and watches a per-chunk timeout:
 
-- resources: one actor per GPU (1 GPU + 1 CPU each); on CPU clusters, actors of ``--threads``
+- resources: one actor per GPU (1 GPU + --ray-cpus-per-actor CPUs each, default a GPU node's CPUs
+  less one shared by its GPUs, at most 8: the actor decodes in that many threads and sets its torch
+  threads to it); on CPU clusters, actors of ``--threads``
   CPUs each, as many as fit while one CPU of the cluster stays free. Actors are the only thing
   this run schedules, so they cannot starve another stage of CPUs; chunks go only to actors that
   have started, so an actor Ray cannot place yet never holds work.
@@ -51,12 +53,26 @@ class _Actor:
     """One model in a Ray actor process. Built on the actor: the driver never loads the model."""
 
     def __init__(self, options: dict, factory: Optional[Callable[[], Segmenter]], threads: Optional[int],
-                 batch_size: int, max_pixels: Optional[int], fast_decode: bool):
+                 batch_size: int, max_pixels: Optional[int], fast_decode: bool, decoders: int = 1):
         import torch
         if threads:
             torch.set_num_threads(threads)
         self.segmenter = factory() if factory is not None else Segmenter(**options)
         self.batch_size, self.max_pixels, self.fast_decode = batch_size, max_pixels, fast_decode
+        self.decoders = max(1, decoders)
+
+    def _load(self, items: list[tuple[int, ImageRef]]) -> list:
+        """Decode + preprocess a chunk, in `decoders` threads (Pillow's decoders and resizes release
+        the GIL), in input order."""
+        seg = self.segmenter
+
+        def one(item):
+            return load_sample(item[0], item[1], seg.spec, self.max_pixels, self.fast_decode)
+        if self.decoders == 1 or len(items) == 1:
+            return [one(it) for it in items]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(self.decoders, len(items))) as pool:
+            return list(pool.map(one, items))
 
     def ready(self) -> str:
         return str(self.segmenter.device)
@@ -65,7 +81,7 @@ class _Actor:
                 ) -> tuple[list[tuple[int, Union[ImageResult, Failure]]], dict[str, float]]:
         """A chunk of (seq, ref) -> ((seq, result or failure) per image, stage seconds)."""
         seg = self.segmenter
-        samples = [load_sample(seq, ref, seg.spec, self.max_pixels, self.fast_decode) for seq, ref in items]
+        samples = self._load(items)
         f0, p0 = seg.times.forward_s, seg.times.postprocess_s
         out = list(segment_samples(seg, samples, self.batch_size))
         return out, {"decode": sum(s.decode_s for s in samples),
@@ -103,6 +119,21 @@ class Plan:
     threads: Optional[int]
     device: str
     batch_size: int
+
+
+# CPUs a GPU actor asks for by default, at most: decoding a 640x480 JPEG and resizing it takes
+# ~5-10 ms a core, and one GPU runs Swin-T at several hundred images/s (benchmarks/gpu.py measures it)
+GPU_ACTOR_MAX_CPUS = 8
+
+
+def gpu_actor_cpus(nodes: list[dict], total_cpus: int, gpus: int) -> int:
+    """Default CPUs per GPU actor: on each GPU node its CPUs less one (the driver, Ray itself) shared
+    by its GPUs; the smallest share over the nodes (so every GPU's actor can be placed), between 1 and
+    GPU_ACTOR_MAX_CPUS. Nodes that do not list their GPUs: the cluster's CPUs less one per GPU."""
+    shares = [(int(n.get("CPU", 0)) - 1) // int(n["GPU"]) for n in nodes if int(n.get("GPU", 0)) > 0]
+    if not shares:
+        shares = [(total_cpus - 1) // max(1, gpus)]
+    return max(1, min(GPU_ACTOR_MAX_CPUS, min(shares)))
 
 
 def _one_line(e: BaseException) -> str:
@@ -180,20 +211,23 @@ class RayEngine:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         batch_size = c.batch_size
-        if gpus > 0 and c.device not in ("cpu", "mps"):
-            return Plan(c.ray_actors or gpus, 1, 1, c.threads, "cuda", batch_size or 16)
-        node_cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         total = int(res.get("CPU", 0))
+        if gpus > 0 and c.device not in ("cpu", "mps"):
+            cpus = c.ray_cpus_per_actor or gpu_actor_cpus(nodes, total, gpus)
+            return Plan(c.ray_actors or gpus, cpus, 1, c.threads or cpus, "cuda", batch_size or 16)
+        node_cpus = [int(n.get("CPU", 0)) for n in nodes]
         if total < 1 or not node_cpus:
             raise EngineError("the Ray cluster has no CPUs")
-        threads = c.threads or max(1, min(4, max(node_cpus) - 1))
+        threads = c.ray_cpus_per_actor or c.threads or max(1, min(4, max(node_cpus) - 1))
         if threads > max(node_cpus):
-            raise EngineError(f"--threads {threads}: no node of the Ray cluster has {threads} CPUs "
+            what = "--ray-cpus-per-actor" if c.ray_cpus_per_actor else "--threads"
+            raise EngineError(f"{what} {threads}: no node of the Ray cluster has {threads} CPUs "
                               f"(largest: {max(node_cpus)})")
         fit = sum(n // threads for n in node_cpus)
         actors = c.ray_actors or max(1, min((total - 1) // threads, fit))
         device = "cpu" if c.device == "auto" else c.device
-        return Plan(actors, threads, 0, threads, device, batch_size or 2)
+        return Plan(actors, threads, 0, c.threads or threads, device, batch_size or 2)
 
     def _new_actor(self, plan: Plan) -> _Slot:
         import ray
@@ -203,8 +237,10 @@ class RayEngine:
             self._remote = ray.remote(_Actor)
         remote = self._remote.options(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
                                       max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        # GPU actors decode in their CPUs' threads; CPU actors' CPUs are the model's threads
+        decoders = plan.num_cpus if plan.num_gpus else 1
         handle = remote.remote(options, self.factory, plan.threads, plan.batch_size, self.config.max_pixels,
-                               self.config.fast_decode)
+                               self.config.fast_decode, decoders)
         return _Slot(handle, handle.ready.remote())
 
     # -- the engine ------------------------------------------------------------------------------

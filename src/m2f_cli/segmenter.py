@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -19,13 +20,17 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .accel import DeviceTimer, MpsFallbackNotices, free_device_memory, is_out_of_memory
 from .categories import COCO_NAMES, CategoryTable, canonical_name
 from .config import DEFAULT_MODEL
 from .decode import _to_rgb
 from .model import ModelSource, Predictor, load_predictor, resolve_device, resolve_dtype, resolve_model
 from .postprocess import PostprocessOptions, panoptic_from_logits, segment_instances, semantic_from_logits
+from .postprocess_device import launch_batch
 from .preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
 from .records import ImageRef, ImageResult
+
+log = logging.getLogger(__name__)
 
 
 def resolve_classes(categories: CategoryTable, classes: Sequence[str]) -> Optional[frozenset[int]]:
@@ -84,8 +89,71 @@ def resolve_task(task: str, model_name: Optional[str], categories: CategoryTable
 
 @dataclass
 class BatchTimes:
+    """forward_s: seconds of the forward passes, device work included (CUDA: events around it on the
+    stream; MPS: the clock after torch.mps.synchronize(); CPU: the clock); postprocess_s: main-thread
+    seconds of post-processing (on accelerators: queueing the device part, waiting for its two
+    transfers, the host part)."""
+
     forward_s: float = 0.0
     postprocess_s: float = 0.0
+
+
+class StageError(Exception):
+    """The model (stage "model") or the post-processing (stage "postprocess") failed on a batch or an
+    image; message: one line naming the exception. Engines turn it into Failure records."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for any exception: its type and its first line."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+POSTPROCESS_MODES = ("auto", "device", "host")
+
+
+class InFlight:
+    """One batch between Segmenter.start and finish: its forward and (on accelerators) its device
+    post-processing are queued; finish() waits for them and does the host work."""
+
+    def __init__(self, seg: "Segmenter", refs, padded, valids, originals, logits, pending, timer, post_s):
+        self.seg, self.refs, self.padded = seg, list(refs), padded
+        self.valids, self.originals = list(valids), list(originals)
+        self.logits, self.pending, self.timer, self.post_s = logits, pending, timer, post_s
+
+    def finish(self) -> list[Union[ImageResult, StageError]]:
+        """One ImageResult per image, or the StageError of the image whose post-processing failed."""
+        seg = self.seg
+        t0 = time.perf_counter()
+        per_image: Optional[list] = None
+        if self.pending is not None:
+            try:
+                per_image = self.pending.finish()
+            except Exception as e:  # an op the device lacks, device OOM on huge images: the CPU path
+                seg._fall_back(e)
+        out: list[Union[ImageResult, StageError]] = []
+        class_logits, mask_logits = self.logits
+        if per_image is None and seg.device.type != "cpu":
+            class_logits, mask_logits = class_logits.float().cpu(), mask_logits.float().cpu()
+        for b, ref in enumerate(self.refs):
+            try:
+                if per_image is not None:
+                    inst, imap = per_image[b]
+                    h, w = self.originals[b]
+                    out.append(ImageResult(ref, w, h, inst, imap, seg.options.map_threshold))
+                else:
+                    out.append(seg._result(ref, class_logits[b], mask_logits[b], self.padded, self.valids[b],
+                                           self.originals[b]))
+            except Exception as e:
+                out.append(StageError("postprocess", describe_error(e)))
+        seg.times.forward_s += self.timer.elapsed()
+        seg.times.postprocess_s += self.post_s + time.perf_counter() - t0
+        self.logits = self.pending = None
+        return out
 
 
 class Segmenter:
@@ -96,7 +164,11 @@ class Segmenter:
         instance map (defaults to threshold).
     trace_cache: on CPU in float32 at a fixed input size, load the model from (or save it to) the
         start-up cache, a TorchScript trace that loads without transformers (traced.py).
-    notify: where one-line notices (building the cache) go; default: logging at INFO.
+    notify: where one-line notices (building the cache, MPS ops run on the CPU, a post-processing
+        fallback) go; default: logging at INFO.
+    postprocess: instance post-processing "auto" (batched on the device on CUDA and MPS, the
+        per-query windowed CPU path on CPU), "device" (batched, on the logits' device) or "host"
+        (logits to the CPU, the CPU path). Both give the same instances (tests/test_device_path.py).
     """
 
     def __init__(self, model: Union[str, Predictor] = DEFAULT_MODEL, *, device: str = "auto",
@@ -104,7 +176,7 @@ class Segmenter:
                  resize: str = "checkpoint", threshold: float = 0.5, map_threshold: Optional[float] = None,
                  top_k: int = 100, classes: Sequence[str] = (), compile: bool = False,
                  task: str = "auto", source: Optional[ModelSource] = None, trace_cache: bool = True,
-                 notify: Optional[Callable[[str], None]] = None):
+                 notify: Optional[Callable[[str], None]] = None, postprocess: str = "auto"):
         if isinstance(model, str):
             self.source = source or resolve_model(model, revision, allow_pickle)
             dev = resolve_device(device)
@@ -126,6 +198,13 @@ class Segmenter:
                                           map_threshold=threshold if map_threshold is None else map_threshold,
                                           top_k=top_k, keep=resolve_classes(self.categories, classes))
         self.times = BatchTimes()
+        if postprocess not in POSTPROCESS_MODES:
+            raise ValueError(f"postprocess {postprocess!r}: expected one of {', '.join(POSTPROCESS_MODES)}")
+        self.postprocess = postprocess
+        # largest batch the device held after an out-of-memory split (pipeline.start_batch), or None
+        self.max_batch: Optional[int] = None
+        self.notify: Callable[[str], None] = notify or log.info
+        self._mps_notices = MpsFallbackNotices(lambda line: self.notify(line))
 
     @property
     def device(self) -> torch.device:
@@ -135,19 +214,69 @@ class Segmenter:
     def model_id(self) -> str:
         return self.source.spec if self.source else type(self.predictor).__name__
 
+    def uses_device_postprocess(self) -> bool:
+        """Whether instance post-processing runs batched on the model's device (postprocess_device.py):
+        "auto" on CUDA and MPS (on CPU the per-query windowed path of postprocess.py is ~40x faster:
+        benchmarks/postprocess_speed.py), or when asked for ("device"); never for panoptic/semantic."""
+        if self.task != "instance":
+            return False
+        if self.postprocess == "auto":
+            return self.device.type in ("cuda", "mps")
+        return self.postprocess == "device"
+
+    def _fall_back(self, e: BaseException) -> None:
+        """The device post-processing failed; this batch is post-processed on the CPU. Out of memory
+        (huge photos): only this batch; anything else (an op the device lacks): from now on, said once."""
+        if is_out_of_memory(e):
+            free_device_memory(self.device)
+            self.notify(f"post-processing ran out of {self.device.type} memory; this batch is "
+                        f"post-processed on the CPU")
+        elif self.postprocess != "host":
+            self.notify(f"post-processing on {self.device.type} failed ({describe_error(e)}); "
+                        f"post-processing on the CPU from now on")
+            self.postprocess = "host"
+
+    def start(self, pixel_values: torch.Tensor, refs: Sequence[ImageRef], valids: Sequence[tuple[int, int]],
+              originals: Sequence[tuple[int, int]]) -> InFlight:
+        """Queue one batch: copy, forward and (on accelerators) device post-processing, without waiting
+        for the device. pixel_values: (B, 3, Hp, Wp) float32 (pinned memory makes the copy
+        asynchronous: accel.stack_pixels); per image its ref, (h, w) unpadded resized size and
+        (H0, W0) original size. Raises a device OOM as it is (the caller splits the batch) and any
+        other failure of the model as StageError("model")."""
+        timer = DeviceTimer(self.device).start()
+        try:
+            with self._mps_notices.watching():
+                x = pixel_values.to(self.device, non_blocking=True)
+                class_logits, mask_logits = self.predictor(x)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise
+            hint = ""
+            if isinstance(e, NotImplementedError) and self.device.type == "mps":
+                hint = " (set PYTORCH_ENABLE_MPS_FALLBACK=1 before m2f starts, or use --device cpu)"
+            raise StageError("model", describe_error(e) + hint) from e
+        timer.stop()
+        t1 = time.perf_counter()
+        padded = tuple(pixel_values.shape[-2:])
+        pending = None
+        if self.uses_device_postprocess():
+            try:
+                pending = launch_batch(class_logits, mask_logits, padded, valids, originals, self.categories,
+                                       self.options)
+            except Exception as e:
+                self._fall_back(e)
+        return InFlight(self, refs, padded, valids, originals, (class_logits, mask_logits), pending, timer,
+                        time.perf_counter() - t1)
+
     def infer(self, pixel_values: torch.Tensor, refs: Sequence[ImageRef], valids: Sequence[tuple[int, int]],
               originals: Sequence[tuple[int, int]]) -> list[ImageResult]:
         """pixel_values: (B, 3, Hp, Wp) float32 (one padded shape); per image its ref, (h, w)
-        unpadded resized size and (H0, W0) original size. Returns one ImageResult per image."""
-        t0 = time.perf_counter()
-        x = pixel_values.to(self.device, non_blocking=True)
-        class_logits, mask_logits = self.predictor(x)
-        t1 = time.perf_counter()
-        padded = tuple(pixel_values.shape[-2:])
-        out = [self._result(refs[b], class_logits[b], mask_logits[b], padded, valids[b], originals[b])
-               for b in range(len(refs))]
-        self.times.forward_s += t1 - t0
-        self.times.postprocess_s += time.perf_counter() - t1
+        unpadded resized size and (H0, W0) original size. Returns one ImageResult per image;
+        raises StageError (or a device OOM) when the model or an image's post-processing fails."""
+        out = self.start(pixel_values, refs, valids, originals).finish()
+        for r in out:
+            if isinstance(r, StageError):
+                raise r
         return out
 
     def _result(self, ref: ImageRef, class_logits: torch.Tensor, mask_logits: torch.Tensor,
