@@ -38,6 +38,8 @@ class RunConfig:
     ray: None = run here; "auto" (the running cluster: RAY_ADDRESS, else one `ray start`ed here), "local"
         (start one) or a cluster address: run the per-batch work as Ray actors (ray_engine.py).
     ray_actors: None = one per GPU, or as many CPU actors as fit leaving one CPU free.
+    tile: None = the whole image at once; "SIZE[,OVERLAP]" or "auto[,OVERLAP]": cut it into tiles
+        (tiling.py); tile_full: with tile, also run the whole image and merge it in.
     """
 
     inputs: list[str]
@@ -57,6 +59,8 @@ class RunConfig:
     resize: str = "checkpoint"
     task: str = "auto"
     fast_decode: bool = False
+    tile: Optional[str] = None
+    tile_full: bool = False
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     overwrite: bool = False
     max_failures: Optional[int] = None

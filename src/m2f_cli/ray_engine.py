@@ -65,7 +65,9 @@ class _Actor:
                 ) -> tuple[list[tuple[int, Union[ImageResult, Failure]]], dict[str, float]]:
         """A chunk of (seq, ref) -> ((seq, result or failure) per image, stage seconds)."""
         seg = self.segmenter
-        samples = [load_sample(seq, ref, seg.spec, self.max_pixels, self.fast_decode) for seq, ref in items]
+        # --tile: an image's tiles are cut, run and merged here, on one actor (tiling.py)
+        samples = [load_sample(seq, ref, seg.spec, self.max_pixels, self.fast_decode, getattr(seg, "tiling", None))
+                   for seq, ref in items]
         f0, p0 = seg.times.forward_s, seg.times.postprocess_s
         out = list(segment_samples(seg, samples, self.batch_size))
         return out, {"decode": sum(s.decode_s for s in samples),
