@@ -237,6 +237,21 @@ def test_full_pass_duplicates_merge_and_blobs_do_not_swallow_small_objects():
     assert max(i.score for i in insts if i.label == "dog") == pytest.approx(0.8)
 
 
+def test_top_k_counts_per_model_pass():
+    """A tiled image keeps its best top_k x tiles instances: many small objects are not cut to 100."""
+    boxes = [Box(0, 0, 120, 130), Box(0, 110, 120, 240)]
+    parts = []
+    for k in range(150):  # 150 whole 4x4 squares, 75 per tile
+        t = k % 2
+        r, c = 4 + 8 * (k // 2 // 12), boxes[t].c0 + 6 + 8 * (k // 2 % 12)
+        parts.append(_part(_rect(r, c, r + 4, c + 4), t, boxes[t], score=0.5 + k / 1000))
+    opts = PostprocessOptions(threshold=0.1, map_threshold=0.1, top_k=100)
+    objects = merge_parts(parts, boxes, SIZE)
+    assert len(instances_of(objects, SIZE, COCO, opts, passes=2)[0]) == 150
+    one = instances_of(objects, SIZE, COCO, opts, passes=1)[0]
+    assert len(one) == 100 and min(i.score for i in one) == pytest.approx(0.55)
+
+
 # --- the pipeline with the planted predictor ------------------------------------------------------
 
 
@@ -292,7 +307,8 @@ def test_tiled_run_writes_every_format_with_each_object_once(tmp_path, scene_dir
     assert [len(r["instances"]) for r in jl] == [3, 2]
     coco = json.loads((out / "predictions.json").read_text())  # threshold 0: every candidate
     assert len([p for p in coco if p["score"] >= 0.5]) == 5
-    assert len([p for p in coco if p["image_id"] == 1]) <= 100  # --top-k caps a tiled image too
+    n_tiles = len(tile_grid(620, 900, 256, 0.2))
+    assert 0 < len([p for p in coco if p["image_id"] == 1]) <= 100 * n_tiles  # --top-k per model pass
     assert (out / "big.overlay.jpg").exists()
     # untiled, the 900x620 image squashed to 384x384 blurs the 25 px disc
     untiled = tmp_path / "untiled"
