@@ -119,8 +119,9 @@ def group_batches(samples: Iterable[Sample], batch_size: int, max_buffered: Opti
                   ) -> Iterator[list[Sample]]:
     """Group samples of equal padded shape into batches of at most batch_size.
 
-    Failed samples and tiled ones (Sample.tiles) come out alone at once. When more than max_buffered samples wait (default
-    4 x batch_size), the oldest group is flushed even if it is not full. The rest is flushed at the end.
+    Failed samples and tiled ones (Sample.tiles) come out alone at once. When more than
+    max_buffered samples wait (default 4 x batch_size), the oldest group is flushed even if it is
+    not full. The rest is flushed at the end.
     """
     limit = max_buffered if max_buffered is not None else 4 * batch_size
     groups: "OrderedDict[tuple[int, int], list[Sample]]" = OrderedDict()

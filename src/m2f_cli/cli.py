@@ -153,8 +153,8 @@ def segment(
         inputs=inputs, out=out, formats=tuple(dict.fromkeys(formats)), model=model, revision=revision,
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
-        resize=resize, task=task, fast_decode=fast_decode, tile=tile, tile_full=tile_full, max_pixels=max_pixels, overwrite=overwrite,
-        max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
+        resize=resize, task=task, fast_decode=fast_decode, tile=tile, tile_full=tile_full, max_pixels=max_pixels,
+        overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
         overlay_alpha=overlay_alpha, rle=rle, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
         ray_actors=ray_actors, ray_timeout=ray_timeout)
     if ray is not None and devices:
