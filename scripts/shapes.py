@@ -273,6 +273,78 @@ def write_val_set(folder: str, n: int = 32, seed: int = 12345, ext: str = ".jpg"
     return path
 
 
+def make_canvas(rng: np.random.Generator, height: int, width: int, n_instances: int,
+                scale: int = MAX_SIDE) -> Sample:
+    """A large image with n_instances shapes (fewer when placement fails) of the sizes make_sample
+    draws in a scale x scale image, on one continuous background: what a large photo of small
+    objects is to the fixture model (tests/test_tiling.py). Placement, occlusion and colour
+    follow make_sample (its random stream is left alone: the validation sets stay as they are);
+    colours stand out from the background around each shape, which varies over a large canvas."""
+    img = _background(rng, height, width)
+    full: list[np.ndarray] = []
+    visible: list[np.ndarray] = []
+    labels: list[int] = []
+    colors: list[np.ndarray] = []
+    centres: list[tuple[float, float, float]] = []
+    for _ in range(n_instances):
+        label = int(rng.integers(0, len(SHAPES)))
+        for _try in range(30):
+            r = float(rng.uniform(0.09, 0.24) * scale)
+            if centres and rng.uniform() < 0.35:  # touch / overlap an earlier shape
+                ocx, ocy, orr = centres[int(rng.integers(0, len(centres)))]
+                a = rng.uniform(0, 2 * np.pi)
+                dist = orr + r * rng.uniform(0.5, 1.1)
+                cx, cy = ocx + dist * np.cos(a), ocy + dist * np.sin(a)
+            else:
+                cx, cy = rng.uniform(0.6 * r, width - 0.6 * r), rng.uniform(0.6 * r, height - 0.6 * r)
+            if not (0.5 * r <= cx <= width - 0.5 * r and 0.5 * r <= cy <= height - 0.5 * r):
+                continue
+            # the shape on a window around it (a triangle reaches 1.27 r from its centre)
+            x0, y0 = max(0, int(cx - 1.4 * r)), max(0, int(cy - 1.4 * r))
+            x1, y1 = min(width, int(cx + 1.4 * r) + 2), min(height, int(cy + 1.4 * r) + 2)
+            mk = np.zeros((height, width), bool)
+            mk[y0:y1, x0:x1] = _shape_mask(SHAPES[label], y1 - y0, x1 - x0, cx - x0, cy - y0, r, rng)
+            if mk.sum() < MIN_VISIBLE_PX * 2:
+                continue
+            if all((v & ~mk).sum() >= MIN_VISIBLE_FRACTION * f.sum() for v, f in zip(visible, full)):
+                break
+        else:
+            continue
+        visible = [v & ~mk for v in visible]
+        full.append(mk)
+        visible.append(mk.copy())
+        labels.append(label)
+        centres.append((cx, cy, r))
+        col = _shape_color(rng, label, img[y0:y1, x0:x1].reshape(-1, 3).mean(0), colors[-8:])
+        colors.append(col)
+        shade = _smooth_noise(rng, y1 - y0, x1 - x0, 3)[..., None] * rng.uniform(5, 20)
+        win = mk[y0:y1, x0:x1]
+        img[y0:y1, x0:x1][win] = col[None, :] + shade[win]
+    keep = [i for i, v in enumerate(visible) if v.sum() >= MIN_VISIBLE_PX]
+    img += rng.normal(0, rng.uniform(2, 10), img.shape)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    masks = np.stack([visible[i] for i in keep]) if keep else np.zeros((0, height, width), bool)
+    return Sample(image, [labels[i] for i in keep], masks)
+
+
+def write_canvas_set(folder: str, n: int, seed: int, height: int, width: int, n_instances: int,
+                     scale: int = MAX_SIDE, ext: str = ".png") -> str:
+    """Like write_val_set, with n canvases of make_canvas (lossless PNG by default)."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(n):
+        s = make_canvas(rng, height, width, n_instances, scale)
+        name = f"canvas_{i:03d}{ext}"
+        save_image(os.path.join(folder, name), s.image)
+        images.append({"id": i + 1, "file_name": name, "width": width, "height": height})
+        anns += coco_annotations_for(s.masks, s.labels, i + 1, len(anns) + 1)
+    path = os.path.join(folder, "annotations.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"images": images, "annotations": anns, "categories": coco_categories()}, f)
+    return path
+
+
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="Write a synthetic shapes validation set (images + COCO json).")

@@ -13,7 +13,7 @@ import signal
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,6 +23,9 @@ from .preprocess import PreprocessSpec, preprocess
 from .records import ImageRef
 from .state import HELD_LOCK_FDS
 
+if TYPE_CHECKING:
+    from .tiling import TiledImage, TileOptions
+
 
 @dataclass
 class Sample:
@@ -31,6 +34,8 @@ class Sample:
     seq: position in this run's work list (results are emitted in seq order).
     pixel_values: (3, Hp, Wp) float32 tensor, None on error.
     valid: (h, w) unpadded part of pixel_values; original: (H0, W0) upright image size.
+    tiles: with --tile (tiling.py), the image cut into tiles; pixel_values is then the whole
+        image's input for --tile-full, else None. Such a sample is one unit: batched alone.
     """
 
     seq: int
@@ -41,6 +46,7 @@ class Sample:
     error: Optional[str] = None
     decode_s: float = 0.0
     preprocess_s: float = 0.0
+    tiles: Optional["TiledImage"] = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,28 +57,38 @@ class ImageDataset(Dataset):
     """refs -> Samples. Pure function of the file, so any worker can do any item."""
 
     def __init__(self, refs: Sequence[ImageRef], spec: PreprocessSpec, max_pixels: Optional[int],
-                 fast_decode: bool = False):
+                 fast_decode: bool = False, tile: Optional["TileOptions"] = None):
         self.refs = list(refs)
         self.spec = spec
         self.max_pixels = max_pixels
         self.fast_decode = fast_decode
+        self.tile = tile
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, i: int) -> Sample:
-        return load_sample(i, self.refs[i], self.spec, self.max_pixels, self.fast_decode)
+        return load_sample(i, self.refs[i], self.spec, self.max_pixels, self.fast_decode, self.tile)
 
 
 def load_sample(seq: int, ref: ImageRef, spec: PreprocessSpec, max_pixels: Optional[int],
-                fast_decode: bool = False) -> Sample:
-    """Decode + preprocess one image: what a DataLoader worker (local run) or a Ray actor does."""
+                fast_decode: bool = False, tile: Optional["TileOptions"] = None) -> Sample:
+    """Decode + preprocess one image: what a DataLoader worker (local run) or a Ray actor does.
+    tile: --tile's options: the image is cut into tiles (tiling.cut_tiles) unless one covers it."""
     t0 = time.perf_counter()
     try:
-        img = decode(ref.path, max_pixels, draft=spec if fast_decode else None)
+        img = decode(ref.path, max_pixels, draft=spec if fast_decode and tile is None else None)
     except DecodeError as e:
         return Sample(seq, ref, None, (0, 0), (0, 0), error=str(e), decode_s=time.perf_counter() - t0)
     t1 = time.perf_counter()
+    if tile is not None:  # --tile (issue 17): the whole hook; see tiling.py
+        from .tiling import cut_tiles
+        tiles = cut_tiles(img.rgb, spec, tile)
+        if tiles is not None:
+            full = preprocess(img.rgb, spec) if tile.full else None
+            return Sample(seq, ref, torch.from_numpy(full.pixel_values) if full else None,
+                          full.valid if full else (0, 0), (img.height, img.width), decode_s=t1 - t0,
+                          preprocess_s=time.perf_counter() - t1, tiles=tiles)
     mi = preprocess(img.rgb, spec, original=(img.height, img.width))
     t2 = time.perf_counter()
     return Sample(seq, ref, torch.from_numpy(mi.pixel_values), mi.valid, (img.height, img.width),
@@ -103,14 +119,15 @@ def group_batches(samples: Iterable[Sample], batch_size: int, max_buffered: Opti
                   ) -> Iterator[list[Sample]]:
     """Group samples of equal padded shape into batches of at most batch_size.
 
-    Failed samples come out alone at once. When more than max_buffered samples wait (default
-    4 x batch_size), the oldest group is flushed even if it is not full. The rest is flushed at the end.
+    Failed samples and tiled ones (Sample.tiles) come out alone at once. When more than
+    max_buffered samples wait (default 4 x batch_size), the oldest group is flushed even if it is
+    not full. The rest is flushed at the end.
     """
     limit = max_buffered if max_buffered is not None else 4 * batch_size
     groups: "OrderedDict[tuple[int, int], list[Sample]]" = OrderedDict()
     waiting = 0
     for s in samples:
-        if s.error is not None:
+        if s.error is not None or s.tiles is not None:  # a tiled image is batched by tiling.py
             yield [s]
             continue
         g = groups.setdefault(s.shape, [])

@@ -167,7 +167,15 @@ def segment(
     fast_decode: bool = typer.Option(_D.fast_decode, "--fast-decode",
                                      help="Decode JPEGs at reduced size (draft mode): faster on big photos, "
                                      "pixels differ slightly from the checkpoint's preprocessing."),
-    max_pixels: int = typer.Option(_D.max_pixels, help="Refuse images with more pixels (decompression bombs)."),
+    tile: Optional[str] = typer.Option(_D.tile, "--tile", metavar="SIZE[,OVERLAP]",
+                                       help="Cut images larger than SIZE px into overlapping tiles (OVERLAP a "
+                                       "fraction, default 0.2), run each like an image and merge the instances "
+                                       "at full resolution: small objects in large photos. auto: twice the "
+                                       "model's input side (768 px for 384x384 checkpoints)."),
+    tile_full: bool = typer.Option(_D.tile_full, "--tile-full", help="With --tile, also run the whole image "
+                                   "and merge its instances in (objects larger than a tile)."),
+    max_pixels: int = typer.Option(_D.max_pixels, help="Refuse images with more pixels (decompression bombs); "
+                                   "raise it deliberately for large images with --tile."),
     overwrite: bool = typer.Option(_D.overwrite, "--overwrite", help="Redo images whose outputs exist."),
     max_failures: Optional[int] = typer.Option(_D.max_failures, help="Stop after this many failed inputs."),
     coco_annotations: Optional[str] = typer.Option(_D.coco_annotations, help="COCO annotation file: take "
@@ -238,11 +246,11 @@ def segment(
         inputs=inputs, out=out, formats=tuple(dict.fromkeys(formats)), model=model, revision=revision,
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
-        resize=resize, task=task, fast_decode=fast_decode, max_pixels=max_pixels, overwrite=overwrite,
-        max_failures=max_failures, coco_annotations=coco_annotations, overlay_format=overlay_format,
-        overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle, simplify=simplify, compile=compile,
-        trace_cache=trace_cache, shard=shard_spec, ray=ray, ray_actors=ray_actors, ray_timeout=ray_timeout,
-        ray_cpus_per_actor=ray_cpus_per_actor)
+        resize=resize, task=task, fast_decode=fast_decode, tile=tile, tile_full=tile_full, max_pixels=max_pixels,
+        overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
+        overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
+        simplify=simplify, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
+        ray_actors=ray_actors, ray_timeout=ray_timeout, ray_cpus_per_actor=ray_cpus_per_actor)
     if ray is not None and devices:
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
 

@@ -29,6 +29,8 @@ class RunConfig:
     ray_cpus_per_actor: CPUs Ray reserves for each actor (decode, preprocess, post-processing, torch
         threads); None = for GPU actors a GPU node's CPUs less one, shared by its GPUs, at most 8; for
         CPU actors --threads (ray_engine.RayEngine.plan).
+    tile: None = the whole image at once; "SIZE[,OVERLAP]" or "auto[,OVERLAP]": cut it into tiles
+        (tiling.py); tile_full: with tile, also run the whole image and merge it in.
     """
 
     inputs: list[str]
@@ -48,6 +50,8 @@ class RunConfig:
     resize: str = "checkpoint"
     task: str = "auto"
     fast_decode: bool = False
+    tile: Optional[str] = None
+    tile_full: bool = False
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     overwrite: bool = False
     max_failures: Optional[int] = None

@@ -30,11 +30,12 @@ from .progress import QuietReporter, Reporter, Summary
 from .records import Failure, ImageRef, ImageResult
 from .preprocess import PreprocessSpec, load_checkpoint_spec, spec_for_resize
 from .accel import cuda_batch_size, free_device_memory, is_out_of_memory, stack_pixels
-from .segmenter import InFlight, Segmenter, StageError, describe_error, resolve_classes, resolve_task
+from .segmenter import InFlight, Segmenter, StageError, describe_error, resolve_classes, resolve_task, tile_options
 from .settings import (ModelIdentity, Recorder, SettingsConflict, check as check_settings, common_settings,
                        model_identity, writer_record)
 from .state import OutputError, OutputFolder
 from .storage import RemoteError, one_line, open_output
+from .tiling import infer_tiled
 from .walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
 from .writers import REGISTRY, Writer, WriterContext
 from .errors import UsageError, EngineError, StdoutClosed, WriterError, NoImagesError  # noqa: F401  (defined there; raised and re-exported here)
@@ -178,6 +179,18 @@ def validate(config: RunConfig) -> None:
         spec_for_resize(config.resize, PreprocessSpec())
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _tile_of(config)
+
+
+def _tile_of(config: RunConfig):
+    """--tile/--tile-full as tiling.TileOptions (None without tiles); UsageError for bad values."""
+    try:
+        tile = tile_options(config.tile, config.tile_full, "instance")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if tile is not None and config.fast_decode:
+        raise UsageError("--fast-decode decodes JPEGs at the model's reduced size; --tile needs every pixel")
+    return tile
 
 
 def writer_thresholds(config: RunConfig) -> dict[str, float]:
@@ -474,8 +487,9 @@ def _check_settings(config: RunConfig, folder: Optional[OutputFolder], writers: 
     if folder is None:
         return None
     classes = None if m.keep is None else [m.categories[i].name for i in sorted(m.keep)]
+    tile = _tile_of(config)
     common = common_settings(m.identity, m.task, config.resize, config.fast_decode, dtype, config.top_k,
-                             classes)
+                             classes, tile.record() if tile is not None else None)
     records = {w.name: writer_record(w, common) for w in writers}
     try:
         adopted = check_settings(folder, writers, records, lambda w: w.has_outputs(found.refs),
@@ -494,6 +508,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     m = _model_facts(config, segmenter)
     if m.task != "instance" and "coco" in config.formats:
         raise UsageError(f"--format coco writes instance results; this is a {m.task} model (--task {m.task})")
+    if m.task != "instance" and config.tile is not None:
+        raise UsageError(f"--tile merges instances; this is a {m.task} model (--task {m.task})")
     writers = open_writers(config, folder, m.categories, m.identity.name, stdout)
     recorder = _check_settings(config, folder, writers, m, dtype, found)
     if engine is None and config.ray is not None:
@@ -519,6 +535,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         segmenter.options = segmenter.options.__class__(
             threshold=min(thresholds.values()), map_threshold=_map_threshold(config, thresholds),
             top_k=config.top_k, keep=m.keep)
+        segmenter.tiling = _tile_of(config)
 
     spec = segmenter.spec if segmenter is not None else None
     batch_size, workers, threads = auto_settings(
@@ -533,6 +550,9 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         torch.set_num_threads(threads)
 
     reporter.start(len(todo) + len(found.failures), summary.skipped)
+    if config.tile is not None and todo:
+        reporter.message(f"--tile {_tile_of(config)}: images larger than a tile are cut into tiles; "
+                         "progress counts images")
     if found.not_images:
         reporter.message(f"skipped {found.not_images_line()}")
     for f in found.failures:
@@ -610,7 +630,8 @@ def segmenter_options(config: RunConfig, task: str) -> dict:
     return dict(model=config.model, device=config.device, dtype=config.dtype, revision=config.revision,
                 allow_pickle=config.allow_pickle, resize=config.resize, threshold=min(thresholds.values()),
                 map_threshold=_map_threshold(config, thresholds), top_k=config.top_k, classes=config.classes,
-                compile=bool(config.compile), task=task, trace_cache=config.trace_cache)
+                compile=bool(config.compile), task=task, trace_cache=config.trace_cache,
+                tile=config.tile, tile_full=config.tile_full)
 
 
 def _map_threshold(config: RunConfig, thresholds: dict[str, float]) -> float:
@@ -707,6 +728,12 @@ def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size:
     overlap = segmenter.device.type == "cuda"
     in_flight: Optional[StartedBatch] = None
     for batch in group_batches(samples, batch_size):
+        if batch[0].tiles is not None:  # --tile: one image, its tiles batched by tiling.py
+            if in_flight is not None:
+                yield from in_flight.finish()
+                in_flight = None
+            yield from infer_tiled(segmenter, batch[0], batch_size)
+            continue
         started = start_batch(segmenter, batch, notify)
         if not overlap:
             yield from started.finish()
@@ -725,7 +752,8 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
     """The local engine: decode + preprocess in DataLoader workers, the model in this process.
     The loader does not pin (it yields Samples, which torch's pin_memory leaves as they are): each
     batch is stacked into pinned memory instead (start_batch)."""
-    dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode)
+    dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode,
+                           tile=getattr(segmenter, "tiling", None))
     loader = make_loader(dataset, workers)
 
     def samples() -> Iterator[Sample]:
@@ -750,6 +778,7 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
 def _consume(results: Iterator[tuple[int, object]], writer: _WriterThread, summary: RunSummary,
              reporter: Reporter, stopping: Callable[[], bool], abandon: Callable[[], bool]) -> None:
     """Take an engine's (seq, result or failure) pairs, in input order, to the writers and the summary."""
+    last_tiles = 0
     for item in _in_order(results):
         if isinstance(item, Failure):
             _fail(summary, reporter, item)
@@ -757,6 +786,9 @@ def _consume(results: Iterator[tuple[int, object]], writer: _WriterThread, summa
             summary.images += 1
             summary.instances += len(item.regions())
             reporter.advance(1, len(item.instances))
+            if item.tiles and item.tiles != last_tiles:  # --tile: what an image costs, when it changes
+                last_tiles = item.tiles
+                reporter.message(f"{item.ref.name}: {item.width}x{item.height} px in {item.tiles} tiles")
         if stopping():
             break
 

@@ -67,7 +67,9 @@ class _Actor:
         seg = self.segmenter
 
         def one(item):
-            return load_sample(item[0], item[1], seg.spec, self.max_pixels, self.fast_decode)
+            # --tile: an image's tiles are cut, run and merged here, on one actor (tiling.py)
+            return load_sample(item[0], item[1], seg.spec, self.max_pixels, self.fast_decode,
+                               getattr(seg, "tiling", None))
         if self.decoders == 1 or len(items) == 1:
             return [one(it) for it in items]
         from concurrent.futures import ThreadPoolExecutor

@@ -114,6 +114,7 @@ class ImageResult:
     segments: (panoptic, semantic) the regions of label_map.
     map_threshold: the score threshold the map (and the sidecar) were drawn with.
     image: the decoded RGB image (H, W, 3) uint8 when a writer asked for it (overlays), else None.
+    tiles: how many tiles the image was cut into (--tile, tiling.py); 0 when it was not.
     """
 
     ref: ImageRef
@@ -125,6 +126,7 @@ class ImageResult:
     image: Optional[np.ndarray] = None
     task: str = "instance"
     segments: list[Segment] = field(default_factory=list)
+    tiles: int = 0
 
     def instances_above(self, threshold: float) -> list[Instance]:
         return [i for i in self.instances if i.score >= threshold]

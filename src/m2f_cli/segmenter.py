@@ -29,6 +29,21 @@ from .postprocess import PostprocessOptions, panoptic_from_logits, segment_insta
 from .postprocess_device import launch_batch
 from .preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
 from .records import ImageRef, ImageResult
+from .tiling import TileOptions, cut_tiles, parse_tile, segment_tiled
+
+# tiles per forward pass in Segmenter.segment (the pipeline uses its --batch-size)
+TILE_BATCH = 4
+
+
+def tile_options(tile: Optional[str], tile_full: bool, task: str) -> Optional[TileOptions]:
+    """Segmenter's tile/tile_full -> TileOptions (None without tiles); ValueError for bad values."""
+    if tile is None:
+        if tile_full:
+            raise ValueError("--tile-full adds a whole-image pass to --tile: give --tile too")
+        return None
+    if task != "instance":
+        raise ValueError(f"--tile merges instances; this is a {task} model (--task {task})")
+    return parse_tile(tile, tile_full)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +184,8 @@ class Segmenter:
     postprocess: instance post-processing "auto" (batched on the device on CUDA and MPS, the
         per-query windowed CPU path on CPU), "device" (batched, on the logits' device) or "host"
         (logits to the CPU, the CPU path). Both give the same instances (tests/test_device_path.py).
+    tile: "SIZE[,OVERLAP]" or "auto[,OVERLAP]": cut images into tiles (tiling.py; instance task
+        only); tile_full: with tile, also run the whole image and merge its instances in.
     """
 
     def __init__(self, model: Union[str, Predictor] = DEFAULT_MODEL, *, device: str = "auto",
@@ -176,7 +193,8 @@ class Segmenter:
                  resize: str = "checkpoint", threshold: float = 0.5, map_threshold: Optional[float] = None,
                  top_k: int = 100, classes: Sequence[str] = (), compile: bool = False,
                  task: str = "auto", source: Optional[ModelSource] = None, trace_cache: bool = True,
-                 notify: Optional[Callable[[str], None]] = None, postprocess: str = "auto"):
+                 notify: Optional[Callable[[str], None]] = None, postprocess: str = "auto",
+                 tile: Optional[str] = None, tile_full: bool = False):
         if isinstance(model, str):
             self.source = source or resolve_model(model, revision, allow_pickle)
             dev = resolve_device(device)
@@ -205,6 +223,7 @@ class Segmenter:
         self.max_batch: Optional[int] = None
         self.notify: Callable[[str], None] = notify or log.info
         self._mps_notices = MpsFallbackNotices(lambda line: self.notify(line))
+        self.tiling = tile_options(tile, tile_full, self.task)
 
     @property
     def device(self) -> torch.device:
@@ -303,8 +322,16 @@ class Segmenter:
         results = []
         for n, image in enumerate(images):
             rgb = _as_rgb(image)
-            mi = preprocess(rgb, self.spec)
             ref = ImageRef(path=f"<image {n}>", name=f"image{n}", rel=f"image{n}", index=n)
+            tiles = cut_tiles(rgb, self.spec, self.tiling) if self.tiling is not None else None
+            if tiles is not None:  # --tile: see tiling.py
+                full = preprocess(rgb, self.spec) if self.tiling.full else None
+                r = segment_tiled(self, ref, tiles, rgb.shape[:2], TILE_BATCH,
+                                  (torch.from_numpy(full.pixel_values), full.valid) if full else None)
+                r.image = rgb
+                results.append(r)
+                continue
+            mi = preprocess(rgb, self.spec)
             r = self.infer(torch.from_numpy(mi.pixel_values)[None], [ref], [mi.valid], [rgb.shape[:2]])[0]
             r.image = rgb
             results.append(r)

@@ -2,7 +2,7 @@
 
 ``<out>/.m2f/<writer>.settings.json`` = ``{"writer", "schema", "m2f", "settings": {...}}``, where
 settings holds what every writer's files depend on (the model's identity: name, revision and a
-content fingerprint of its files; task, resize, fast decode, dtype, top-k, classes), the writer's
+content fingerprint of its files; task, resize, fast decode, dtype, top-k, classes, tiling), the writer's
 own threshold, and the options it declares in ``Writer.recorded``. Shards of one run share it.
 
 The rule, checked before the model loads (``check``):
@@ -59,11 +59,14 @@ def model_identity(name: str, local_dir: Optional[str], revision: Optional[str] 
 
 
 def common_settings(model: ModelIdentity, task: str, resize: str, fast_decode: bool, dtype: str,
-                    top_k: int, classes: Optional[Sequence[str]]) -> dict:
+                    top_k: int, classes: Optional[Sequence[str]], tile: Optional[dict] = None) -> dict:
     """What every writer's files depend on. dtype: the resolved name (float32, bfloat16, ...);
-    classes: the kept class names, sorted, or None for all."""
+    classes: the kept class names, sorted, or None for all; tile: --tile/--tile-full as
+    tiling.TileOptions.record() gives them, None without tiles (as in records made before --tile
+    existed, which therefore match an untiled rerun)."""
     return {"model": model.as_dict(), "task": task, "resize": resize, "fast_decode": bool(fast_decode),
-            "dtype": dtype, "top_k": int(top_k), "classes": sorted(classes) if classes is not None else None}
+            "dtype": dtype, "top_k": int(top_k), "classes": sorted(classes) if classes is not None else None,
+            "tile": tile}
 
 
 def _option_value(name: str, value: Any) -> Any:
