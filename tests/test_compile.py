@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from m2f_cli import RunConfig, run
-from m2f_cli import pipeline
-from m2f_cli.pipeline import resolve_compile
+from m2f_cli import options
+from m2f_cli.engines import local
+from m2f_cli.options import resolve_compile
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_auto_compiles_long_fixed_size_cpu_runs_only():
-    n = pipeline.COMPILE_AUTO_MIN_IMAGES
+    n = options.COMPILE_AUTO_MIN_IMAGES
     assert resolve_compile(None, CPU, n, fixed_size=True)
     assert not resolve_compile(None, CPU, n - 1, fixed_size=True)   # too short to pay back
     assert not resolve_compile(None, CPU, n, fixed_size=False)      # one compile per input shape
@@ -33,10 +34,10 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
         return real_compile(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    monkeypatch.setattr(pipeline, "COMPILE_AUTO_MIN_IMAGES", 2)
+    monkeypatch.setattr(options, "COMPILE_AUTO_MIN_IMAGES", 2)
     batches = []
-    real = pipeline.start_batch  # every batch goes through it (pipeline.segment_samples)
-    monkeypatch.setattr(pipeline, "start_batch",
+    real = local.start_batch  # every batch goes through it (engines.local.segment_samples)
+    monkeypatch.setattr(local, "start_batch",
                         lambda seg, batch, notify=None: batches.append(len(batch)) or real(seg, batch, notify))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters

@@ -16,7 +16,7 @@ from m2f_cli import accel
 from m2f_cli import postprocess_device as pdev
 from m2f_cli.batch import Sample
 from m2f_cli.categories import CategoryTable
-from m2f_cli.pipeline import infer_batch, segment_samples
+from m2f_cli.engines.local import infer_batch, segment_samples
 from m2f_cli.postprocess import PostprocessOptions, segment_instances
 from m2f_cli.postprocess_device import host_syncs_per_batch, segment_batch
 from m2f_cli.preprocess import preprocess
@@ -239,7 +239,7 @@ def test_batches_for_cuda_are_pinned(monkeypatch):
         out = real(pixels, pin)
         seen.append(out.is_pinned())
         return out
-    monkeypatch.setattr("m2f_cli.pipeline.stack_pixels", spy)
+    monkeypatch.setattr("m2f_cli.engines.local.stack_pixels", spy)
     seg = Segmenter(PlantedPredictor(device="cuda"))
     infer_batch(seg, _samples(2))
     assert seen == [True]
@@ -425,7 +425,7 @@ def test_segment_samples_gives_every_result_once_with_a_batch_in_flight(monkeypa
     monkeypatch.setattr(accel.DeviceTimer, "start", lambda self: self)
     monkeypatch.setattr(accel.DeviceTimer, "stop", lambda self: self)
     monkeypatch.setattr(accel.DeviceTimer, "elapsed", lambda self: 0.0)
-    monkeypatch.setattr("m2f_cli.pipeline.stack_pixels", lambda px, pin=False: torch.stack(px))
+    monkeypatch.setattr("m2f_cli.engines.local.stack_pixels", lambda px, pin=False: torch.stack(px))
     order = []
     real_start = seg.start
 
@@ -445,7 +445,7 @@ def test_cuda_auto_settings_follow_the_card(monkeypatch):
     import os
     from types import SimpleNamespace
     from m2f_cli import RunConfig
-    from m2f_cli.pipeline import auto_settings
+    from m2f_cli.options import auto_settings
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=8 * 1024 ** 3))
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     cfg = RunConfig(inputs=[], out="o")

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, run
 from m2f_cli.cli import app
-from m2f_cli.pipeline import segmenter_options
+from m2f_cli.options import segmenter_options
 
 from crash_once import CrashOnce
 from test_never_lose_work import _snapshot
@@ -112,7 +112,7 @@ def test_run_on_ray_equals_a_local_run_and_resumes(tmp_path, cluster, images, ti
 
 
 def test_a_worker_killed_mid_run_is_retried(tmp_path, cluster, images, tiny_model, local):
-    from m2f_cli.ray_engine import RayEngine
+    from m2f_cli.engines.ray import RayEngine
     out, marker = tmp_path / "out", tmp_path / "crashed"
     cfg = _config(images, out, tiny_model, ray="auto")
     engine = RayEngine(cfg, "instance", segmenter_factory=CrashOnce(segmenter_options(cfg, "instance"),
@@ -132,7 +132,7 @@ def test_ray_usage_errors(tmp_path, images, monkeypatch):
     r = runner.invoke(app, ["segment", str(images), "--out", str(tmp_path / "o"), "--ray", "local",
                             "--ray-actors", "0"])
     assert r.exit_code == 2 and "--ray-actors 0" in r.stderr
-    monkeypatch.setattr("m2f_cli.pipeline._ray_installed", lambda: False)
+    monkeypatch.setattr("m2f_cli.options._ray_installed", lambda: False)
     r = runner.invoke(app, ["segment", str(images), "--out", str(tmp_path / "o"), "--ray", "auto"])
     assert r.exit_code == 2 and "--ray needs Ray: pip install 'm2f[ray]'" in r.stderr
     assert not (tmp_path / "o").exists()  # found before anything was written
@@ -141,7 +141,7 @@ def test_ray_usage_errors(tmp_path, images, monkeypatch):
 def test_actors_leave_a_cpu_free_and_take_one_gpu_each(monkeypatch):
     """The no-deadlock sizing, on made-up clusters."""
     import ray
-    from m2f_cli.ray_engine import RayEngine
+    from m2f_cli.engines.ray import RayEngine
 
     def plan(cpus_per_node, gpus=0, **kw):
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(sum(cpus_per_node)),
@@ -169,7 +169,7 @@ def test_gpu_actors_get_their_node_share_of_cpus_and_set_their_threads(monkeypat
     GPUs (so every actor can be placed), and the actor's torch threads follow (--ray-cpus-per-actor)."""
     import ray
     import torch
-    from m2f_cli.ray_engine import RayEngine, _Actor, gpu_actor_cpus
+    from m2f_cli.engines.ray import RayEngine, _Actor, gpu_actor_cpus
 
     assert gpu_actor_cpus([{"CPU": 16, "GPU": 2}, {"CPU": 48, "GPU": 8}], 64, 10) == 5  # min(15//2, 47//8)
     assert gpu_actor_cpus([{"CPU": 128, "GPU": 2}], 128, 2) == 8                         # capped
@@ -202,7 +202,7 @@ def test_ray_cpus_per_actor_is_checked(tmp_path, images):
 def test_an_actor_decoding_in_threads_gives_the_same_results(images):
     from planted import PlantedPredictor
     from m2f_cli import Segmenter
-    from m2f_cli.ray_engine import _Actor
+    from m2f_cli.engines.ray import _Actor
     from m2f_cli.walk import walk
     refs = walk([str(images)]).refs
     items = list(enumerate(refs))

@@ -17,7 +17,7 @@ from PIL import Image
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli import storage
 from m2f_cli.merge import merge
-from m2f_cli.pipeline import UsageError
+from m2f_cli.errors import UsageError
 from m2f_cli.state import OutputLockedError
 from m2f_cli.walk import InputError, walk
 

@@ -17,7 +17,7 @@ from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
 from m2f_cli.model import cpu_has_fast_bf16
-from m2f_cli.pipeline import WriterError
+from m2f_cli.errors import WriterError
 from m2f_cli.settings import differences
 from m2f_cli.writers.png import PngWriter
 

@@ -99,7 +99,7 @@ def test_two_cpu_devices_equal_one_run(tmp_path, folder, tiny_model, single):
 # --- --devices: one card per worker, signals, progress, exit codes; merge and shard locks ------
 
 def test_each_cuda_worker_sees_only_its_card():
-    from m2f_cli.devices import _child_env, child_device
+    from m2f_cli.engines.devices import _child_env, child_device
     assert child_device("cuda:1", None) == ({"CUDA_VISIBLE_DEVICES": "1"}, "cuda:0")
     assert child_device("cuda:1", "4,6") == ({"CUDA_VISIBLE_DEVICES": "6"}, "cuda:0")  # this process's numbering
     assert child_device("cuda", "GPU-abc") == ({"CUDA_VISIBLE_DEVICES": "GPU-abc"}, "cuda:0")
@@ -111,7 +111,7 @@ def test_each_cuda_worker_sees_only_its_card():
 
 
 def test_worker_failures_map_to_exit_codes():
-    from m2f_cli.devices import _worker_failure
+    from m2f_cli.engines.devices import _worker_failure
     devs = ["cuda:0", "cuda:1"]
     same = [(0, "ModelLoadError", "m: cannot load the model (x)"), (1, "ModelLoadError", "m: cannot load the model (x)")]
     e = _worker_failure(same, devs, every=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2f_cli.pipeline import _in_order
+from m2f_cli.writing import in_order
 
 from planted import planted_image
 
@@ -86,7 +86,7 @@ def test_a_second_signal_exits_at_once_leaving_only_whole_files(tmp_path, images
     assert len(list(out.glob("*.png"))) < N
 
 
-def test_in_order_reorders_and_streams():
+def testin_order_reorders_and_streams():
     arrivals = [2, 0, 1, 5, 3, 4, 6]
     emitted = []
 
@@ -95,11 +95,11 @@ def test_in_order_reorders_and_streams():
             yield seq, f"item{seq}"
             emitted.append(("in", seq))
     out = []
-    for item in _in_order(source()):
+    for item in in_order(source()):
         out.append(item)
         emitted.append(("out", item))
     assert out == [f"item{i}" for i in range(7)]
     # each item leaves as soon as all before it have arrived, not at the end
     assert emitted.index(("out", "item0")) < emitted.index(("in", 1))
     assert emitted.index(("out", "item2")) < emitted.index(("in", 5))
-    assert list(_in_order(iter([]))) == []
+    assert list(in_order(iter([]))) == []

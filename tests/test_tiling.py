@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from m2f_cli import RunConfig, run
 from m2f_cli.categories import CategoryTable
 from m2f_cli.cli import app
-from m2f_cli.pipeline import UsageError
+from m2f_cli.errors import UsageError
 from m2f_cli.postprocess import PostprocessOptions, _Sampler, segment_instances
 from m2f_cli.preprocess import PreprocessSpec, preprocess
 from m2f_cli.segmenter import Segmenter
@@ -422,8 +422,8 @@ class PlantedFactory:
 @pytest.mark.ray
 def test_ray_runs_an_image_s_tiles_on_one_actor_like_a_local_run(tmp_path, scene_dir, tiny_model):
     import ray
-    from m2f_cli.pipeline import segmenter_options
-    from m2f_cli.ray_engine import RayEngine
+    from m2f_cli.options import segmenter_options
+    from m2f_cli.engines.ray import RayEngine
     d, _ = scene_dir
     _run(d, tmp_path / "local", batch_size=2)
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 ** 2, log_to_driver=False,

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.merge import merge
-from m2f_cli.pipeline import UsageError
+from m2f_cli.errors import UsageError
 
 from planted import PlantedPredictor
 from rasterize import decode, fill, iou

@@ -125,3 +125,10 @@ class CategoryTable:
     def coco_categories(self) -> list[dict]:
         """The ``categories`` list of a COCO dataset file."""
         return [{"id": c.id, "name": c.name, "supercategory": ""} for c in self.categories]
+
+
+def categories_of(id2label: dict) -> CategoryTable:
+    """The label table of a model config's id2label (keys may be str, as in config.json); COCO's
+    table when it has none."""
+    return CategoryTable.from_id2label({int(k): v for k, v in id2label.items()}) if id2label \
+        else CategoryTable.coco()

@@ -267,7 +267,7 @@ def segment(
 
     with _errors_as_exit_codes():
         if devices:
-            from .devices import WorkerError, parse_devices, run_devices
+            from .engines.devices import WorkerError, parse_devices, run_devices
             try:
                 device_list = parse_devices(devices)
             except ValueError as e:

@@ -22,13 +22,13 @@ class RunConfig:
     inputs: files, folders or glob patterns (the CLI turns ``-`` into paths read from stdin).
     out: output folder, or "-" for JSON Lines on stdout.
     threshold: None = each format's own default (png/overlay/jsonl 0.5, coco 0.0).
-    batch_size / workers / threads: None = chosen for the device (see pipeline.auto_settings).
+    batch_size / workers / threads: None = chosen for the device (see options.auto_settings).
     ray: None = run here; "auto" (the running cluster: RAY_ADDRESS, else one `ray start`ed here), "local"
-        (start one) or a cluster address: run the per-batch work as Ray actors (ray_engine.py).
+        (start one) or a cluster address: run the per-batch work as Ray actors (engines/ray.py).
     ray_actors: None = one per GPU, or as many CPU actors as fit leaving one CPU free.
     ray_cpus_per_actor: CPUs Ray reserves for each actor (decode, preprocess, post-processing, torch
         threads); None = for GPU actors a GPU node's CPUs less one, shared by its GPUs, at most 8; for
-        CPU actors --threads (ray_engine.RayEngine.plan).
+        CPU actors --threads (engines.ray.RayEngine.plan).
     tile: None = the whole image at once; "SIZE[,OVERLAP]" or "auto[,OVERLAP]": cut it into tiles
         (tiling.py); tile_full: with tile, also run the whole image and merge it in.
     """
@@ -61,7 +61,7 @@ class RunConfig:
     overlay_scores: bool = True  # "label score" tags; False: label only
     rle: bool = False
     simplify: float = 0.0  # polygon formats: Douglas-Peucker tolerance in pixels; 0 = exact (polygons.py)
-    compile: Optional[bool] = None  # None = auto (pipeline.resolve_compile)
+    compile: Optional[bool] = None  # None = auto (options.resolve_compile)
     trace_cache: bool = True  # the start-up cache (traced.py)
     shard: Optional[tuple[int, int]] = None
     ray: Optional[str] = None

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from . import deformable
-from .categories import CategoryTable
+from .categories import CategoryTable, categories_of
 from .errors import DeviceError, ModelLoadError, one_line  # noqa: F401  (defined there; raised and re-exported here)
 
 log = logging.getLogger(__name__)
@@ -133,12 +133,6 @@ class Predictor(Protocol):
     categories: CategoryTable
 
     def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-def categories_of(id2label: dict) -> CategoryTable:
-    """The label table of a loaded model's config.id2label (COCO's when it has none)."""
-    return CategoryTable.from_id2label({int(k): v for k, v in id2label.items()}) if id2label \
-        else CategoryTable.coco()
 
 
 class HFPredictor:

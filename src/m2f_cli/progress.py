@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Optional, Protocol
 
+from .errors import ExitCode
 from .records import Failure
 
 
@@ -165,3 +166,43 @@ def make_reporter(quiet: bool = False, stream: Optional[IO[str]] = None) -> Repo
     if stream.isatty():
         return RichReporter(stream)
     return PlainReporter(stream)
+
+
+@dataclass
+class Stages:
+    """Seconds spent per stage (decode/preprocess are summed over workers)."""
+
+    decode: float = 0.0
+    preprocess: float = 0.0
+    forward: float = 0.0
+    postprocess: float = 0.0
+    write: float = 0.0
+    idle: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunSummary(Summary):
+    """not_images: files met in the input folders that are not images, counted by extension."""
+
+    stages: Stages = field(default_factory=Stages)
+    failures: list = field(default_factory=list)
+    not_images: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "images": self.images, "skipped": self.skipped, "failed": self.failed,
+                "instances": self.instances, "wall_s": round(self.wall_s, 4),
+                "images_per_s": round(self.images_per_s, 4), "interrupted": self.interrupted,
+                "stopped_early": self.stopped_early, "stdout_closed": self.stdout_closed,
+                "not_images": self.not_images, "exit_code": self.exit_code,
+                "stages": {k: round(v, 4) for k, v in self.stages.as_dict().items()}}
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return 128 + self.interrupted
+        if self.stdout_closed:
+            return int(ExitCode.STDOUT_CLOSED)
+        return int(ExitCode.INPUTS_FAILED if self.failed else ExitCode.OK)

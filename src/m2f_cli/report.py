@@ -40,15 +40,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
+from .report_html import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS, SCORE_BINS, render_page
 from .state import OutputFolder
 from .storage import RemoteError, RemoteOutputFolder, is_url, local_path, one_line, open_output
 from .errors import ReportError  # noqa: F401  (defined there; raised and re-exported here)
 
 REPORT_DIR = "report"
-SCORE_BINS = 20            # score histograms: 0.05 wide
-COUNT_BINS = 21            # instances per image: 0..19, then "20+"
-AREA_DECADES = 6           # mask area / image area from 1e-6 to 1 ...
-AREA_PER_DECADE = 4        # ... in bins a quarter decade wide
 FAILURE_ROWS = 1000        # failures listed in the page; all of them stay in failures.jsonl
 MAX_MODELS = 20            # distinct model ids counted (a folder normally has one)
 FETCH_BATCH = 64           # remote sidecars fetched per concurrent request round
@@ -727,7 +724,6 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
     thumb_px: the longest side of a thumbnail. workers: threads drawing thumbnails (default: cores).
     Raises ReportError when OUT holds no outputs, OutputError when report/ cannot be written.
     """
-    from .report_html import render_page
     t0 = time.perf_counter()
     progress = progress or (lambda phase, done, total: None)
     try:

@@ -12,10 +12,17 @@ import datetime
 import html
 import json
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import quote
 
-from .report import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS, SCORE_BINS, Stats
+if TYPE_CHECKING:
+    from .report import Stats
+
+# The histograms' bins: the plots are drawn for them and report.py counts into them.
+SCORE_BINS = 20            # score histograms: 0.05 wide
+COUNT_BINS = 21            # instances per image: 0..19, then "20+"
+AREA_DECADES = 6           # mask area / image area from 1e-6 to 1 ...
+AREA_PER_DECADE = 4        # ... in bins a quarter decade wide
 
 PAGE_SIZE = 48          # gallery cards per page
 SMALL_MULTIPLES = 24    # classes with their own score histogram (the most frequent)

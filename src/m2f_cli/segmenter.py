@@ -219,10 +219,10 @@ class Segmenter:
         if postprocess not in POSTPROCESS_MODES:
             raise ValueError(f"postprocess {postprocess!r}: expected one of {', '.join(POSTPROCESS_MODES)}")
         self.postprocess = postprocess
-        # largest batch the device held after an out-of-memory split (pipeline.start_batch), or None
+        # largest batch the device held after an out-of-memory split (engines.local.start_batch), or None
         self.max_batch: Optional[int] = None
         self.notify: Callable[[str], None] = notify or log.info
-        self._mps_notices = MpsFallbackNotices(lambda line: self.notify(line))
+        self._mps_notices = MpsFallbackNotices(self.notify)  # not a lambda on self: no reference cycle
         self.tiling = tile_options(tile, tile_full, self.task)
 
     @property

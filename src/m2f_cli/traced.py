@@ -67,7 +67,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from . import __version__, cache, deformable
-from .categories import CategoryTable
+from .categories import CategoryTable, categories_of
 from .fingerprint import model_fingerprint
 from .storage import one_line
 
@@ -194,7 +194,6 @@ def load(path: Path, size: tuple[int, int], device: torch.device) -> Optional[Tr
         hold.close()
         cache.remove_if_unused(path)
         return None
-    from .model import categories_of
     return TracedPredictor(module.eval(), size, device, categories_of(id2label), path, hold)
 
 

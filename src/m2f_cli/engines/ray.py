@@ -2,7 +2,7 @@
 
 What runs where. This process (the driver: ``m2f segment ... --ray auto``, or the entrypoint of
 ``ray job submit``) walks the inputs, skips what is done and holds the output folder, its lock, the
-journals and the writers, exactly as a local run does (pipeline.py). Ray actors, each loading the
+journals and the writers, exactly as a local run does (pipeline.py, engines/local.py). Ray actors, each loading the
 model once, take chunks of ``(seq, ImageRef)``, decode and preprocess them with ``load_sample`` and
 run ``segment_samples``: the same code as a local run, so an image's outputs are the same. Results
 (label maps are numpy arrays) come back through Ray's object store.
@@ -36,11 +36,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
-from .batch import load_sample
-from .config import RunConfig
-from .pipeline import EngineError, Stages, segment_samples, segmenter_options
-from .records import Failure, ImageRef, ImageResult
-from .segmenter import Segmenter
+from ..batch import load_sample
+from ..config import RunConfig
+from ..errors import EngineError
+from ..options import segmenter_options
+from ..progress import Stages
+from ..records import Failure, ImageRef, ImageResult
+from ..segmenter import Segmenter
+from .local import segment_samples
 
 log = logging.getLogger(__name__)
 
@@ -253,154 +256,198 @@ class RayEngine:
             yield from self._results(todo, stages, stopping)
 
     def _results(self, todo, stages, stopping):
-        import ray
-        from ray import exceptions
-        RayError, RayActorError = exceptions.RayError, exceptions.RayActorError
-        ActorDiedError = getattr(exceptions, "ActorDiedError", RayActorError)  # newer Rays tell death apart
-
-        plan = self.plan_used = self.plan()
-        timeout = self.config.ray_timeout
-        chunk_size = 2 * plan.batch_size
-        fresh = deque(_Chunk([(s, todo[s]) for s in range(i, min(i + chunk_size, len(todo)))])
-                      for i in range(0, len(todo), chunk_size))
-        retry: "deque[_Chunk]" = deque()
-        slots = [self._new_actor(plan) for _ in range(plan.actors)]
-        spare = RESTARTS * plan.actors  # replacements for actors that died for good
-        window = 2 * IN_FLIGHT * plan.actors * chunk_size  # bounds what waits for input order
-        no_actor_since: Optional[float] = time.monotonic()  # while no live actor has started
-        any_ready = False
-        owner: dict = {}  # chunk ObjectRef -> slot
-
-        def lowest_pending() -> int:
-            firsts = [c.items[0][0] for s in slots for _, c in s.queue] + [c.items[0][0] for c in retry]
-            if fresh:
-                firsts.append(fresh[0].items[0][0])
-            return min(firsts, default=len(todo))
-
-        def submit(slot: _Slot, chunk: _Chunk) -> None:
-            ref = slot.handle.process.remote(chunk.items)
-            if not slot.queue:
-                slot.head_since = time.monotonic()
-            slot.queue.append((ref, chunk))
-            owner[ref] = slot
-
-        def failed(chunk: _Chunk, reason: str) -> list:
-            """After Ray's retries: once more, image by image; then each image is a failure."""
-            if not chunk.retried:
-                retry.extendleft(reversed([_Chunk([item], retried=True) for item in chunk.items]))
-                log.warning("ray: a chunk of %d images failed (%s); retrying them one by one",
-                            len(chunk.items), reason)
-                return []
-            return [(seq, Failure(ref, "engine", reason)) for seq, ref in chunk.items]
-
-        def retire(slot: _Slot, reason: str) -> None:
-            nonlocal spare
-            if slot.dead:
-                return
-            slot.dead = True
-            slot.culprit = slot.queue[0][1] if slot.queue else None
-            with contextlib.suppress(Exception):
-                ray.kill(slot.handle, no_restart=True)
-            replaced = spare > 0
-            if replaced:
-                spare -= 1
-                slots.append(self._new_actor(plan))
-            log.warning("ray: an actor died (%s)%s", reason, "; starting another" if replaced else "")
-
+        run = _Schedule(self, todo, stages)
         try:
-            while fresh or retry or any(s.queue for s in slots):
+            while run.pending():
                 if stopping():
                     return
-                live = [s for s in slots if not s.dead]
-                if not live and not any(s.queue for s in slots):
-                    # every actor and every replacement died (their chunks came back): give up on the rest
-                    reason = "no Ray actor left (they kept dying; see the Ray logs)"
-                    for c in list(retry) + list(fresh):
-                        for seq, ref in c.items:
-                            yield seq, Failure(ref, "engine", reason)
+                if not run.live() and not any(s.queue for s in run.slots):
+                    yield from run.give_up()  # every actor and every replacement died
                     return
-                # feed ready actors, least loaded first, in input order, within the reorder window
-                for slot in sorted((s for s in live if s.ready), key=lambda s: len(s.queue)):
-                    while len(slot.queue) < IN_FLIGHT and (retry or fresh):
-                        if not retry and fresh[0].items[0][0] >= lowest_pending() + window:
-                            break
-                        submit(slot, retry.popleft() if retry else fresh.popleft())
-                # wait for a chunk, an actor start, a timeout or POLL_S
-                now = time.monotonic()
-                deadlines = [s.head_since + timeout for s in live if s.queue]
-                wait_s = max(0.0, min([POLL_S, *[d - now for d in deadlines]]))
-                # a retired actor's chunks too: they fail (ActorDiedError) and go through failed()
-                refs = [r for s in slots for r, _ in s.queue] + [s.ready_ref for s in live if not s.ready]
-                t0 = time.perf_counter()
-                done, _ = ray.wait(refs, num_returns=1, timeout=wait_s) if refs else ([], [])
-                if not refs:
-                    time.sleep(wait_s)
-                stages.idle += time.perf_counter() - t0
-                for ref in done:
-                    slot = owner.pop(ref, None)
-                    if slot is None:  # an actor's ready()
-                        slot = next(s for s in live if s.ready_ref == ref)
-                        try:
-                            ray.get(ref)
-                            slot.ready = any_ready = True
-                        except RayError as e:
-                            if getattr(e, "actor_init_failed", False) and not any_ready:
-                                raise EngineError(f"the Ray actors cannot load the model: {_one_line(e)}") \
-                                    from None
-                            retire(slot, _one_line(e))
-                        continue
-                    i = next(k for k, (r, _) in enumerate(slot.queue) if r == ref)
-                    chunk = slot.queue[i][1]
-                    error = None
-                    try:
-                        out, seconds = ray.get(ref)
-                    except RayError as e:
-                        error = e
-                        if isinstance(e, ActorDiedError):
-                            retire(slot, _one_line(e))  # notes the chunk it was running (the queue's head)
-                    del slot.queue[i]
-                    if i == 0:
-                        slot.head_since = time.monotonic()
-                    if error is not None:
-                        reason = _one_line(error)
-                        if not isinstance(error, RayActorError):
-                            log.warning("ray: chunk failed: %s", reason)
-                        if slot.dead and chunk is not slot.culprit:
-                            retry.appendleft(chunk)  # only queued behind the one that killed the actor
-                            continue
-                        if chunk.timeouts >= 2:
-                            reason = f"ran over --ray-timeout {timeout:g}s twice (its actor was killed)"
-                        yield from failed(chunk, reason)
-                        continue
-                    del ref
-                    for k, v in seconds.items():
-                        setattr(stages, k, getattr(stages, k) + v)
-                    yield from out
-                # timeouts: restart the actor (Ray retries the chunk); the second time, kill it for good
-                now = time.monotonic()
-                for slot in [s for s in slots if not s.dead and s.queue and now - s.head_since > timeout]:
-                    chunk = slot.queue[0][1]
-                    chunk.timeouts += 1
-                    log.warning("ray: a chunk of %d images ran over --ray-timeout %gs (%s...); %s",
-                                len(chunk.items), timeout, chunk.items[0][1].path,
-                                "restarting its actor" if chunk.timeouts == 1 else "killing its actor")
-                    if chunk.timeouts == 1:
-                        with contextlib.suppress(Exception):
-                            ray.kill(slot.handle, no_restart=False)
-                        slot.head_since = now
-                    else:  # its chunks come back as ActorDiedError and go through failed()
-                        retire(slot, f"killed: ran over --ray-timeout {timeout:g}s twice")
-                # no actor running (none placed yet, or all died and their replacements wait)
-                now = time.monotonic()
-                if any(s.ready and not s.dead for s in slots):
-                    no_actor_since = None
-                elif no_actor_since is None:
-                    no_actor_since = now
-                elif now - no_actor_since > timeout:
-                    raise EngineError(f"no Ray actor running for --ray-timeout {timeout:g}s (each needs "
-                                      f"{plan.num_cpus} CPU and {plan.num_gpus} GPU; cluster: "
-                                      f"{ray.cluster_resources()})")
+                run.feed()
+                for ref in run.wait():
+                    yield from run.collect(ref)
+                run.check_timeouts()
+                run.check_actors_running()
         finally:
-            for s in slots:  # stops the work in flight too (stopping(), errors)
+            run.close()
+
+
+class _Schedule:
+    """One run of RayEngine.results: the chunks to do, the actor slots and what is in flight.
+
+    fresh: chunks never sent, in input order; retry: chunks to send again first; owner: each
+    in-flight chunk's ObjectRef -> its slot. The driver loop (RayEngine._results) feeds ready
+    actors, waits for a result, an actor start or a timeout, and repeats.
+    """
+
+    def __init__(self, engine: "RayEngine", todo: list[ImageRef], stages: Stages):
+        import ray
+        from ray import exceptions
+        self.ray, self.engine, self.todo, self.stages = ray, engine, todo, stages
+        self.RayError, self.RayActorError = exceptions.RayError, exceptions.RayActorError
+        # newer Rays tell an actor's death apart from its task's failure
+        self.ActorDiedError = getattr(exceptions, "ActorDiedError", exceptions.RayActorError)
+        self.plan = engine.plan_used = engine.plan()
+        self.timeout = engine.config.ray_timeout
+        size = 2 * self.plan.batch_size
+        self.fresh = deque(_Chunk([(s, todo[s]) for s in range(i, min(i + size, len(todo)))])
+                           for i in range(0, len(todo), size))
+        self.retry: "deque[_Chunk]" = deque()
+        self.slots = [engine._new_actor(self.plan) for _ in range(self.plan.actors)]
+        self.spare = RESTARTS * self.plan.actors  # replacements for actors that died for good
+        self.window = 2 * IN_FLIGHT * self.plan.actors * size  # bounds what waits for input order
+        self.no_actor_since: Optional[float] = time.monotonic()  # while no live actor has started
+        self.any_ready = False
+        self.owner: dict = {}
+
+    def pending(self) -> bool:
+        return bool(self.fresh or self.retry or any(s.queue for s in self.slots))
+
+    def live(self) -> list:
+        return [s for s in self.slots if not s.dead]
+
+    def give_up(self) -> Iterator[tuple[int, Failure]]:
+        reason = "no Ray actor left (they kept dying; see the Ray logs)"
+        for c in list(self.retry) + list(self.fresh):
+            for seq, ref in c.items:
+                yield seq, Failure(ref, "engine", reason)
+
+    def _lowest_pending(self) -> int:
+        firsts = [c.items[0][0] for s in self.slots for _, c in s.queue] + [c.items[0][0] for c in self.retry]
+        if self.fresh:
+            firsts.append(self.fresh[0].items[0][0])
+        return min(firsts, default=len(self.todo))
+
+    def _submit(self, slot: _Slot, chunk: _Chunk) -> None:
+        ref = slot.handle.process.remote(chunk.items)
+        if not slot.queue:
+            slot.head_since = time.monotonic()
+        slot.queue.append((ref, chunk))
+        self.owner[ref] = slot
+
+    def feed(self) -> None:
+        """Ready actors, least loaded first, get chunks in input order, within the reorder window."""
+        for slot in sorted((s for s in self.live() if s.ready), key=lambda s: len(s.queue)):
+            while len(slot.queue) < IN_FLIGHT and (self.retry or self.fresh):
+                if not self.retry and self.fresh[0].items[0][0] >= self._lowest_pending() + self.window:
+                    break
+                self._submit(slot, self.retry.popleft() if self.retry else self.fresh.popleft())
+
+    def wait(self) -> list:
+        """Wait for a chunk, an actor start, a timeout or POLL_S; returns what finished."""
+        now = time.monotonic()
+        live = self.live()
+        deadlines = [s.head_since + self.timeout for s in live if s.queue]
+        wait_s = max(0.0, min([POLL_S, *[d - now for d in deadlines]]))
+        # a retired actor's chunks too: they fail (ActorDiedError) and go through _failed()
+        refs = [r for s in self.slots for r, _ in s.queue] + [s.ready_ref for s in live if not s.ready]
+        t0 = time.perf_counter()
+        done, _ = self.ray.wait(refs, num_returns=1, timeout=wait_s) if refs else ([], [])
+        if not refs:
+            time.sleep(wait_s)
+        self.stages.idle += time.perf_counter() - t0
+        return done
+
+    def collect(self, ref) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
+        slot = self.owner.pop(ref, None)
+        if slot is None:
+            self._started(ref)
+            return
+        i = next(k for k, (r, _) in enumerate(slot.queue) if r == ref)
+        chunk = slot.queue[i][1]
+        error = None
+        try:
+            out, seconds = self.ray.get(ref)
+        except self.RayError as e:
+            error = e
+            if isinstance(e, self.ActorDiedError):
+                self._retire(slot, _one_line(e))  # notes the chunk it was running (the queue's head)
+        del slot.queue[i]
+        if i == 0:
+            slot.head_since = time.monotonic()
+        if error is not None:
+            yield from self._chunk_failed(slot, chunk, error)
+            return
+        for k, v in seconds.items():
+            setattr(self.stages, k, getattr(self.stages, k) + v)
+        yield from out
+
+    def _started(self, ref) -> None:
+        """An actor's ready() came back: it loaded its model, or it could not."""
+        slot = next(s for s in self.live() if s.ready_ref == ref)
+        try:
+            self.ray.get(ref)
+            slot.ready = self.any_ready = True
+        except self.RayError as e:
+            if getattr(e, "actor_init_failed", False) and not self.any_ready:
+                raise EngineError(f"the Ray actors cannot load the model: {_one_line(e)}") from None
+            self._retire(slot, _one_line(e))
+
+    def _chunk_failed(self, slot: _Slot, chunk: _Chunk, error) -> Iterator[tuple[int, Failure]]:
+        reason = _one_line(error)
+        if not isinstance(error, self.RayActorError):
+            log.warning("ray: chunk failed: %s", reason)
+        if slot.dead and chunk is not slot.culprit:
+            self.retry.appendleft(chunk)  # only queued behind the one that killed the actor
+            return
+        if chunk.timeouts >= 2:
+            reason = f"ran over --ray-timeout {self.timeout:g}s twice (its actor was killed)"
+        yield from self._failed(chunk, reason)
+
+    def _failed(self, chunk: _Chunk, reason: str) -> list:
+        """After Ray's retries: once more, image by image; then each image is a failure."""
+        if not chunk.retried:
+            self.retry.extendleft(reversed([_Chunk([item], retried=True) for item in chunk.items]))
+            log.warning("ray: a chunk of %d images failed (%s); retrying them one by one",
+                        len(chunk.items), reason)
+            return []
+        return [(seq, Failure(ref, "engine", reason)) for seq, ref in chunk.items]
+
+    def _retire(self, slot: _Slot, reason: str) -> None:
+        if slot.dead:
+            return
+        slot.dead = True
+        slot.culprit = slot.queue[0][1] if slot.queue else None
+        with contextlib.suppress(Exception):
+            self.ray.kill(slot.handle, no_restart=True)
+        replaced = self.spare > 0
+        if replaced:
+            self.spare -= 1
+            self.slots.append(self.engine._new_actor(self.plan))
+        log.warning("ray: an actor died (%s)%s", reason, "; starting another" if replaced else "")
+
+    def check_timeouts(self) -> None:
+        """A chunk over --ray-timeout restarts its actor (Ray retries the chunk); the second time,
+        the actor is killed for good and its chunks come back as ActorDiedError."""
+        now = time.monotonic()
+        for slot in [s for s in self.slots if not s.dead and s.queue and now - s.head_since > self.timeout]:
+            chunk = slot.queue[0][1]
+            chunk.timeouts += 1
+            log.warning("ray: a chunk of %d images ran over --ray-timeout %gs (%s...); %s",
+                        len(chunk.items), self.timeout, chunk.items[0][1].path,
+                        "restarting its actor" if chunk.timeouts == 1 else "killing its actor")
+            if chunk.timeouts == 1:
                 with contextlib.suppress(Exception):
-                    ray.kill(s.handle, no_restart=True)
+                    self.ray.kill(slot.handle, no_restart=False)
+                slot.head_since = now
+            else:
+                self._retire(slot, f"killed: ran over --ray-timeout {self.timeout:g}s twice")
+
+    def check_actors_running(self) -> None:
+        """No actor running (none placed yet, or all died and their replacements wait) for longer
+        than --ray-timeout: the cluster cannot run this, EngineError."""
+        now = time.monotonic()
+        if any(s.ready and not s.dead for s in self.slots):
+            self.no_actor_since = None
+        elif self.no_actor_since is None:
+            self.no_actor_since = now
+        elif now - self.no_actor_since > self.timeout:
+            raise EngineError(f"no Ray actor running for --ray-timeout {self.timeout:g}s (each needs "
+                              f"{self.plan.num_cpus} CPU and {self.plan.num_gpus} GPU; cluster: "
+                              f"{self.ray.cluster_resources()})")
+
+    def close(self) -> None:
+        for s in self.slots:  # stops the work in flight too (stopping(), errors)
+            with contextlib.suppress(Exception):
+                self.ray.kill(s.handle, no_restart=True)
