@@ -177,3 +177,91 @@ def test_window_upsampling_equals_full_image_upsampling(valid, original):
         outside[r0:r1, c0:c1] = False
         assert not outside.any()
     assert min(sizes) < FULL_WINDOW  # the separable path ran
+
+
+def _painted_reference(cls, masks, padded, valid, original, opts):
+    """Every candidate's full-size mask from torch's upsampling, the instances painted in ascending
+    score order (the best owns a pixel): the straightforward form of segment_instances' map."""
+    ph, pw = padded
+    up = F.interpolate(masks[None].float(), size=(ph, pw), mode="bilinear", align_corners=False)
+    up = F.interpolate(up[:, :, :valid[0], :valid[1]], size=original, mode="bilinear", align_corners=False)[0]
+    return up > 0
+
+
+@pytest.mark.parametrize("kind", ["diffuse", "scattered", "blobs"])
+@pytest.mark.parametrize("valid,original", [((96, 96), (480, 640)), ((110, 90), (333, 517)),
+                                            ((50, 160), (37, 1000)), ((96, 96), (40, 30))])
+def test_sparse_masks_equal_the_full_masks_however_scattered(kind, valid, original):
+    """sparse_mask evaluates only where a mask can be positive: its runs, area and score are those of
+    the full-size upsampling, for compact blobs and for positives scattered over the whole image."""
+    from m2f_cli.postprocess import _Bands, _Sampler, sparse_mask
+    g = torch.Generator().manual_seed(sum(original) + len(kind))
+    vh, vw = valid
+    sampler = _Sampler(valid, original, torch.device("cpu"))
+    bands = _Bands(sampler)
+    for n in range(6):
+        if kind == "diffuse":
+            low = torch.randn(vh, vw, generator=g) * 3 - 1
+        elif kind == "scattered":  # isolated positive logits over the whole image
+            mag = 2 + 5 * torch.rand(vh, vw, generator=g)  # (not exactly opposite values: no ties at 0)
+            low = torch.where(torch.rand(vh, vw, generator=g) < 0.01, mag, -mag.flip(0))
+        else:
+            yy, xx = torch.meshgrid(torch.arange(vh).float(), torch.arange(vw).float(), indexing="ij")
+            cy, cx = (torch.rand(2, generator=g) * torch.tensor([vh, vw])).tolist()
+            low = 8.0 * (1 - ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt() / (3 + 6 * n))
+        full = F.interpolate(low[None, None], size=original, mode="bilinear", align_corners=False)[0, 0]
+        m = sparse_mask(sampler, low, bands)
+        b = (full > 0).numpy()
+        if m is None:
+            assert b.sum() <= 2  # only last-bit ties at 0 may differ from torch's one-pass kernel
+            continue
+        got = mask_utils.decode({"size": list(original), "counts": m.rle["counts"].encode()}).astype(bool)
+        assert abs(int(got.sum()) - int(b.sum())) <= 2 and int(got.sum()) == m.area
+        assert (got != b).sum() <= 2
+        # the positive pixels, column-major, are exactly the mask's
+        np.testing.assert_array_equal(m.pixels, np.flatnonzero(got.T))
+        want = float(full.sigmoid()[torch.from_numpy(got)].double().sum())
+        assert m.inside == pytest.approx(want, rel=1e-5, abs=1e-3)
+
+
+@pytest.mark.parametrize("threshold,map_threshold", [(0.0, 0.0), (0.3, 0.5), (0.5, 0.2)])
+def test_the_map_is_the_instances_painted_in_ascending_score(threshold, map_threshold):
+    """The owner map (no mask kept after its query) paints what painting each instance in
+    ascending score order paints, a query listed with several classes as its best instance."""
+    g = torch.Generator().manual_seed(7)
+    q, padded, valid, original = 40, (96, 128), (96, 120), (300, 410)
+    cls = torch.randn(q, 81, generator=g) * 4
+    cls[5] = cls[3]  # two queries with the same classes: equal probabilities, ties in score
+    masks = torch.randn(q, 24, 32, generator=g) * 3 - 1
+    masks[5] = masks[3]
+    opts = PostprocessOptions(threshold=threshold, map_threshold=map_threshold)
+    insts, imap = segment_instances(cls, masks, padded, valid, original, COCO, opts)
+    assert insts
+    want = np.zeros(original, np.uint16)
+    for inst in sorted(insts, key=lambda i: (i.score, -i.id)):  # ascending; among ties the lower id last
+        if inst.score >= max(threshold, map_threshold):
+            m = mask_utils.decode({"size": list(original), "counts": inst.rle["counts"].encode()}).astype(bool)
+            want[m] = inst.id
+    np.testing.assert_array_equal(imap, want)
+
+
+def test_many_diffuse_candidates_on_a_large_image_keep_no_mask_per_candidate():
+    """Memory does not grow with candidates x image size: 30 diffuse candidates on a 12 MP image
+    (positives over the whole image, every one kept and drawn) peak at a few image-size buffers,
+    where keeping each candidate's mask would hold 30 x 12 MB."""
+    import tracemalloc
+    g = torch.Generator().manual_seed(3)
+    q, padded, valid, original = 30, (384, 384), (288, 384), (3000, 4000)
+    cls = torch.full((q, 81), -10.0)
+    cls[:, 0] = 10.0  # every query a confident person (and, at threshold 0, every other class too)
+    masks = torch.randn(q, 96, 96, generator=g) * 3 - 2
+    tracemalloc.start()
+    try:
+        insts, imap = segment_instances(cls, masks, padded, valid, original, COCO, PostprocessOptions(0.0, 0.0))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(insts) == 100 and imap.max() > 0  # threshold 0: the top 100 (query, class) pairs
+    pixels = original[0] * original[1]
+    assert min(i.area for i in insts) > 0.05 * pixels  # diffuse: each covers a good part of the image
+    assert peak < 12 * pixels  # numpy buffers (tracemalloc sees them): ~6 B/pixel of maps + one chunk
