@@ -218,8 +218,10 @@ def test_sparse_masks_equal_the_full_masks_however_scattered(kind, valid, origin
         got = mask_utils.decode({"size": list(original), "counts": m.rle["counts"].encode()}).astype(bool)
         assert abs(int(got.sum()) - int(b.sum())) <= 2 and int(got.sum()) == m.area
         assert (got != b).sum() <= 2
-        # the positive pixels, column-major, are exactly the mask's
-        np.testing.assert_array_equal(m.pixels(), np.flatnonzero(got.T))
+        # the pixels it paints are exactly the mask's
+        owner = np.zeros(original, np.uint16)
+        m.paint(owner, 7, lambda cur: cur == 0)
+        np.testing.assert_array_equal(owner == 7, got)
         want = float(full.sigmoid()[torch.from_numpy(got)].double().sum())
         assert m.inside == pytest.approx(want, rel=1e-5, abs=1e-3)
 
@@ -267,5 +269,6 @@ def test_many_diffuse_candidates_on_a_large_image_keep_no_mask_per_candidate():
             tracemalloc.stop()
         assert len(insts) == q and len(np.unique(imap)) == q + 1  # all kept, all drawn
         assert min(i.area for i in insts) > 0.05 * pixels  # diffuse: each covers a good part of the image
-    assert peaks[1] < peaks[0] + 0.5 * pixels  # 24 more candidates: not 24 x 12 MB more
+    # 24 more candidates add their RLE strings (~1 MB each for such masks), not 24 x 12 MB of masks
+    assert peaks[1] - peaks[0] < 24 * pixels / 4
     assert peaks[1] < 20 * pixels

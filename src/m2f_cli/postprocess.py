@@ -168,13 +168,28 @@ class _SparseMask:
     area: int
     inside: float  # sum of sigmoid(logit) over the positive pixels
     rle: dict
-    parts: list    # (base (K,), binary (K, tall)) per chunk of (column, band) pairs
-    offsets: np.ndarray
+    parts: list    # sparse: (base (K,), binary (K, tall)) per chunk of (column, band) pairs
+    offsets: Optional[np.ndarray] = None
+    window: Optional[tuple[int, int, np.ndarray]] = None  # dense: (r0, c0, binary window)
 
     def pixels(self) -> np.ndarray:
-        """Sorted column-major indices (c * H0 + r) of the positive pixels (computed on demand:
-        only a query that is drawn needs them)."""
+        """Sorted column-major indices (c * H0 + r) of the positive pixels (a sparse mask's)."""
         return np.concatenate([(base[:, None] + self.offsets)[binary] for base, binary in self.parts])
+
+    def paint(self, owner: np.ndarray, n: int, better) -> None:
+        """Set owner (H0, W0) to n on this mask's pixels where better(current owners) says so."""
+        if self.window is not None:
+            r0, c0, b = self.window
+            region = owner[r0:r0 + b.shape[0], c0:c0 + b.shape[1]]
+            cur = region[b]
+            region[b] = np.where(better(cur), np.uint16(n), cur)
+            return
+        h0, w0 = owner.shape
+        col, row = np.divmod(self.pixels(), h0)
+        flat = owner.reshape(-1)
+        idx = row * w0 + col
+        cur = flat[idx]
+        flat[idx[better(cur)]] = n
 
 
 def sparse_mask(sampler: "_Sampler", low: torch.Tensor, bands: Optional[_Bands] = None) -> Optional[_SparseMask]:
@@ -242,7 +257,7 @@ def sparse_mask(sampler: "_Sampler", low: torch.Tensor, bands: Optional[_Bands] 
         changes.append(base[k] + t)
     if not area:
         return None
-    return _SparseMask(area, inside, _rle_of_changes(np.concatenate(changes), (h0, w0)), parts, bands.t)
+    return _SparseMask(area, inside, _rle_of_changes(np.concatenate(changes), (h0, w0)), parts, offsets=bands.t)
 
 
 def _dense_mask(low: torch.Tensor, sampler: "_Sampler", r0: int, r1: int, c0: int, c1: int
@@ -264,11 +279,7 @@ def _dense_mask(low: torch.Tensor, sampler: "_Sampler", r0: int, r1: int, c0: in
     if not area:
         return None
     inside = float(logits.clamp_(min=0).sigmoid_().sum(dtype=torch.float64)) - 0.5 * (b.size - area)
-    h0 = sampler.original[0]
-    rows = r1 - r0
-    # as parts: one "pair" per window column, its rows as the band (base = the column's first pixel)
-    base = np.arange(c0, c1, dtype=np.int64) * h0 + r0
-    return _SparseMask(area, inside, window_rle(b, r0, c0, sampler.original), [(base, b.T)], np.arange(rows))
+    return _SparseMask(area, inside, window_rle(b, r0, c0, sampler.original), [], window=(r0, c0, b))
 
 
 def _rle_of_changes(starts: np.ndarray, size: tuple[int, int]) -> dict:
@@ -334,8 +345,8 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     sampler = _Sampler(valid, original, mask_logits.device)
     bands = _Bands(sampler)
     paint_from = max(options.threshold, options.map_threshold)
-    # owner: column-major (W0, H0) query number + 1 per pixel; key of each query: (score, -rank)
-    owner = np.zeros(h0 * w0, np.uint16)
+    # owner: (H0, W0) query slot per pixel (0: none); key of each slot: (score, -rank)
+    owner = np.zeros((h0, w0), np.uint16)
     key_s = np.full(len(uniq) + 1, -np.inf)
     key_r = np.full(len(uniq) + 1, np.iinfo(np.int64).max)
     slot = {q: n + 1 for n, q in enumerate(uniq)}
@@ -357,11 +368,7 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
             if s >= paint_from:
                 n, r = slot[q], first_rank[q]
                 key_s[n], key_r[n] = s, r
-                pixels = m.pixels()
-                cur = owner[pixels]
-                cs = key_s[cur]
-                better = (s > cs) | ((s == cs) & (r < key_r[cur]))
-                owner[pixels[better]] = n
+                m.paint(owner, n, lambda cur: (s > key_s[cur]) | ((s == key_s[cur]) & (r < key_r[cur])))
 
     cand = []
     for rank, (p, lab, q) in enumerate(zip(p_list, labels, queries)):
@@ -380,7 +387,7 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
             lut[slot[q]] = n  # a query listed with several classes is drawn as its best instance
     if not np.isfinite(key_s[1:]).any():
         return out, np.zeros((h0, w0), np.uint16)
-    imap = np.ascontiguousarray(lut[owner.reshape(w0, h0)].T)
+    imap = lut[owner]
     return out, imap
 
 
