@@ -64,7 +64,7 @@ sys.path.insert(0, HERE)
 import bench_inputs  # noqa: E402
 
 DEFAULT_SETS = "coco640,1080p,12mp"
-DEFAULT_N = {"coco640": 8, "1080p": 4, "12mp": 4}
+DEFAULT_N = {"coco640": 8, "1080p": 4, "12mp": 4, "crowded": 4}
 STAGES = ("decode", "preprocess", "forward", "postprocess", "write", "idle")
 
 
@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="kill a tool's process after S seconds (recorded as a failure)")
     ap.add_argument("--mem-interval", type=float, default=0.25, metavar="S",
                     help="sampling period of the process-tree PSS, 0 to disable [0.25]")
-    ap.add_argument("--trace-cache", choices=("warm", "cold", "off"), default="warm",
+    ap.add_argument("--trace-cache", choices=("warm", "compiled", "cold", "off"), default="warm",
                     help="the state of m2f's start-up cache in the timed runs (see above) [warm]")
     ap.add_argument("--json", default=None, metavar="FILE", help="also save every measurement to FILE")
     args = ap.parse_args(argv)
@@ -281,6 +281,16 @@ def prime_m2f_cache(image: str, ckpt: str, env: dict, args) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "m2f_cli", "segment", image, "--out", out, "--model", ckpt, "-q",
                     *args.m2f_args], env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def build_compiled(ckpt: str, env: dict, args) -> float:
+    """--trace-cache compiled: `m2f cache build` (the AOTInductor package, untimed); its seconds."""
+    m2f = list(args.m2f_args)
+    dtype = m2f[m2f.index("--dtype") + 1] if "--dtype" in m2f[:-1] else "float32"
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "m2f_cli", "cache", "build", "--model", ckpt, "--dtype", dtype],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -447,6 +457,59 @@ def report(results: list[dict], args) -> str:
     return "\n".join(out)
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+MODEL_GFLOP = 78.0  # Swin-T Mask2Former at 384x384 (docs/performance.md)
+_MATMUL = """
+import json, time, torch
+torch.set_num_threads({threads})
+out = {{}}
+for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    a, b = torch.randn(2048, 2048).to(dt), torch.randn(2048, 2048).to(dt)
+    a @ b
+    best = 1e9
+    for _ in range(5 if dt == torch.float32 else 3):
+        t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+        if best > 2: break
+    out[name] = 2 * 2048 ** 3 / best / 1e9
+out["bf16_kernels"] = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+out["threads"] = torch.get_num_threads()
+print(json.dumps(out))
+"""
+
+
+def cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return []
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in CPU_FLAGS if f in have]
+
+
+def matmul_bound(env: dict) -> Optional[dict]:
+    """fp32 (and bf16) 2048x2048 matmul GFLOP/s with torch's default threads, in a child process
+    with the benchmark's environment (ONEDNN_MAX_CPU_ISA etc. apply), and the forward's compute
+    bound at fp32: MODEL_GFLOP / that rate."""
+    threads = os.cpu_count() or 1
+    try:
+        out = subprocess.run([sys.executable, "-c", _MATMUL.format(threads=threads)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    doc["fp32_bound_s"] = MODEL_GFLOP / doc["fp32"]
+    return doc
+
+
+def machine_line(info: dict) -> str:
+    mm = info.get("matmul") or {}
+    bound = (f"fp32 matmul {mm['fp32']:.0f} GFLOP/s -> forward bound {mm['fp32_bound_s']:.2f} s "
+             f"({MODEL_GFLOP:.0f} GFLOP); bf16 matmul {mm['bf16']:.0f} GFLOP/s "
+             f"(oneDNN bf16 kernels: {'yes' if mm.get('bf16_kernels') else 'no'})") if mm else "matmul bound: not measured"
+    return f"CPU: {info.get('cpu') or '?'}; flags: {' '.join(info.get('cpu_flags') or []) or '-'}; {bound}"
+
+
 def environment(args, ckpt: str, ckpt_meta: Optional[dict]) -> dict:
     """Versions and machine facts, without importing torch here (this process stays small)."""
     from importlib import metadata
@@ -473,7 +536,7 @@ def environment(args, ckpt: str, ckpt_meta: Optional[dict]) -> dict:
         pass
     return {"python": platform.python_version(), "torch": version("torch"), "transformers": version("transformers"),
             "pillow": version("pillow"), "numpy": version("numpy"), "torchvision": version("torchvision"),
-            "cpu": cpu, "cores": os.cpu_count(), "git": git,
+            "cpu": cpu, "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "git": git,
             "env_extra": args.env, "m2f_args": args.m2f_args, "checkpoint": ckpt, "checkpoint_meta": ckpt_meta,
             "loadavg_start": os.getloadavg()}
 
@@ -497,20 +560,38 @@ def main(argv=None) -> int:
     else:
         ckpt, ckpt_meta = bench_inputs.ensure_checkpoint(work, args.seed, args.instances, args.mask_area, log)
 
+    ckpts = {}
+    if "crowded" in args.sets and not args.model:
+        ckpts["crowded"] = bench_inputs.ensure_checkpoint(work, args.seed, bench_inputs.CROWDED_INSTANCES,
+                                                          args.mask_area, log)
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"
     env["M2F_CACHE_DIR"] = m2f_cache(args)
     env.update(args.env)
     info = environment(args, ckpt, ckpt_meta)
+    info["matmul"] = matmul_bound(env)
+    log(machine_line(info))
     log(f"checkpoint: {ckpt}")
+    for name, (path, _) in ckpts.items():
+        log(f"checkpoint of the {name} set: {path}")
     log(f"torch {info['torch']}, transformers {info['transformers']}, {info['cores']} cores ({info['cpu']}); "
         f"m2f args: {shlex.join(args.m2f_args) or '(none)'}; extra env: {args.env or '(none)'}")
 
     primed_s = None
+    if args.trace_cache == "compiled" and not args.skip_m2f:
+        shutil.rmtree(m2f_cache(args), ignore_errors=True)
+        primed_s = 0.0
+        for path in {ckpts.get(name, (ckpt,))[0] for name in args.sets}:
+            primed_s += build_compiled(path, env, args)
+        log(f"m2f compiled model built by m2f cache build (untimed): {primed_s:.1f} s")
     if args.trace_cache == "warm" and not args.skip_m2f:
         shutil.rmtree(m2f_cache(args), ignore_errors=True)
         first = bench_inputs.ensure_image_set(work, args.sets[0], args.n[args.sets[0]], args.seed, log)
-        primed_s = prime_m2f_cache(os.path.join(first, sorted(os.listdir(first))[0]), ckpt, env, args)
+        primed_s = prime_m2f_cache(os.path.join(first, sorted(os.listdir(first))[0]),
+                                   ckpts.get(args.sets[0], (ckpt,))[0], env, args)
+        for name, (path, _) in ckpts.items():
+            if name != args.sets[0]:
+                prime_m2f_cache(os.path.join(first, sorted(os.listdir(first))[0]), path, env, args)
         log(f"m2f start-up cache built by one untimed run on one image: {primed_s:.1f} s")
     info["trace_cache"] = args.trace_cache
     info["trace_cache_primed_s"] = primed_s
@@ -533,7 +614,7 @@ def main(argv=None) -> int:
                     continue
                 tag = f"r{rep}"
                 fn = run_snippet if tool == "snippet" else run_m2f
-                r = fn(set_dir, ckpt, work_set, tag, env, args)
+                r = fn(set_dir, ckpts.get(name, (ckpt,))[0], work_set, tag, env, args)
                 r["repeat"] = rep
                 res[tool].append(r)
                 if "wall_s" in r:
@@ -554,6 +635,10 @@ def main(argv=None) -> int:
           f"{info['cores']} cores" + (f", {threads} torch threads" if threads else "") +
           f" | git {info['git'].get('head', '?')}{' (src modified)' if info['git'].get('src_dirty') else ''}"
           f" | load avg {info['loadavg_start'][0]:.1f} -> {info['loadavg_end'][0]:.1f}")
+    print(machine_line(info) + (" | machine shared (load avg above 0.5 at the start)"
+                                if info["loadavg_start"][0] > 0.5 else ""))
+    for name, (_, meta) in ckpts.items():
+        print(f"{name} set checkpoint: calibrated to ~{meta.get('target_instances')} instances/image")
     if ckpt_meta:
         cal = ckpt_meta.get("calibration", {})
         print(f"checkpoint: random weights ({ckpt_meta.get('params', 0) / 1e6:.1f} M params), calibrated to "

@@ -9,6 +9,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may try the network
 _CACHE = tempfile.mkdtemp(prefix="m2f-test-cache-")
 os.environ["M2F_CACHE_DIR"] = _CACHE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The compiled start-up cache (compiled.py) would run a real AOTInductor compile (minutes) wherever a
+# test asks for compile=True at a fixed size: off here; tests/test_compiled.py turns it on with a
+# stubbed compiler.
+os.environ["M2F_COMPILED_CACHE"] = "0"
 # One intra-op thread for the tiny test models, here and in every m2f subprocess the tests start:
 # they gain nothing from threads, and two spinning OpenMP threads per process on a 2-core CI
 # machine shared with DataLoader workers and subprocesses make each forward ~20x slower.

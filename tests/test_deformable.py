@@ -46,3 +46,32 @@ def test_model_outputs_agree_and_library_is_restored(tiny_model, monkeypatch):
     assert len(used) == n  # turned off
     torch.testing.assert_close(fast_cls, ref_cls, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_masks, ref_masks, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_autocast_takes_the_fast_path_sampled_in_float32(tiny_model):
+    """Under bf16 autocast on CPU the pixel decoder uses the embedding_bag version too (the inputs
+    sampled in float32, as autocast runs grid_sample), and agrees with transformers' own bf16 path
+    as closely as that path agrees with float32. Runs on any CPU (slowly where bf16 has no kernels)."""
+    from m2f_cli.model import HFPredictor, load_model, resolve_model
+    model = load_model(resolve_model(tiny_model))
+    bf16 = HFPredictor(model, torch.device("cpu"), torch.bfloat16)
+    fp32 = HFPredictor(model, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = deformable.multi_scale_deformable_attention
+
+    def spy(value, shapes, locations, weights):
+        calls.append((value.dtype, locations.dtype))
+        return real(value, shapes, locations, weights)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(deformable, "multi_scale_deformable_attention", spy)
+        fast = bf16(x)
+    assert calls and set(calls) == {(torch.float32, torch.float32)}
+    assert mm.multi_scale_deformable_attention is REFERENCE
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("M2F_FAST_DEFORMABLE", "0")
+        library = bf16(x)
+    want = fp32(x)
+    for f, lib, w in zip(fast, library, want):
+        assert f.shape == w.shape
+        assert (f.float() - w).abs().max() <= 2 * (lib.float() - w).abs().max() + 1e-2

@@ -2,7 +2,7 @@
 
 Torch-free on purpose: ``m2f cache`` must not import torch.
 
-- Location: ``fingerprint.cache_root()/traced`` (``$M2F_CACHE_DIR``, ``$XDG_CACHE_HOME/m2f`` or
+- Location: ``fingerprint.cache_root()/traced`` (traces ``*.pt``, compiled.py's AOTInductor packages ``*.pt2``) (``$M2F_CACHE_DIR``, ``$XDG_CACHE_HOME/m2f`` or
   ``~/.cache/m2f``), the one place both the traces and the weight digests live.
 - In use: a process holds a shared flock on a trace from the moment it opens it to load it until
   its TracedPredictor is released (or the process ends: the kernel drops the lock). Anything that
@@ -33,6 +33,7 @@ from .errors import CacheLockError  # noqa: F401  (defined there; raised and re-
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 MAX_BYTES_ENV = "M2F_CACHE_MAX_BYTES"
 SUFFIX = ".pt"
+SUFFIXES = (SUFFIX, ".pt2")  # traces (traced.py) and compiled packages (compiled.py)
 
 
 def traces_dir() -> Path:
@@ -153,10 +154,10 @@ class Entry:
 
 
 def entries() -> list[Entry]:
-    """Every trace in the cache, least recently used first."""
+    """Every trace and compiled package in the cache, least recently used first."""
     d = traces_dir()
     found = []
-    for p in d.glob(f"*{SUFFIX}") if d.is_dir() else []:
+    for p in (q for suffix in SUFFIXES for q in d.glob(f"*{suffix}")) if d.is_dir() else []:
         try:
             st = p.stat()
         except FileNotFoundError:
@@ -193,7 +194,7 @@ def clear(everything: bool = False) -> tuple[list[Entry], list[Entry]]:
         (removed if remove_if_unused(e.path) else kept).append(e)
     if everything:
         d = traces_dir()
-        for lock in d.glob(f"*{SUFFIX}.lock") if d.is_dir() else []:
+        for lock in (q for suffix in SUFFIXES for q in d.glob(f"*{suffix}.lock")) if d.is_dir() else []:
             _remove_lock_file(lock)
         try:
             (cache_root() / "digests.json").unlink()

@@ -438,7 +438,8 @@ def _report_progress(quiet: bool):
 
 
 cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                        help="The start-up cache (traced models in M2F_CACHE_DIR or ~/.cache/m2f): list or clear it.")
+                        help="The start-up cache (traced and compiled models in M2F_CACHE_DIR or ~/.cache/m2f): list, "
+                             "clear or build it.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -476,6 +477,39 @@ def cache_clear(everything: bool = typer.Option(False, "--all", help="Also forge
         typer.echo(f"m2f: kept {e.path.name}: in use by a running m2f process", err=True)
     typer.echo(f"m2f: removed {len(removed)} traces ({_mb(sum(e.size for e in removed))})"
                f"{' and the weight digests' if everything else ''}", err=True)
+
+
+@cache_app.command("build")
+def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or save_pretrained folder."),
+                revision: Optional[str] = typer.Option(None, "--revision", metavar="REV", help="Hub revision."),
+                dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16 on CPUs with "
+                                          "fast bf16 kernels (AVX512-BF16/AMX)."),
+                threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="torch threads."),
+                ) -> None:
+    """Compile the model for this CPU (AOTInductor, ~2 min on 2 cores) into the start-up cache, so
+    that every later `m2f segment` of this model at its checkpoint input size loads it compiled."""
+    import torch
+
+    from .model import load_predictor, resolve_dtype, resolve_model
+    from .preprocess import load_checkpoint_spec, spec_for_resize
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        source = resolve_model(model, revision)
+        dt = resolve_dtype(dtype, torch.device("cpu"))
+    except (ValueError, RuntimeError) as e:
+        raise _error(str(e), ExitCode.USAGE)
+    spec = spec_for_resize("checkpoint", load_checkpoint_spec(source.local_dir))
+    if spec.mode != "fixed":
+        raise _error(f"{model}: its preprocessing has no single input size; nothing to compile", ExitCode.USAGE)
+    size = spec.padded_size(1, 1)
+    predictor = load_predictor(source, torch.device("cpu"), dt, compile=True, trace_size=size,
+                               notify=lambda m: typer.echo(f"m2f: {m}", err=True))
+    path = getattr(predictor, "path", None)
+    if not str(path or "").endswith(".pt2"):
+        raise _error("the compiled model could not be built (see the warning above); runs use the trace",
+                     ExitCode.FATAL)
+    typer.echo(f"m2f: compiled model ready: {path}", err=True)
 
 
 @app.command("eval")

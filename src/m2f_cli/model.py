@@ -191,8 +191,17 @@ def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype
                    compile: bool = False, trace_size: Optional[tuple[int, int]] = None,
                    notify: Optional[Callable[[str], None]] = None) -> Predictor:
     """The model of source, ready to run. trace_size: the one model input size of this run, if it
-    has one; then on CPU in float32 the start-up cache (traced.py) is used, or built from this load."""
+    has one; then on CPU a compiled package (compiled.py) is used when one is cached (and built
+    first when compile: a run long enough to pay for it), else in float32 the start-up trace
+    (traced.py) is used, or built from this load."""
     from . import traced
+    if trace_size is not None:
+        got = _compiled_predictor(source, device, dtype, trace_size, compile, allow_pickle, notify)
+        if got is not None:
+            return got
+        # a build that failed (no C++ compiler, an export error) is not retried as torch.compile:
+        # that needs the same compiler; the run goes on with the trace or transformers
+        compile = compile and not _compiled_tried(device, dtype)
     path = None
     if trace_size is not None and traced.eligible(device, dtype, compile):
         try:
@@ -216,3 +225,38 @@ def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype
     except CacheLockError as e:  # no flock where the cache is: one line, and the run goes on without it
         log.warning("m2f: %s", e.args[-1])
         return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
+
+
+def _compiled_tried(device: torch.device, dtype: torch.dtype) -> bool:
+    from . import compiled
+    return compiled.eligible(device, dtype) and compiled.enabled()
+
+
+def _compiled_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype,
+                        size: tuple[int, int], build: bool, allow_pickle: bool,
+                        notify: Optional[Callable[[str], None]]) -> Optional[Predictor]:
+    """The compiled start-up cache (compiled.py): its package for this model, size, dtype and CPU
+    when one is cached; built first when build (a run long enough to pay the compile back).
+    None: no package (the caller goes on with the trace or transformers)."""
+    from . import compiled
+    from .cache import CacheLockError
+    if not (compiled.eligible(device, dtype) and compiled.enabled()):
+        return None
+    try:
+        path = compiled.cache_path(source.local_dir, size, dtype)
+        categories = read_categories(source)
+        got = compiled.load(path, size, dtype, categories)
+        if got is not None or not build:
+            return got
+        from . import traced
+        with traced.build_lock(path, notify or log.info):
+            got = compiled.load(path, size, dtype, categories)
+            if got is None:
+                model = load_model(source, allow_pickle).to(device).eval()
+                got = compiled.build(model, size, dtype, path, categories, notify or log.info)
+            return got
+    except CacheLockError as e:
+        log.warning("m2f: %s", e.args[-1])
+    except OSError as e:
+        log.warning("m2f: compiled start-up cache unavailable (%s)", e)
+    return None
