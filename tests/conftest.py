@@ -9,6 +9,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may try the network
 _CACHE = tempfile.mkdtemp(prefix="m2f-test-cache-")
 os.environ["M2F_CACHE_DIR"] = _CACHE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Build start-up traces inside the run that needs them (deterministic for the tests); users' first
+# runs build them in a detached process instead (traced.background_build, tested in test_traced.py).
+os.environ["M2F_TRACE_BUILD"] = "inline"
 # The compiled start-up cache (compiled.py) would run a real AOTInductor compile (minutes) wherever a
 # test asks for compile=True at a fixed size: off here; tests/test_compiled.py turns it on with a
 # stubbed compiler.

@@ -367,3 +367,35 @@ def test_no_flock_in_the_cache_folder_is_one_line_and_the_run_goes_on(model_dir,
     (msg,) = [r.getMessage() for r in caplog.records if "file locks" in r.getMessage()]
     assert "\n" not in msg and "filesystem at /" in msg and "M2F_CACHE_DIR" in msg and "--no-trace-cache" in msg
     assert traces(cache) == []
+
+
+def test_a_short_first_run_leaves_the_trace_to_a_build_after_it(tmp_path, cache):
+    """trace_build "after" (what pipeline.run picks for short runs): the first load runs through
+    transformers at once; a detached low-priority `m2f cache build --trace` starts when that process
+    has exited, writes the trace, and the next load uses it."""
+    d = make_tiny_model(str(tmp_path / "m"), seed=11)
+    probe = textwrap.dedent(f"""
+        from m2f_cli import Segmenter
+        seg = Segmenter({d!r}, device="cpu", trace_build="after", notify=print)
+        print(type(seg.predictor).__name__)
+    """)
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                       env=os.environ.copy())
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "HFPredictor" and "once this run has finished" in p.stdout
+    t0 = time.time()
+    while not traces(cache) and time.time() - t0 < 180:
+        time.sleep(0.5)
+    (built,) = traces(cache)
+    while traced._being_built(built) and time.time() - t0 < 180:  # renamed into place, lock not yet let go
+        time.sleep(0.2)
+    again = Segmenter(d, device="cpu")
+    assert isinstance(again.predictor, traced.TracedPredictor) and again.predictor.path == built
+
+
+def test_trace_build_mode_follows_the_run_length(monkeypatch):
+    from m2f_cli.options import TRACE_INLINE_MIN_IMAGES, trace_build_mode
+    monkeypatch.delenv("M2F_TRACE_BUILD", raising=False)
+    assert trace_build_mode(TRACE_INLINE_MIN_IMAGES) == "inline" and trace_build_mode(16) == "after"
+    monkeypatch.setenv("M2F_TRACE_BUILD", "inline")
+    assert trace_build_mode(1) == "inline"

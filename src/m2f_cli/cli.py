@@ -485,15 +485,41 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
                 dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16 on CPUs with "
                                           "fast bf16 kernels (AVX512-BF16/AMX)."),
                 threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="torch threads."),
+                trace: bool = typer.Option(False, "--trace", help="Build the TorchScript trace (what a "
+                                           "model's first run starts in the background) instead of compiling."),
+                size: Optional[str] = typer.Option(None, "--size", metavar="HxW", help="With --trace: the "
+                                                   "model input size (default: the checkpoint's)."),
+                nice: bool = typer.Option(False, "--nice", help="Run at the lowest CPU priority."),
+                after_pid: Optional[int] = typer.Option(None, "--after-pid", metavar="PID",
+                                                        help="Start once process PID has exited."),
                 ) -> None:
     """Compile the model for this CPU (AOTInductor, ~2 min on 2 cores) into the start-up cache, so
-    that every later `m2f segment` of this model at its checkpoint input size loads it compiled."""
+    that every later `m2f segment` of this model at its checkpoint input size loads it compiled;
+    with --trace, build the start-up trace instead (seconds)."""
+    import os
+
     import torch
 
     from .model import load_predictor, resolve_dtype, resolve_model
     from .preprocess import load_checkpoint_spec, spec_for_resize
+    if nice:
+        os.nice(19)
+    if after_pid:
+        import time
+        while True:  # the run that started us must be over: nothing may slow it
+            try:
+                os.kill(after_pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass
+            time.sleep(0.5)
     if threads:
         torch.set_num_threads(threads)
+    if trace:
+        os.environ["M2F_TRACE_BUILD"] = "inline"  # this is the build
+        _build_trace(model, revision, size)
+        return
     try:
         source = resolve_model(model, revision)
         dt = resolve_dtype(dtype, torch.device("cpu"))
@@ -510,6 +536,28 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
         raise _error("the compiled model could not be built (see the warning above); runs use the trace",
                      ExitCode.FATAL)
     typer.echo(f"m2f: compiled model ready: {path}", err=True)
+
+
+def _build_trace(model: str, revision: Optional[str], size: Optional[str]) -> None:
+    import torch
+
+    from .model import load_predictor, resolve_model
+    from .preprocess import load_checkpoint_spec, spec_for_resize
+    with _errors_as_exit_codes():
+        source = resolve_model(model, revision)
+    if size:
+        try:
+            h, w = (int(x) for x in size.lower().split("x"))
+        except ValueError:
+            raise _error(f"--size {size!r}: expected HxW, e.g. 384x384", ExitCode.USAGE)
+    else:
+        spec = spec_for_resize("checkpoint", load_checkpoint_spec(source.local_dir))
+        if spec.mode != "fixed":
+            raise _error(f"{model}: its preprocessing has no single input size; nothing to trace", ExitCode.USAGE)
+        h, w = spec.padded_size(1, 1)
+    predictor = load_predictor(source, torch.device("cpu"), torch.float32, trace_size=(h, w),
+                               notify=lambda m: typer.echo(f"m2f: {m}", err=True))
+    typer.echo(f"m2f: start-up cache ready: {getattr(predictor, 'path', None) or 'not built (see above)'}", err=True)
 
 
 @app.command("eval")

@@ -189,11 +189,12 @@ def read_categories(source: ModelSource) -> CategoryTable:
 
 def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
                    compile: bool = False, trace_size: Optional[tuple[int, int]] = None,
-                   notify: Optional[Callable[[str], None]] = None) -> Predictor:
+                   notify: Optional[Callable[[str], None]] = None, trace_build: Optional[str] = None) -> Predictor:
     """The model of source, ready to run. trace_size: the one model input size of this run, if it
     has one; then on CPU a compiled package (compiled.py) is used when one is cached (and built
     first when compile: a run long enough to pay for it), else in float32 the start-up trace
-    (traced.py) is used, or built from this load."""
+    (traced.py) is used, or built from this load (trace_build "inline"), or after this process has
+    exited (trace_build "after": traced.background_build)."""
     from . import traced
     if trace_size is not None:
         got = _compiled_predictor(source, device, dtype, trace_size, compile, allow_pickle, notify)
@@ -216,6 +217,9 @@ def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype
         if cached is not None:
             return cached
         notify = notify or log.info
+        if traced.background_build(source.local_dir, trace_size, path, notify, trace_build):
+            # this run goes on through transformers; the detached builder fills the cache for the next
+            return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
         with traced.build_lock(path, notify):
             cached = traced.load(path, trace_size, device)  # another process may have built it meanwhile
             if cached is not None:

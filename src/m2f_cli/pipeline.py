@@ -23,7 +23,7 @@ from .errors import EngineError, NoImagesError, OutputError, RemoteError, Stdout
 from .manifest import write_failures, write_manifest
 from .model import ModelSource, read_categories, resolve_model
 from .options import (auto_settings, device_and_dtype, map_threshold, resolve_compile, segmenter_options, tile_of,
-                      validate, writer_thresholds)
+                      trace_build_mode, validate, writer_thresholds)
 from .preprocess import load_checkpoint_spec, spec_for_resize
 from .progress import QuietReporter, Reporter, RunSummary
 from .records import Failure, ImageRef
@@ -189,7 +189,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         compiled = resolve_compile(config.compile, device, len(todo), spec.mode == "fixed")
         try:
             segmenter = Segmenter(**{**segmenter_options(config, m.task), "compile": compiled},
-                                  source=m.source, notify=reporter.message)
+                                  source=m.source, notify=reporter.message,
+                                  trace_build=trace_build_mode(len(todo)))
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         except ValueError as e:

@@ -186,6 +186,9 @@ class Segmenter:
         (logits to the CPU, the CPU path). Both give the same instances (tests/test_device_path.py).
     tile: "SIZE[,OVERLAP]" or "auto[,OVERLAP]": cut images into tiles (tiling.py; instance task
         only); tile_full: with tile, also run the whole image and merge its instances in.
+    trace_build: when the start-up trace is missing: "inline" builds it in this load, "after" leaves
+        it to a detached build once this process has exited (traced.background_build); default
+        M2F_TRACE_BUILD, else "inline".
     """
 
     def __init__(self, model: Union[str, Predictor] = DEFAULT_MODEL, *, device: str = "auto",
@@ -194,7 +197,8 @@ class Segmenter:
                  top_k: int = 100, classes: Sequence[str] = (), compile: bool = False,
                  task: str = "auto", source: Optional[ModelSource] = None, trace_cache: bool = True,
                  notify: Optional[Callable[[str], None]] = None, postprocess: str = "auto",
-                 tile: Optional[str] = None, tile_full: bool = False):
+                 tile: Optional[str] = None, tile_full: bool = False,
+                 trace_build: Optional[str] = None):
         if isinstance(model, str):
             self.source = source or resolve_model(model, revision, allow_pickle)
             dev = resolve_device(device)
@@ -202,7 +206,8 @@ class Segmenter:
             self.spec: PreprocessSpec = spec_for_resize(resize, load_checkpoint_spec(self.source.local_dir))
             fixed = self.spec.padded_size(1, 1) if self.spec.mode == "fixed" and trace_cache else None
             self.predictor: Predictor = load_predictor(self.source, dev, dt, allow_pickle=allow_pickle,
-                                                       compile=compile, trace_size=fixed, notify=notify)
+                                                       compile=compile, trace_size=fixed, notify=notify,
+                                                       trace_build=trace_build)
         else:
             self.source = source
             self.predictor = model

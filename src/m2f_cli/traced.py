@@ -177,6 +177,49 @@ def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator
             os.close(fd)  # releases the lock
 
 
+def _being_built(path: Path) -> bool:
+    """Whether another process holds the build lock of path now (it builds the trace)."""
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def background_build(local_dir: str, size: tuple[int, int], path: Path, notify: Callable[[str], None] = log.info,
+                     mode: Optional[str] = None) -> bool:
+    """Leave the trace's build to a detached ``m2f cache build --trace`` that starts once this
+    process has exited, so that a model's first run on a machine is not slowed by it (a build takes
+    ~8-12 s on 2 cores, and any build running beside the model, even at nice 19, slows its threaded
+    forward 2x: measured, benchmarks/README.md); the next run loads the trace.
+
+    Only when mode (else M2F_TRACE_BUILD, else "inline") is "after" (pipeline.run picks it per run:
+    options.trace_build_mode) and no other process builds the trace already. The builder runs in its own session at nice 19 and
+    writes atomically under the build lock. Returns whether it was started."""
+    if (mode or os.environ.get("M2F_TRACE_BUILD", "inline")) != "after" or _being_built(path):
+        return False
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", "--trace", "--model", local_dir,
+           "--size", f"{size[0]}x{size[1]}", "--nice", "--after-pid", str(os.getpid())]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+    except OSError as e:
+        log.debug("background trace build not started (%s)", e)
+        return False
+    notify(f"the start-up cache for this model is built once this run has finished (later runs start "
+           f"~5 s sooner): {path}")
+    return True
+
+
 def load(path: Path, size: tuple[int, int], device: torch.device) -> Optional[TracedPredictor]:
     """The cached trace at path, or None (absent; or unusable: then it is removed with a warning).
     Its label table is the one the traced model's config had (kept in the archive). The file stays
