@@ -11,7 +11,7 @@ no inductor import). Batch 1 at the run's one model input size; a batch runs ima
 
 Building costs a compile of ~1.5-2 min on 2 cores (g++ on the generated kernels), so it never
 happens inside a short run: a package is built by ``m2f cache build`` or by a run that
-``pipeline.resolve_compile`` already judges long enough to pay a compile back (``--compile``, or
+``options.resolve_compile`` already judges long enough to pay a compile back (``--compile``, or
 auto for 1000+ images), and then used by every later run with the same key, however short.
 
 Same rules as the trace (traced.py, cache.py): the file name is ``<folder>-<hash>-<H>x<W>-<env>-
