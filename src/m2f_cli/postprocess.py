@@ -152,6 +152,31 @@ class _Sampler:
         return r0, c0, top.mul_(1 - wy).add_(bottom.mul_(wy))
 
 
+def top_candidates(class_logits: torch.Tensor, options: "PostprocessOptions", floor: float
+                   ) -> tuple[torch.Tensor, list[int], list[int]]:
+    """The paper's candidate selection: class probabilities without "no object", only the kept
+    classes, the top_k (query, class) pairs by probability, those >= floor.
+
+    class_logits: (Q, C+1) any float dtype. Returns (probabilities (n,) float32 on the CPU,
+    descending; their class indices; their query indices).
+    """
+    class_logits = class_logits.float()
+    num_q, num_c1 = class_logits.shape
+    num_c = num_c1 - 1
+    probs = class_logits.softmax(-1)[:, :num_c]
+    if options.keep is not None:
+        drop = torch.ones(num_c, dtype=torch.bool, device=probs.device)
+        drop[list(options.keep)] = False
+        probs = probs.masked_fill(drop, -1.0)
+    k = min(options.top_k, num_q * num_c)
+    top_p, top_i = probs.flatten().topk(k, sorted=True)
+    alive = top_p >= floor
+    if options.keep is not None:
+        alive &= top_p >= 0
+    top_p, top_i = top_p[alive].cpu(), top_i[alive].cpu()
+    return top_p, (top_i % num_c).tolist(), (top_i // num_c).tolist()
+
+
 def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                       padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int],
                       categories: CategoryTable, options: PostprocessOptions
@@ -162,25 +187,10 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     padded: (Hp, Wp) model input size; valid: (h, w) unpadded part; original: (H0, W0).
     Returns the instances and the (H0, W0) uint16 map of those with score >= map_threshold.
     """
-    class_logits = class_logits.float()
-    num_q, num_c1 = class_logits.shape
-    num_c = num_c1 - 1
     h0, w0 = original
-    probs = class_logits.softmax(-1)[:, :num_c]
-    if options.keep is not None:
-        drop = torch.ones(num_c, dtype=torch.bool, device=probs.device)
-        drop[list(options.keep)] = False
-        probs = probs.masked_fill(drop, -1.0)
-    k = min(options.top_k, num_q * num_c)
-    top_p, top_i = probs.flatten().topk(k, sorted=True)
-    alive = top_p >= max(options.threshold, 0.0)
-    if options.keep is not None:
-        alive &= top_p >= 0
-    top_p, top_i = top_p[alive].cpu(), top_i[alive].cpu()
+    top_p, labels, queries = top_candidates(class_logits, options, max(options.threshold, 0.0))
     if top_p.numel() == 0:
         return [], np.zeros((h0, w0), np.uint16)
-    labels = (top_i % num_c).tolist()
-    queries = (top_i // num_c).tolist()
     p_list = top_p.tolist()
     best_p: dict[int, float] = {}
     for p, q in zip(p_list, queries):

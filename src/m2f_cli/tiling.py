@@ -44,7 +44,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .categories import CategoryTable
-from .postprocess import PostprocessOptions, _Sampler, _crop_to_valid, window_rle
+from .postprocess import PostprocessOptions, _Sampler, _crop_to_valid, top_candidates, window_rle
 from .preprocess import PreprocessSpec, preprocess
 from .records import Failure, ImageRef, ImageResult, Instance
 
@@ -253,24 +253,9 @@ def tile_parts(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tu
     threshold lowered to PART_FLOOR x threshold; parts with an empty mask are dropped.
     """
     floor = max(options.threshold * PART_FLOOR, 0.0)
-    class_logits = class_logits.float()
-    num_q, num_c1 = class_logits.shape
-    num_c = num_c1 - 1
-    probs = class_logits.softmax(-1)[:, :num_c]
-    if options.keep is not None:
-        drop = torch.ones(num_c, dtype=torch.bool, device=probs.device)
-        drop[list(options.keep)] = False
-        probs = probs.masked_fill(drop, -1.0)
-    k = min(options.top_k, num_q * num_c)
-    top_p, top_i = probs.flatten().topk(k, sorted=True)
-    alive = top_p >= floor
-    if options.keep is not None:
-        alive &= top_p >= 0
-    top_p, top_i = top_p[alive].cpu(), top_i[alive].cpu()
+    top_p, labels, queries = top_candidates(class_logits, options, floor)
     if top_p.numel() == 0:
         return []
-    labels = (top_i % num_c).tolist()
-    queries = (top_i // num_c).tolist()
     low = _crop_to_valid(mask_logits[sorted(set(queries))], padded, valid)
     row = {q: j for j, q in enumerate(sorted(set(queries)))}
     masks: dict[int, Optional[tuple[float, int, int, dict, int]]] = {}
