@@ -38,7 +38,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .report_html import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS, SCORE_BINS, render_page
 from .state import OutputFolder
@@ -308,6 +308,18 @@ class _Reader:
             with open(path, "rb") as f:
                 yield from f
 
+    def json_lines(self, names: list[str]) -> Iterator[tuple[bytes, Any]]:
+        """(line, parsed JSON) of every line of these files in OUT that parses (streamed); blank
+        and torn lines are skipped."""
+        for name in names:
+            for line in self.lines(self.folder.join(name)):
+                if not line.strip():
+                    continue
+                try:
+                    yield line, json.loads(line)
+                except ValueError:
+                    continue
+
     def top_names(self) -> list[str]:
         return self.folder.names()
 
@@ -419,17 +431,10 @@ def iter_records(reader: _Reader) -> tuple[str, Iterator[ImageRecord]]:
                           "(--format png) and no predictions.jsonl (--format jsonl)")
 
     def from_jsonl() -> Iterator[ImageRecord]:
-        for name in parts:
-            for line in reader.lines(reader.folder.join(name)):
-                if not line.strip():
-                    continue
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                if _is_image_doc(doc):
-                    rel = posixpath.splitext(str(doc.get("name", "")))[0] or str(doc.get("image", ""))
-                    yield record_of(doc, rel, _digest(line), False)
+        for line, doc in reader.json_lines(parts):
+            if _is_image_doc(doc):
+                rel = posixpath.splitext(str(doc.get("name", "")))[0] or str(doc.get("image", ""))
+                yield record_of(doc, rel, _digest(line), False)
     return "jsonl", from_jsonl()
 
 
@@ -442,20 +447,13 @@ def read_failures(reader: _Reader, on_failure: Callable[[dict], None]) -> tuple[
     the names of the files read)."""
     n, stages, rows = 0, {}, []
     names = _part_names(reader.top_names(), "failures", ".jsonl")
-    for name in names:
-        for line in reader.lines(reader.folder.join(name)):
-            if not line.strip():
-                continue
-            try:
-                f = json.loads(line)
-            except ValueError:
-                continue
-            f = {"path": str(f.get("path", "")), "stage": str(f.get("stage", "")), "error": str(f.get("error", ""))}
-            n += 1
-            stages[f["stage"]] = stages.get(f["stage"], 0) + 1
-            if len(rows) < FAILURE_ROWS:
-                rows.append(f)
-            on_failure(f)
+    for _, f in reader.json_lines(names):
+        f = {"path": str(f.get("path", "")), "stage": str(f.get("stage", "")), "error": str(f.get("error", ""))}
+        n += 1
+        stages[f["stage"]] = stages.get(f["stage"], 0) + 1
+        if len(rows) < FAILURE_ROWS:
+            rows.append(f)
+        on_failure(f)
     return n, stages, rows, names
 
 
