@@ -155,6 +155,23 @@ def _shape_color(rng: np.random.Generator, label: int, background: np.ndarray,
     return best
 
 
+def _draw_place(rng: np.random.Generator, centres: list, scale: float, h: int, w: int):
+    """One try at placing a shape: radius r from 9-24% of scale, centre anywhere or touching an
+    earlier shape (centres: (cx, cy, r) placed so far). (r, cx, cy), or None when the centre falls
+    too close to the border. Draws from rng in a fixed order: the generated sets depend on it."""
+    r = float(rng.uniform(0.09, 0.24) * scale)
+    if centres and rng.uniform() < 0.35:  # touch / overlap an earlier shape
+        ocx, ocy, orr = centres[int(rng.integers(0, len(centres)))]
+        a = rng.uniform(0, 2 * np.pi)
+        dist = orr + r * rng.uniform(0.5, 1.1)
+        cx, cy = ocx + dist * np.cos(a), ocy + dist * np.sin(a)
+    else:
+        cx, cy = rng.uniform(0.6 * r, w - 0.6 * r), rng.uniform(0.6 * r, h - 0.6 * r)
+    if not (0.5 * r <= cx <= w - 0.5 * r and 0.5 * r <= cy <= h - 0.5 * r):
+        return None
+    return r, cx, cy
+
+
 def make_sample(rng: np.random.Generator, size: Optional[tuple[int, int]] = None,
                 max_instances: int = 5) -> Sample:
     """One random image with 1..max_instances visible shape instances.
@@ -178,16 +195,10 @@ def make_sample(rng: np.random.Generator, size: Optional[tuple[int, int]] = None
         for _ in range(n_want):
             label = int(rng.integers(0, len(SHAPES)))
             for _try in range(30):
-                r = float(rng.uniform(0.09, 0.24) * m)
-                if centres and rng.uniform() < 0.35:  # touch / overlap an earlier shape
-                    ocx, ocy, orr = centres[int(rng.integers(0, len(centres)))]
-                    a = rng.uniform(0, 2 * np.pi)
-                    dist = orr + r * rng.uniform(0.5, 1.1)
-                    cx, cy = ocx + dist * np.cos(a), ocy + dist * np.sin(a)
-                else:
-                    cx, cy = rng.uniform(0.6 * r, w - 0.6 * r), rng.uniform(0.6 * r, h - 0.6 * r)
-                if not (0.5 * r <= cx <= w - 0.5 * r and 0.5 * r <= cy <= h - 0.5 * r):
+                placed = _draw_place(rng, centres, m, h, w)
+                if placed is None:
                     continue
+                r, cx, cy = placed
                 mk = _shape_mask(SHAPES[label], h, w, cx, cy, r, rng)
                 if mk.sum() < MIN_VISIBLE_PX * 2:
                     continue
@@ -289,16 +300,10 @@ def make_canvas(rng: np.random.Generator, height: int, width: int, n_instances: 
     for _ in range(n_instances):
         label = int(rng.integers(0, len(SHAPES)))
         for _try in range(30):
-            r = float(rng.uniform(0.09, 0.24) * scale)
-            if centres and rng.uniform() < 0.35:  # touch / overlap an earlier shape
-                ocx, ocy, orr = centres[int(rng.integers(0, len(centres)))]
-                a = rng.uniform(0, 2 * np.pi)
-                dist = orr + r * rng.uniform(0.5, 1.1)
-                cx, cy = ocx + dist * np.cos(a), ocy + dist * np.sin(a)
-            else:
-                cx, cy = rng.uniform(0.6 * r, width - 0.6 * r), rng.uniform(0.6 * r, height - 0.6 * r)
-            if not (0.5 * r <= cx <= width - 0.5 * r and 0.5 * r <= cy <= height - 0.5 * r):
+            placed = _draw_place(rng, centres, scale, height, width)
+            if placed is None:
                 continue
+            r, cx, cy = placed
             # the shape on a window around it (a triangle reaches 1.27 r from its centre)
             x0, y0 = max(0, int(cx - 1.4 * r)), max(0, int(cy - 1.4 * r))
             x1, y1 = min(width, int(cx + 1.4 * r) + 2), min(height, int(cy + 1.4 * r) + 2)
