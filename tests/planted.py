@@ -76,3 +76,16 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def bbox_of(mask: np.ndarray) -> list[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def planted_dir(root, sizes):
+    """root/imgs/im<n>.png, one planted image per (width, height) of sizes. Returns (the folder,
+    {"im<n>.png": {"red": mask, "blue": mask}})."""
+    d = root / "imgs"
+    d.mkdir()
+    truth = {}
+    for n, (w, h) in enumerate(sizes):
+        img, masks = planted_image(w, h, seed=n)
+        img.save(d / f"im{n}.png")
+        truth[f"im{n}.png"] = masks
+    return d, truth

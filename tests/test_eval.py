@@ -13,7 +13,7 @@ from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
 from m2f_cli.evaluate import EvalError, evaluate_run
 
-from planted import PlantedPredictor, planted_image
+from planted import PlantedPredictor, planted_dir
 
 runner = CliRunner()
 SIZES = [(320, 240), (200, 300), (500, 180)]
@@ -22,13 +22,7 @@ SIZES = [(320, 240), (200, 300), (500, 180)]
 @pytest.fixture()
 def planted_run(tmp_path):
     """A COCO run (no --coco-annotations: ids 1..3) over planted images, and their true masks."""
-    d = tmp_path / "imgs"
-    d.mkdir()
-    truth = {}
-    for n, (w, h) in enumerate(SIZES):
-        img, masks = planted_image(w, h, seed=n)
-        img.save(d / f"im{n}.png")
-        truth[f"im{n}.png"] = masks
+    d, truth = planted_dir(tmp_path, SIZES)
     out = tmp_path / "out"
     run(RunConfig(inputs=[str(d)], out=str(out), formats=("coco",), workers=0),
         segmenter=Segmenter(PlantedPredictor()))
@@ -129,13 +123,7 @@ def test_mask_sizes_are_checked_without_images_json(tmp_path, planted_run):
 def test_coco_annotations_map_categories_by_name(tmp_path):
     """A ground truth with its own category ids for the model's classes: the predictions take the
     file's ids (matched by name); classes the file lacks are left out; no common name is refused."""
-    d = tmp_path / "imgs"
-    d.mkdir()
-    truth = {}
-    for n, (w, h) in enumerate(SIZES):
-        img, masks = planted_image(w, h, seed=n)
-        img.save(d / f"im{n}.png")
-        truth[f"im{n}.png"] = masks
+    d, truth = planted_dir(tmp_path, SIZES)
     cats = [{"id": 7, "name": "person"}, {"id": 3, "name": "dog"}]
     gt = _gt(tmp_path / "gt.json", truth, first_id=100, names={k: k for k in truth}, cats=cats)
     doc = json.loads(gt.read_text())

@@ -15,20 +15,13 @@ from m2f_cli.categories import CategoryTable
 from m2f_cli.evaluate import evaluate
 from m2f_cli.writers import REGISTRY
 
-from planted import PlantedPredictor, planted_image
+from planted import PlantedPredictor, planted_dir, planted_image
 
 SIZES = [(320, 240), (200, 300), (500, 180)]
 
 
 def _planted_dir(tmp_path):
-    d = tmp_path / "imgs"
-    d.mkdir()
-    truth = {}
-    for n, (w, h) in enumerate(SIZES):
-        img, masks = planted_image(w, h, seed=n)
-        img.save(d / f"im{n}.png")
-        truth[f"im{n}.png"] = masks
-    return d, truth
+    return planted_dir(tmp_path, SIZES)
 
 
 def _check_file(path):
