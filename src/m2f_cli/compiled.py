@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -91,15 +90,8 @@ def env_key(dtype: torch.dtype) -> str:
 
 
 def cache_path(local_dir: str, size: tuple[int, int], dtype: torch.dtype) -> Path:
-    """<cache>/<folder>-<folder hash>-<H>x<W>-<env>-<key>.pt2, next to the traces."""
-    from .fingerprint import model_fingerprint
-    folder = os.path.realpath(local_dir)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder))[:48] or "model"
-    env = env_key(dtype)
-    key = hashlib.sha256(json.dumps({"env": env, "size": list(size), "model": model_fingerprint(local_dir)},
-                                    sort_keys=True).encode()).hexdigest()
-    stem = f"{slug}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}-{size[0]}x{size[1]}-{env[:10]}"
-    return cache.traces_dir() / f"{stem}-{key[:20]}{SUFFIX}"
+    """<cache>/<folder>-<folder hash>-<H>x<W>-<env>-<key>.pt2, next to the traces (traced.cache_file)."""
+    return traced.cache_file(local_dir, size, env_key(dtype), SUFFIX)
 
 
 class CompiledPredictor:

@@ -104,20 +104,22 @@ def env_key(dtype: torch.dtype) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def cache_key(local_dir: str, size: tuple[int, int], dtype: torch.dtype) -> str:
-    """A hex digest of everything the trace of this model folder at this input size depends on:
-    the environment, the size and what the folder holds (fingerprint.model_fingerprint)."""
-    doc = {"env": env_key(dtype), "size": list(size), "model": model_fingerprint(local_dir)}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+def cache_file(local_dir: str, size: tuple[int, int], env: str, suffix: str) -> Path:
+    """<cache>/<folder name>-<folder hash>-<H>x<W>-<env>-<key><suffix>, where key digests env,
+    the size and what the folder holds (fingerprint.model_fingerprint): a cached model of this
+    folder at this size in this environment replaces only its own older versions (same name up to
+    the key). Traces (env_key) and compiled packages (compiled.env_key) are named so."""
+    folder = os.path.realpath(local_dir)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder))[:48] or "model"
+    doc = {"env": env, "size": list(size), "model": model_fingerprint(local_dir)}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    stem = f"{slug}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}-{size[0]}x{size[1]}-{env[:10]}"
+    return cache_dir() / f"{stem}-{key[:20]}{suffix}"
 
 
 def cache_path(local_dir: str, size: tuple[int, int], dtype: torch.dtype) -> Path:
-    """<cache>/<folder name>-<folder hash>-<H>x<W>-<env>-<key>.pt: a trace of this folder at this
-    size in this environment replaces only its own older versions (same name up to the key)."""
-    folder = os.path.realpath(local_dir)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder))[:48] or "model"
-    stem = f"{slug}-{hashlib.sha256(folder.encode()).hexdigest()[:8]}-{size[0]}x{size[1]}-{env_key(dtype)[:10]}"
-    return cache_dir() / f"{stem}-{cache_key(local_dir, size, dtype)[:20]}.pt"
+    """Where the trace of this model folder at this input size lives (cache_file)."""
+    return cache_file(local_dir, size, env_key(dtype), cache.SUFFIX)
 
 
 class TracedPredictor:
