@@ -1,7 +1,13 @@
 """Seconds per image of m2f's instance post-processing on synthetic logits, for each path.
 
     PYTHONPATH=src python benchmarks/postprocess_speed.py [--images 8] [--threshold 0.5 0.0]
-        [--size 480x640] [--path auto host device] [--device cpu]
+        [--size 480x640] [--path auto host device] [--device cpu] [--masks blobs|scattered]
+        [--path window cells host]
+
+--masks scattered: every query confident and its positive logits scattered over the whole image
+(the crowded-photos worst case: each window is the photo, the mask a fraction of it); the host
+path then takes postprocess._Cells where the image is >= 4x the model input. ``window`` is the
+host path with the cells turned off (CELL_SHARE = 0), ``cells`` with them always on.
 
 The logits look like the benchmark checkpoint's (benchmarks/README.md): 100 queries, masks at 1/4 of a
 384x384 input, each query a soft blob covering a few % of the image, about 12 candidates >= 0.5. It
@@ -41,6 +47,18 @@ def synthetic_logits(batch: int, q: int = 100, low: int = 96, seed: int = 0):
     return cls, masks
 
 
+def scattered_logits(batch: int, q: int = 100, low: int = 96, seed: int = 0):
+    """Every query confident, its positives specks and streaks over the whole image (~10-30% of it)."""
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randn(batch, q, 81, generator=g)
+    cls[..., torch.randint(0, 80, (1,), generator=g)] += 10.0
+    cls[..., 80] = -5.0
+    base = torch.nn.functional.interpolate(torch.randn(batch * q, 1, low // 4, low // 4, generator=g),
+                                           size=(low, low), mode="bilinear", align_corners=False)
+    masks = (4 * base[:, 0] - 4 + 0.5 * torch.randn(batch * q, low, low, generator=g)).view(batch, q, low, low)
+    return cls, masks
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
@@ -49,12 +67,15 @@ def main(argv=None) -> int:
     ap.add_argument("--path", nargs="+", default=["host", "device"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--masks", choices=("blobs", "scattered"), default="blobs")
     args = ap.parse_args(argv)
     h0, w0 = (int(v) for v in args.size.lower().split("x"))
     dev = torch.device(args.device)
-    cls, masks = synthetic_logits(args.images)
+    cls, masks = (synthetic_logits if args.masks == "blobs" else scattered_logits)(args.images)
     cls, masks = cls.to(dev), masks.to(dev)
     coco = CategoryTable.coco()
+    import m2f_cli.postprocess as pp
+    share = pp.CELL_SHARE
     padded = valid = (384, 384)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, "
           f"{args.images} images of {h0}x{w0}, 100 queries")
@@ -71,6 +92,8 @@ def main(argv=None) -> int:
                     return segment_batch(cls, masks, padded, [valid] * args.images, [(h0, w0)] * args.images,
                                          coco, opts)
             else:
+                import m2f_cli.postprocess as pp
+                pp.CELL_SHARE = {"window": 0.0, "cells": 1.01}.get(path, share)
                 def once():
                     return [segment_instances(cls[b], masks[b], padded, valid, (h0, w0), coco, opts)
                             for b in range(args.images)]
@@ -83,6 +106,7 @@ def main(argv=None) -> int:
                 out = once()
                 best = min(best, time.perf_counter() - t0)
             n = sum(len(r[0]) for r in out)
+            pp.CELL_SHARE = share
             print(f"threshold {thr}: {path:6s} {1000 * best / args.images:8.1f} ms/image "
                   f"({n / args.images:.1f} instances/image)")
     return 0

@@ -10,8 +10,12 @@ For one image (docs/mask2former.md, "The original test protocol"):
 
 Optimised but exact: a candidate whose class probability is already below the score threshold
 cannot pass it (the mask score is <= 1), so only the surviving queries are upsampled, in chunks
-whose size bounds memory whatever the image size, and each only over the window where it can be
-positive; its RLE is built from that window (window_rle), never from a full-size mask.
+whose size bounds memory whatever the image size, and each only where it can be positive: over
+its window, or, when the positive logits are scattered over the image (a diffuse mask's window is
+the whole photo), over the cells of the output grid that touch one (_Cells), so the cost follows
+the mask's area, not the image's. Its RLE is built from the window (window_rle), never from a
+full-size mask, and the instance map is painted as each candidate is measured (an owner map),
+so no candidate's mask is kept: memory stays flat in the number of candidates.
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ CHUNK_BYTES = 64 * 1024 * 1024
 # (torch's fused kernel); smaller ones separably over the window. Measured per query at 12 MP:
 # separable 2.4 ms vs 40 ms at 4% of the image, 20 vs 49 ms at 34%, about even at 60-70%.
 FULL_WINDOW = 0.6
+# A mask upscaled at least 4x along both axes is measured on its active cells (_Cells) when they are
+# under this share of the cells of its window; above it the dense window is cheaper. Measured on
+# the crowded benchmark's logits and on compact blobs (docs/performance.md, "Crowded photos"):
+# cells ~2.4x the window's cost per computed pixel, plus the RLE and painting both paths share.
+CELL_SHARE = 0.35
 
 
 @dataclass(frozen=True)
@@ -94,13 +103,16 @@ def window_rle(b: np.ndarray, r0: int, c0: int, size: tuple[int, int]) -> dict:
 
 
 @dataclass
-class _Window:
-    """A query's mask where it can be positive: rows r0:r1, cols c0:c1 of the original image.
-    binary: (r1 - r0, c1 - c0) bool."""
+class Measured:
+    """A query's mask at the original size, where it can be positive: binary (R, C) bool is rows
+    r0:r0+R, cols c0:c0+C of the image (zero outside); area: its positive pixels; score: the mean
+    sigmoid of its logits inside the mask (the mask score; 0 for an empty mask)."""
 
     r0: int
     c0: int
     binary: np.ndarray
+    area: int
+    score: float
 
 
 class _Sampler:
@@ -118,6 +130,9 @@ class _Sampler:
         self.original, self.full_pixels = original, h0 * w0
         self.ry0, self.ry1, self.wy = _source_rows(torch.arange(h0), vh, h0, device)
         self.cx0, self.cx1, _ = _source_rows(torch.arange(w0), vw, w0, device)
+        self.cells = (_Cells(valid, original, *_source_rows(torch.arange(h0), vh, h0),
+                             _source_rows(torch.arange(w0), vw, w0)[0])
+                      if _Cells.usable(valid, original) else None)
 
     @staticmethod
     def _span(lo_idx: torch.Tensor, hi_idx: torch.Tensor, first: int, last: int) -> tuple[int, int]:
@@ -151,6 +166,135 @@ class _Sampler:
         bottom = wide.index_select(0, y1 - ya)
         return r0, c0, top.mul_(1 - wy).add_(bottom.mul_(wy))
 
+    def measure(self, low: torch.Tensor) -> Optional[Measured]:
+        """low: (vh, vw) logits -> the mask at the original size, or None when no output pixel can
+        be positive. On its active cells (_Cells) when they are few, else on its window."""
+        if self.cells is not None and _scattered(low):
+            active = self.cells.active(low)
+            if active is None:
+                return None
+            if active.share < CELL_SHARE:
+                return self.cells.measure(low, active)
+        win = self.window(low)
+        if win is None:
+            return None
+        r0, c0, logits = win
+        b = (logits > 0).cpu().numpy()
+        area = int(np.count_nonzero(b))  # ~50x faster than torch's bool sum
+        # mean sigmoid inside the mask; sigmoid(max(x, 0)) is 0.5 exactly outside it
+        inside = float(logits.clamp_(min=0).sigmoid_().sum()) - 0.5 * (b.size - area)
+        return Measured(r0, c0, b, area, inside / (area + 1e-6))
+
+
+def _scattered(low: torch.Tensor) -> bool:
+    """Whether low's positive logits fill under CELL_SHARE of their bounding box: a compact mask
+    (most objects) goes straight to the window path; the cells' own count decides the others."""
+    pos = low > 0
+    rows = torch.nonzero(pos.any(1)).flatten()
+    if rows.numel() == 0:
+        return True
+    cols = torch.nonzero(pos.any(0)).flatten()
+    box = (int(rows[-1]) - int(rows[0]) + 1) * (int(cols[-1]) - int(cols[0]) + 1)
+    return int(pos.sum()) < CELL_SHARE * box
+
+
+@dataclass
+class _Active:
+    """The cells of a query that can hold a positive pixel: cell rows ii, cell columns jj (int64,
+    row-major order), their bounding cell box k0:k1 x m0:m1 and its share of active cells."""
+
+    ii: torch.Tensor
+    jj: torch.Tensor
+    k0: int
+    k1: int
+    m0: int
+    m1: int
+    share: float
+
+
+class _Cells:
+    """The output image as a grid of cells, for masks upscaled >= 2x along both axes.
+
+    A cell row is a run of output rows that blend the same two source rows (y0, y1; runs longer
+    than the others, at the clamped image edges, are split), padded to hm rows by repeating its
+    last row; a cell column is wc consecutive output columns (the last one padded by repeating the
+    last column). The x-direction is torch's own kernel at full width (one row of source logits
+    -> W0 values, cheap); each cell's rows are then the y blend of two of those rows, exactly as
+    _Sampler.window computes them. A cell can be positive only if one of the source logits it
+    samples is: its two source rows and (wc <= 1 / x-scale, so at most 3) source columns. Only
+    those cells are computed, as one (n, hm, wc) batch: the cost follows the mask's area however
+    scattered its positive logits are.
+    """
+
+    def __init__(self, valid: tuple[int, int], original: tuple[int, int], y0: torch.Tensor, y1: torch.Tensor,
+                 wy: torch.Tensor, x0: torch.Tensor):
+        (vh, vw), (h0, w0) = valid, original
+        self.w0 = w0
+        y0n = y0.numpy()
+        starts = np.flatnonzero(np.r_[True, y0n[1:] != y0n[:-1]])
+        counts = np.diff(np.r_[starts, h0])
+        hm = int(counts[1:-1].max()) if len(counts) > 2 else int(counts.max())
+        rs, rc = [], []
+        for st, c in zip(starts.tolist(), counts.tolist()):
+            for k in range(0, c, hm):
+                rs.append(st + k)
+                rc.append(min(hm, c - k))
+        self.hm, self.rs = hm, torch.tensor(rs)
+        rc_t = torch.tensor(rc)
+        a = torch.arange(hm)
+        self.row_ok = a < rc_t[:, None]                                   # (ncr, hm)
+        self.wy = wy[self.rs[:, None] + torch.minimum(a, rc_t[:, None] - 1)]
+        self.cy0, self.cy1 = y0[self.rs], y1[self.rs]
+        self.real_rows = np.flatnonzero(self.row_ok.flatten().numpy())    # padded row -> real rows
+        self.wc = wc = max(1, w0 // vw)
+        first = torch.arange(-(-w0 // wc)) * wc
+        self.cx0 = x0[first]
+        cols = first[:, None] + torch.arange(wc)
+        self.col_ok = cols < w0                                           # (ncc, wc)
+        self.cols = cols.clamp(max=w0 - 1)
+
+    @staticmethod
+    def usable(valid: tuple[int, int], original: tuple[int, int]) -> bool:
+        """Cells of 4x4 output pixels or more: below that (1080p from 384) the dense window wins."""
+        return original[0] >= 4 * valid[0] and original[1] >= 4 * valid[1]
+
+    def active(self, low: torch.Tensor) -> Optional[_Active]:
+        pos = (low > 0).cpu()
+        rows = pos[self.cy0] | pos[self.cy1]                              # (ncr, vw)
+        near = rows.clone()
+        near[:, :-1] |= rows[:, 1:]
+        near[:, :-2] |= rows[:, 2:]
+        ii, jj = torch.nonzero(near[:, self.cx0], as_tuple=True)
+        if ii.numel() == 0:
+            return None
+        k0, k1, m0, m1 = int(ii[0]), int(ii[-1]) + 1, int(jj.min()), int(jj.max()) + 1
+        return _Active(ii, jj, k0, k1, m0, m1, ii.numel() / ((k1 - k0) * (m1 - m0)))
+
+    def measure(self, low: torch.Tensor, act: _Active) -> Measured:
+        ii, jj = act.ii.to(low.device), act.jj.to(low.device)
+        ya, yb = int(self.cy0[act.k0]), int(self.cy1[act.k1 - 1]) + 1
+        wide = F.interpolate(low[None, None, ya:yb], size=(yb - ya, self.w0), mode="bilinear",
+                             align_corners=False)[0, 0].reshape(-1)
+        cols = self.cols.to(low.device)[jj]                               # (n, wc)
+        top = wide[((self.cy0.to(low.device)[ii] - ya) * self.w0)[:, None] + cols]
+        bottom = wide[((self.cy1.to(low.device)[ii] - ya) * self.w0)[:, None] + cols]
+        w = self.wy.to(low.device)[ii][:, :, None]                       # (n, hm, 1)
+        x = (top[:, None, :] * (1 - w)).add_(bottom[:, None, :] * w)      # (n, hm, wc), as window()
+        b = (x > 0).cpu().numpy()
+        real = self.row_ok[act.ii][:, :, None] & self.col_ok[act.jj][:, None, :]
+        area = int(np.count_nonzero(b & real.numpy()))
+        inside = float(x.masked_fill_(~real.to(x.device), 0.0).clamp_(min=0).sigmoid_().sum()) \
+            - 0.5 * (x.numel() - area)
+        # the cells into their window (padded rows and columns repeat real ones), padding dropped
+        nk, nm = act.k1 - act.k0, act.m1 - act.m0
+        grid = np.zeros((nk, self.hm, nm, self.wc), np.bool_)
+        grid[(act.ii - act.k0).numpy(), :, (act.jj - act.m0).numpy(), :] = b
+        lo, hi = np.searchsorted(self.real_rows, [act.k0 * self.hm, act.k1 * self.hm])
+        c0 = act.m0 * self.wc
+        binary = grid.reshape(nk * self.hm, nm * self.wc)[self.real_rows[lo:hi] - act.k0 * self.hm,
+                                                          : min(self.w0, act.m1 * self.wc) - c0]
+        return Measured(int(self.rs[act.k0]), c0, binary, area, inside / (area + 1e-6))
+
 
 def top_candidates(class_logits: torch.Tensor, options: "PostprocessOptions", floor: float
                    ) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -177,6 +321,24 @@ def top_candidates(class_logits: torch.Tensor, options: "PostprocessOptions", fl
     return top_p, (top_i % num_c).tolist(), (top_i // num_c).tolist()
 
 
+@dataclass
+class _Packed:
+    """A drawn query's binary window kept for painting the map, 1 bit a pixel (np.packbits: ~1 ms
+    each way for 10 MP): 100 candidates whose windows cover a 12 MP photo hold 150 MB, not 1.2 GB."""
+
+    r0: int
+    c0: int
+    shape: tuple[int, int]
+    bits: np.ndarray
+
+    @classmethod
+    def of(cls, m: Measured) -> "_Packed":
+        return cls(m.r0, m.c0, m.binary.shape, np.packbits(m.binary, axis=None))
+
+    def binary(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=self.shape[0] * self.shape[1]).view(np.bool_).reshape(self.shape)
+
+
 def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                       padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int],
                       categories: CategoryTable, options: PostprocessOptions
@@ -200,27 +362,22 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     sampler = _Sampler(valid, original, mask_logits.device)
     mask_score: dict[int, float] = {}
     geometry: dict[int, tuple[tuple[int, int, int, int], int, dict]] = {}
-    windows: dict[int, _Window] = {}
+    windows: dict[int, _Packed] = {}
     empty = window_rle(np.zeros((0, 0), np.bool_), 0, 0, original)
     per_chunk = max(1, CHUNK_BYTES // max(1, valid[0] * valid[1] * 4))
     for start in range(0, len(uniq), per_chunk):
         qs = uniq[start:start + per_chunk]
         low = _crop_to_valid(mask_logits[qs], padded, valid)  # (n, vh, vw), cheap
         for j, q in enumerate(qs):
-            win = sampler.window(low[j])
-            if win is None:
+            m = sampler.measure(low[j])
+            if m is None:
                 mask_score[q], geometry[q] = 0.0, ((0, 0, 0, 0), 0, empty)
                 continue
-            r0, c0, logits = win
-            b = (logits > 0).cpu().numpy()
-            area = int(np.count_nonzero(b))  # ~50x faster than torch's bool sum
-            # mean sigmoid inside the mask; sigmoid(max(x, 0)) is 0.5 exactly outside it
-            inside = float(logits.clamp_(min=0).sigmoid_().sum()) - 0.5 * (b.size - area)
-            mask_score[q] = inside / (area + 1e-6)
-            rle = window_rle(b, r0, c0, original)
-            geometry[q] = (_bbox(rle), area, rle)
-            if area and best_p[q] * mask_score[q] >= options.map_threshold:
-                windows[q] = _Window(r0, c0, b)
+            mask_score[q] = m.score
+            rle = window_rle(m.binary, m.r0, m.c0, original)
+            geometry[q] = (_bbox(rle), m.area, rle)
+            if m.area and best_p[q] * m.score >= options.map_threshold:
+                windows[q] = _Packed.of(m)
 
     cand = []
     for rank, (p, lab, q) in enumerate(zip(p_list, labels, queries)):
@@ -236,13 +393,16 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
         out.append(Instance(id=n, label=cat.name, category_id=cat.id, label_index=lab, score=float(s),
                             bbox=bbox, area=area, rle=rle))
     # Paint in ascending score so the best instance owns each pixel; a query listed with several
-    # classes is drawn once, as its best-scoring instance.
+    # classes is drawn once, as its best-scoring instance (its first in this order).
+    first: dict[int, int] = {}                             # query -> id of its best instance
+    for inst, (_, _, s, _, q) in zip(out, cand):
+        if s >= options.map_threshold and q in windows:
+            first.setdefault(q, inst.id)
     for inst, (_, _, s, _, q) in zip(reversed(out), reversed(cand)):
-        if s < options.map_threshold or q not in windows:
-            continue
-        w = windows[q]
-        region = imap[w.r0:w.r0 + w.binary.shape[0], w.c0:w.c0 + w.binary.shape[1]]
-        np.copyto(region, np.uint16(inst.id), where=w.binary)
+        if first.get(q) == inst.id:
+            w = windows.pop(q)
+            region = imap[w.r0:w.r0 + w.shape[0], w.c0:w.c0 + w.shape[1]]
+            np.copyto(region, np.uint16(inst.id), where=w.binary())
     return out, imap
 
 

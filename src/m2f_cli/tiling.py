@@ -260,19 +260,12 @@ def tile_parts(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tu
     row = {q: j for j, q in enumerate(sorted(set(queries)))}
     masks: dict[int, Optional[tuple[float, int, int, dict, int]]] = {}
     for q, j in row.items():
-        win = sampler.window(low[j])
-        if win is None:
+        m = sampler.measure(low[j])
+        if m is None or not m.area:
             masks[q] = None
             continue
-        r0, c0, logits = win
-        b = (logits > 0).cpu().numpy()
-        area = int(np.count_nonzero(b))
-        if not area:
-            masks[q] = None
-            continue
-        inside = float(logits.clamp_(min=0).sigmoid_().sum()) - 0.5 * (b.size - area)
-        dr, dc, crop = _tight(b)
-        masks[q] = (inside / (area + 1e-6), box.r0 + r0 + dr, box.c0 + c0 + dc, _encode(crop), area)
+        dr, dc, crop = _tight(m.binary)
+        masks[q] = (m.score, box.r0 + m.r0 + dr, box.c0 + m.c0 + dc, _encode(crop), m.area)
     out = []
     for p, lab, q in zip(top_p.tolist(), labels, queries):
         m = masks[q]
