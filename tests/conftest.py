@@ -16,6 +16,8 @@ os.environ["M2F_TRACE_BUILD"] = "inline"
 # test asks for compile=True at a fixed size: off here; tests/test_compiled.py turns it on with a
 # stubbed compiler.
 os.environ["M2F_COMPILED_CACHE"] = "0"
+# ...and no run may leave a real compile behind it (compiled.background_build; tested with a stub).
+os.environ["M2F_COMPILE_BUILD"] = "off"
 # One intra-op thread for the tiny test models, here and in every m2f subprocess the tests start:
 # they gain nothing from threads, and two spinning OpenMP threads per process on a 2-core CI
 # machine shared with DataLoader workers and subprocesses make each forward ~20x slower.

@@ -178,3 +178,130 @@ def test_off_switches(model_dir, cache, monkeypatch):
     monkeypatch.setenv("M2F_COMPILED_CACHE", "0")
     assert isinstance(Segmenter(model_dir, device="cpu", compile=True).predictor, HFPredictor)
     assert not stub.builds and not packages(cache)
+
+
+class _Spawns:
+    """subprocess.Popen stand-in for compiled.background_build: records the detached commands."""
+
+    def __init__(self, monkeypatch):
+        self.cmds = []
+        monkeypatch.setattr(compiled.subprocess, "Popen", lambda cmd, **kw: self.cmds.append((cmd, kw)))
+
+
+def test_a_run_without_a_package_leaves_its_compile_to_a_detached_build(model_dir, cache, monkeypatch):
+    """Any eligible run that finds no package starts `m2f cache build --yield-to-runs` to run
+    after it (so every later run is compiled), once per key: not when one exists, when a build
+    of this key failed before, without a C++ compiler, or with M2F_COMPILE_BUILD=off."""
+    stub = StubCompiler(monkeypatch)
+    spawns = _Spawns(monkeypatch)
+    monkeypatch.setenv("M2F_COMPILE_BUILD", "after")
+    monkeypatch.setattr(compiled, "has_compiler", lambda: True)
+    notes = []
+    seg = Segmenter(model_dir, device="cpu", notify=notes.append)
+    assert isinstance(seg.predictor, traced.TracedPredictor) and not stub.builds  # this run: not slowed
+    (cmd, kw), = spawns.cmds
+    assert cmd[1:] == ["-m", "m2f_cli", "cache", "build", "--model", model_dir, "--dtype", "float32",
+                       "--nice", "--after-pid", str(os.getpid()), "--yield-to-runs"]
+    assert kw["start_new_session"] and kw["stdout"] == subprocess.DEVNULL
+    path = compiled.cache_path(model_dir, (384, 384), torch.float32)
+    assert any(str(path) in n and "once this run has finished" in n for n in notes)
+
+    monkeypatch.setenv("M2F_COMPILE_BUILD", "off")
+    Segmenter(model_dir, device="cpu")
+    monkeypatch.setenv("M2F_COMPILE_BUILD", "after")
+    monkeypatch.setattr(compiled, "has_compiler", lambda: False)
+    Segmenter(model_dir, device="cpu")
+    assert len(spawns.cmds) == 1
+    monkeypatch.setattr(compiled, "has_compiler", lambda: True)
+
+    # the build itself (what the detached command runs) fails: marked, and no run starts another
+    stub.fail = True
+    assert Segmenter(model_dir, device="cpu", compile=True).predictor.__class__ is not compiled.CompiledPredictor
+    assert "no C++ compiler" in compiled.failed_marker(path).read_text()
+    Segmenter(model_dir, device="cpu")
+    assert len(spawns.cmds) == 1
+    m2f_cache.clear()  # m2f cache clear forgets the failure: the next run tries again
+    assert not compiled.failed_marker(path).exists()
+    Segmenter(model_dir, device="cpu")
+    assert len(spawns.cmds) == 2
+    stub.fail = False  # a package: later runs load it and start nothing
+    Segmenter(model_dir, device="cpu", compile=True)
+    later = Segmenter(model_dir, device="cpu")
+    assert isinstance(later.predictor, compiled.CompiledPredictor) and len(spawns.cmds) == 2
+
+
+_COUNTER = """
+import sys, time
+n = 0
+while True:
+    n += 1
+    with open(sys.argv[1], "w") as f:
+        f.write(str(n))
+    if n >= int(sys.argv[2]):
+        break
+    time.sleep(0.01)
+"""
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pausing the builder is Linux-only (/proc, prctl)")
+def test_the_detached_build_pauses_while_m2f_runs_and_dies_with_its_parent(tmp_path):
+    """run_yielding stops the build's whole process group while busy() (an m2f run uses the cache)
+    and continues it after; killing the builder (even with SIGKILL) kills its stopped child too."""
+    import threading
+    import time
+    count = tmp_path / "count"
+    busy = {"now": False}
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", compiled.run_yielding(
+        [sys.executable, "-c", _COUNTER, str(count), "400"], lambda: busy["now"], poll_s=0.05)))
+    t.start()
+    deadline = time.time() + 60
+    while not (count.exists() and count.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    busy["now"] = True
+    time.sleep(0.5)
+    frozen = count.read_text()
+    time.sleep(0.5)
+    assert count.read_text() == frozen  # stopped: no progress while a run goes on
+    busy["now"] = False
+    t.join(60)
+    assert result["rc"] == 0 and count.read_text() == "400"
+
+    # SIGKILL the builder while its child is stopped: the child must not outlive it
+    pidfile = tmp_path / "child"
+    builder = subprocess.Popen([sys.executable, "-c", f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import subprocess
+from m2f_cli import compiled
+real = subprocess.Popen
+def record(*a, **k):
+    p = real(*a, **k)
+    open({str(pidfile)!r}, "w").write(str(p.pid))
+    return p
+compiled.subprocess.Popen = record
+compiled.run_yielding([sys.executable, "-c", "import time; time.sleep(120)"], lambda: True, poll_s=0.05)
+"""])
+    deadline = time.time() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    while _state(child) != "T" and time.time() < deadline:
+        time.sleep(0.05)
+    assert _state(child) == "T"
+    builder.kill()
+    builder.wait()
+    while time.time() < deadline:
+        try:
+            if _state(child) == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the stopped child outlived its killed builder")

@@ -387,7 +387,7 @@ def test_a_short_first_run_leaves_the_trace_to_a_build_after_it(tmp_path, cache)
     while not traces(cache) and time.time() - t0 < 180:
         time.sleep(0.5)
     (built,) = traces(cache)
-    while traced._being_built(built) and time.time() - t0 < 180:  # renamed into place, lock not yet let go
+    while traced.being_built(built) and time.time() - t0 < 180:  # renamed into place, lock not yet let go
         time.sleep(0.2)
     again = Segmenter(d, device="cpu")
     assert isinstance(again.predictor, traced.TracedPredictor) and again.predictor.path == built

@@ -192,6 +192,9 @@ def clear(everything: bool = False) -> tuple[list[Entry], list[Entry]]:
     removed, kept = [], []
     for e in entries():
         (removed if remove_if_unused(e.path) else kept).append(e)
+    d = traces_dir()
+    for marker in d.glob("*.failed") if d.is_dir() else []:  # compiled.failed_marker: retry builds
+        marker.unlink(missing_ok=True)
     if everything:
         d = traces_dir()
         for lock in (q for suffix in SUFFIXES for q in d.glob(f"*{suffix}.lock")) if d.is_dir() else []:

@@ -492,6 +492,9 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
                 nice: bool = typer.Option(False, "--nice", help="Run at the lowest CPU priority."),
                 after_pid: Optional[int] = typer.Option(None, "--after-pid", metavar="PID",
                                                         help="Start once process PID has exited."),
+                yield_to_runs: bool = typer.Option(False, "--yield-to-runs", help="Pause the compile "
+                                                   "while another m2f process uses the start-up cache "
+                                                   "(what a run's detached build does)."),
                 ) -> None:
     """Compile the model for this CPU (AOTInductor, ~2 min on 2 cores) into the start-up cache, so
     that every later `m2f segment` of this model at its checkpoint input size loads it compiled;
@@ -529,6 +532,14 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
     if spec.mode != "fixed":
         raise _error(f"{model}: its preprocessing has no single input size; nothing to compile", ExitCode.USAGE)
     size = spec.padded_size(1, 1)
+    if yield_to_runs:
+        import sys
+
+        from . import compiled
+        path = compiled.cache_path(source.local_dir, size, dt)
+        cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", "--model", source.local_dir,
+               "--dtype", dtype] + (["--threads", str(threads)] if threads else [])
+        raise typer.Exit(compiled.run_yielding(cmd, lambda: compiled.others_busy(path)))
     predictor = load_predictor(source, torch.device("cpu"), dt, compile=True, trace_size=size,
                                notify=lambda m: typer.echo(f"m2f: {m}", err=True))
     path = getattr(predictor, "path", None)

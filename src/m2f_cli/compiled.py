@@ -10,9 +10,13 @@ no inductor import). Batch 1 at the run's one model input size; a batch runs ima
 (batching gains nothing on CPU).
 
 Building costs a compile of ~1.5-2 min on 2 cores (g++ on the generated kernels), so it never
-happens inside a short run: a package is built by ``m2f cache build`` or by a run that
+happens inside a short run: a package is built by ``m2f cache build``, by a run that
 ``options.resolve_compile`` already judges long enough to pay a compile back (``--compile``, or
-auto for 1000+ images), and then used by every later run with the same key, however short.
+auto for 1000+ images), or, after any other eligible run that found none, by a detached
+``m2f cache build --yield-to-runs`` that starts once that run has exited (background_build): at
+nice 19, and paused (SIGSTOP) whenever another m2f process uses the start-up cache, because any
+build beside a run halves that run's threaded forward. Every later run with the same key, however
+short, then loads it.
 
 Same rules as the trace (traced.py, cache.py): the file name is ``<folder>-<hash>-<H>x<W>-<env>-
 <key>.pt2``; the key adds to the trace's (model fingerprint, input size, versions, dtype,
@@ -36,6 +40,10 @@ import json
 import logging
 import os
 import platform
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +68,85 @@ _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_
 def enabled() -> bool:
     """M2F_COMPILED_CACHE=0 turns the compiled cache off (neither loaded nor built)."""
     return os.environ.get("M2F_COMPILED_CACHE", "1") != "0"
+
+
+def background_mode() -> str:
+    """M2F_COMPILE_BUILD: "after" (default: a run that found no package leaves one to be built once
+    it has exited) or "off"."""
+    return "off" if os.environ.get("M2F_COMPILE_BUILD", "after") == "off" else "after"
+
+
+def has_compiler() -> bool:
+    """Whether a C++ compiler inductor can use is on PATH ($CXX, else g++, c++ or clang++)."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return any(shutil.which(n) for n in names)
+
+
+def failed_marker(path: Path) -> Path:
+    """<package>.failed: a background build of this key failed (its error inside); later runs do
+    not start another (m2f cache build retries; m2f cache clear forgets it)."""
+    return path.with_name(path.name + ".failed")
+
+
+def background_build(local_dir: str, size: tuple[int, int], dtype: torch.dtype, path: Path,
+                     notify: Callable[[str], None] = log.info) -> bool:
+    """Leave the package at path to a detached ``m2f cache build --yield-to-runs`` that starts
+    once this process has exited, unless M2F_COMPILE_BUILD=off, there is no C++ compiler, a
+    build of this key failed before or another process builds it now. Returns whether started."""
+    if background_mode() == "off" or not has_compiler() or failed_marker(path).exists() \
+            or traced.being_built(path):
+        return False
+    cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", "--model", local_dir,
+           "--dtype", str(dtype).replace("torch.", ""), "--nice", "--after-pid", str(os.getpid()),
+           "--yield-to-runs"]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+    except OSError as e:
+        log.debug("background compile not started (%s)", e)
+        return False
+    notify(f"the model is compiled for this CPU once this run has finished (a few minutes at low "
+           f"priority, paused while m2f runs; later runs load it compiled): {path}")
+    return True
+
+
+def others_busy(path: Path) -> bool:
+    """Whether a process uses a start-up cache entry other than path (an m2f run is going on)."""
+    return any(e.in_use for e in cache.entries() if e.path != path)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """The builder child is killed with its parent, even when stopped (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def run_yielding(cmd: list[str], busy: Callable[[], bool], poll_s: float = 1.0) -> int:
+    """Run cmd (a build) in its own process group, stopped (SIGSTOP to the group: inductor's g++
+    children too) while busy() and continued when not. Linux only (the child dies with this
+    process, stopped or not, so a killed builder never leaves a stopped one holding the build
+    lock); elsewhere cmd simply runs. Returns its exit status."""
+    linux = sys.platform.startswith("linux")
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                             preexec_fn=_die_with_parent if linux else None)
+    stopped = False
+    try:
+        while child.poll() is None:
+            if linux:
+                want = busy()
+                if want != stopped:
+                    os.killpg(child.pid, signal.SIGSTOP if want else signal.SIGCONT)
+                    stopped = want
+            time.sleep(poll_s)
+        return child.returncode
+    finally:
+        if child.poll() is None:
+            try:
+                os.killpg(child.pid, signal.SIGCONT)
+                os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 def eligible(device: torch.device, dtype: torch.dtype) -> bool:
@@ -196,9 +283,14 @@ def build(model: torch.nn.Module, size: tuple[int, int], dtype: torch.dtype, pat
         _compile(model, dtype, size, tmp)
         os.replace(tmp, path)
         tmp = None
+        failed_marker(path).unlink(missing_ok=True)
     except Exception as e:  # noqa: BLE001 - the cache is an optimisation, never a reason to fail
         log.warning("m2f: cannot build the compiled model at %s (%s); going on without it",
                     path, one_line(e)[:300])
+        try:
+            failed_marker(path).write_text(one_line(e)[:2000] + "\n", encoding="utf-8")
+        except OSError:
+            pass
         return None
     finally:
         if tmp is not None:

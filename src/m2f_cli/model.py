@@ -250,6 +250,8 @@ def _compiled_predictor(source: ModelSource, device: torch.device, dtype: torch.
         path = compiled.cache_path(source.local_dir, size, dtype)
         categories = read_categories(source)
         got = compiled.load(path, size, dtype, categories)
+        if got is None and not build:
+            compiled.background_build(source.local_dir, size, dtype, path, notify or log.info)
         if got is not None or not build:
             return got
         from . import traced

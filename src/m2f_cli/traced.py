@@ -179,7 +179,7 @@ def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator
             os.close(fd)  # releases the lock
 
 
-def _being_built(path: Path) -> bool:
+def being_built(path: Path) -> bool:
     """Whether another process holds the build lock of path now (it builds the trace)."""
     try:
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -204,7 +204,7 @@ def background_build(local_dir: str, size: tuple[int, int], path: Path, notify: 
     Only when mode (else M2F_TRACE_BUILD, else "inline") is "after" (pipeline.run picks it per run:
     options.trace_build_mode) and no other process builds the trace already. The builder runs in its own session at nice 19 and
     writes atomically under the build lock. Returns whether it was started."""
-    if (mode or os.environ.get("M2F_TRACE_BUILD", "inline")) != "after" or _being_built(path):
+    if (mode or os.environ.get("M2F_TRACE_BUILD", "inline")) != "after" or being_built(path):
         return False
     import subprocess
     import sys
