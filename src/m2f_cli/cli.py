@@ -505,6 +505,7 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
 
     from .model import load_predictor, resolve_dtype, resolve_model
     from .preprocess import load_checkpoint_spec, spec_for_resize
+    os.environ["M2F_COMPILE_BUILD"] = "off"  # a builder never leaves another build behind it
     if nice:
         os.nice(19)
     if after_pid:
