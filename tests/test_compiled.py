@@ -201,7 +201,7 @@ def test_a_run_without_a_package_leaves_its_compile_to_a_detached_build(model_di
     assert isinstance(seg.predictor, traced.TracedPredictor) and not stub.builds  # this run: not slowed
     (cmd, kw), = spawns.cmds
     assert cmd[1:] == ["-m", "m2f_cli", "cache", "build", "--model", model_dir, "--dtype", "float32",
-                       "--nice", "--after-pid", str(os.getpid()), "--yield-to-runs"]
+                       "--yield-to-runs", "--nice", "--after-pid", str(os.getpid())]
     assert kw["start_new_session"] and kw["stdout"] == subprocess.DEVNULL
     path = compiled.cache_path(model_dir, (384, 384), torch.float32)
     assert any(str(path) in n and "once this run has finished" in n for n in notes)

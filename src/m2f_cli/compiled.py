@@ -96,15 +96,8 @@ def background_build(local_dir: str, size: tuple[int, int], dtype: torch.dtype, 
     if background_mode() == "off" or not has_compiler() or failed_marker(path).exists() \
             or traced.being_built(path):
         return False
-    cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", "--model", local_dir,
-           "--dtype", str(dtype).replace("torch.", ""), "--nice", "--after-pid", str(os.getpid()),
-           "--yield-to-runs"]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True)
-    except OSError as e:
-        log.debug("background compile not started (%s)", e)
+    if not traced.spawn_build(["--model", local_dir, "--dtype", str(dtype).replace("torch.", ""),
+                               "--yield-to-runs"], path):
         return False
     notify(f"the model is compiled for this CPU once this run has finished (a few minutes at low "
            f"priority, paused while m2f runs; later runs load it compiled): {path}")

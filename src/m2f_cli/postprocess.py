@@ -228,7 +228,7 @@ class _Cells:
 
     def __init__(self, valid: tuple[int, int], original: tuple[int, int], y0: torch.Tensor, y1: torch.Tensor,
                  wy: torch.Tensor, x0: torch.Tensor):
-        (vh, vw), (h0, w0) = valid, original
+        vw, (h0, w0) = valid[1], original
         self.w0 = w0
         y0n = y0.numpy()
         starts = np.flatnonzero(np.r_[True, y0n[1:] != y0n[:-1]])

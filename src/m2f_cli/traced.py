@@ -194,6 +194,22 @@ def being_built(path: Path) -> bool:
         os.close(fd)
 
 
+def spawn_build(args: list[str], path: Path) -> bool:
+    """Start `m2f cache build ARGS --nice --after-pid <this process>` detached (its own session, no
+    terminal, no output) to fill path's cache folder once this process has exited. Whether it started."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", *args, "--nice", "--after-pid", str(os.getpid())]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+    except OSError as e:
+        log.debug("background build not started (%s)", e)
+        return False
+    return True
+
+
 def background_build(local_dir: str, size: tuple[int, int], path: Path, notify: Callable[[str], None] = log.info,
                      mode: Optional[str] = None) -> bool:
     """Leave the trace's build to a detached ``m2f cache build --trace`` that starts once this
@@ -206,16 +222,7 @@ def background_build(local_dir: str, size: tuple[int, int], path: Path, notify: 
     writes atomically under the build lock. Returns whether it was started."""
     if (mode or os.environ.get("M2F_TRACE_BUILD", "inline")) != "after" or being_built(path):
         return False
-    import subprocess
-    import sys
-    cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", "--trace", "--model", local_dir,
-           "--size", f"{size[0]}x{size[1]}", "--nice", "--after-pid", str(os.getpid())]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True)
-    except OSError as e:
-        log.debug("background trace build not started (%s)", e)
+    if not spawn_build(["--trace", "--model", local_dir, "--size", f"{size[0]}x{size[1]}"], path):
         return False
     notify(f"the start-up cache for this model is built once this run has finished (later runs start "
            f"~5 s sooner): {path}")
