@@ -10,8 +10,14 @@ the other dtype, with m2f's own preprocessing and post-processing (Segmenter), t
   - forward seconds per image for both (meaningless as a speed figure where the CPU has no bf16
     kernels: m2f itself refuses --dtype bfloat16 there, this script does not, to measure agreement).
 
+--compiled compares the start-up cache's compiled packages (src/m2f_cli/compiled.py) of both dtypes
+instead of eager autocast: what `m2f segment --dtype bfloat16` runs once the package exists (build
+both first: `m2f cache build --model M` and `m2f cache build --model M --dtype bfloat16`, with the
+same M2F_CACHE_DIR).
+
 Examples:
   python benchmarks/dtype_agreement.py                                  # benchmark checkpoint, 8 coco640
+  M2F_CACHE_DIR=benchmarks/_work/m2f-cache python benchmarks/dtype_agreement.py --compiled
   python benchmarks/dtype_agreement.py --model tests/fixtures/shapes_model --images DIR
   python benchmarks/dtype_agreement.py --device cuda --dtype float16 --n 64
 """
@@ -39,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threshold", type=float, default=0.5, help="instance score threshold [0.5]")
     ap.add_argument("--work", default=os.path.join(HERE, "_work"))
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--compiled", action="store_true", help="the compiled packages of both dtypes (CPU)")
     args = ap.parse_args(argv)
 
     import bench_inputs
@@ -70,7 +77,20 @@ def main(argv=None) -> int:
             self.last = self.predictor(x)
             return self.last
 
-    segmenters = {name: Segmenter(Recording(HFPredictor(model, device, DTYPES[name])), threshold=args.threshold)
+    def predictor(name):
+        if not args.compiled:
+            return HFPredictor(model, device, DTYPES[name])
+        from m2f_cli import compiled
+        from m2f_cli.model import read_categories
+        size = spec.padded_size(1, 1)
+        path = compiled.cache_path(source.local_dir, size, DTYPES[name])
+        got = compiled.load(path, size, DTYPES[name], read_categories(source))
+        if got is None:
+            sys.exit(f"no compiled {name} package at {path}: run m2f cache build --model {args.model}"
+                     f"{'' if name == 'float32' else ' --dtype ' + name} first")
+        return got
+
+    segmenters = {name: Segmenter(Recording(predictor(name)), threshold=args.threshold)
                   for name in ("float32", args.dtype)}
 
     files = sorted(f for f in os.listdir(args.images) if f.lower().endswith((".jpg", ".jpeg", ".png")))[:args.n]
@@ -91,6 +111,7 @@ def main(argv=None) -> int:
         print(f"{f}: {len(results['float32'].instances)} vs {len(results[args.dtype].instances)} instances",
               flush=True)
     figures = {"model": source.local_dir, "images": args.images, "n": len(files), "dtype": args.dtype,
+               "path": "compiled packages" if args.compiled else "eager autocast",
                "device": str(device), **agreement.summary(),
                "max_logit_diff": {k: round(v, 4) for k, v in logit_diff.items()},
                "seconds_per_image": {k: round(v / max(1, len(files)), 3) for k, v in seconds.items()}}
