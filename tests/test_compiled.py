@@ -305,3 +305,21 @@ compiled.run_yielding([sys.executable, "-c", "import time; time.sleep(120)"], la
         time.sleep(0.05)
     else:
         raise AssertionError("the stopped child outlived its killed builder")
+
+
+def test_the_key_follows_the_compiled_code_not_the_plumbing_around_it(model_dir, cache, monkeypatch):
+    """A package is stale when what is exported or how it is compiled changes (or deformable.py,
+    inside the graph), not when code that finds, loads or builds packages in the background does."""
+    size = (384, 384)
+    first = compiled.cache_path(model_dir, size, torch.float32)
+    monkeypatch.setattr(traced, "_SOURCES", ())  # traced.py edited: the trace's key moves...
+    assert compiled.cache_path(model_dir, size, torch.float32) == first  # ...the package's does not
+    switches = compiled.INDUCTOR
+    monkeypatch.setattr(compiled, "INDUCTOR", {"freezing": False})
+    assert compiled.cache_path(model_dir, size, torch.float32) != first
+    monkeypatch.setattr(compiled, "INDUCTOR", switches)
+    assert compiled.cache_path(model_dir, size, torch.float32) == first
+    import inspect
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("#" if obj is compiled._compile else ""))
+    assert compiled.cache_path(model_dir, size, torch.float32) != first

@@ -19,9 +19,10 @@ build beside a run halves that run's threaded forward. Every later run with the 
 short, then loads it.
 
 Same rules as the trace (traced.py, cache.py): the file name is ``<folder>-<hash>-<H>x<W>-<env>-
-<key>.pt2``; the key adds to the trace's (model fingerprint, input size, versions, dtype,
-fast-deformable switch) this module's source, inductor's switches and the CPU's instruction set
-(a package runs the vector code of the CPU it was built on; a cache folder shared by other CPUs
+<key>.pt2``; the key holds the trace's (model fingerprint, input size, versions, dtype,
+fast-deformable switch, but not traced.py's source), the code that is exported and compiled
+(_Forward, _compile, deformable.py: not this whole module, so that a change to how packages are
+found or built does not make them stale), inductor's switches and the CPU's instruction set (a package runs the vector code of the CPU it was built on; a cache folder shared by other CPUs
 holds one package per kind). One builder at a time (``traced.build_lock``), atomic writes, in-use
 shared locks while a process uses the package, LRU size cap with the traces, older weights'
 packages of the same folder, size and env removed; anything wrong (no compiler, a failed export
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -162,10 +164,19 @@ def cpu_kind() -> dict:
             "flags": sorted(flags.intersection(_CPU_FLAGS))}
 
 
+def _compiled_source() -> str:
+    """A digest of the code a package is made of (what is exported and how it is compiled), not of
+    this whole module: a change to how packages are found, built in the background or loaded does
+    not make every user's package stale (a ~2 min compile each). Plus deformable.py, whose attention
+    is inside the graph; the model's own code is transformers' (its version is in the key)."""
+    parts = [inspect.getsource(_Forward), inspect.getsource(_compile), Path(deformable.__file__).read_text()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def env_key(dtype: torch.dtype) -> str:
-    doc = {"trace_env": traced.env_key(dtype), "format": FORMAT,
-           "source": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
-           "inductor": INDUCTOR, "cpu": cpu_kind()}
+    versions = {k: v for k, v in traced._versions().items() if k != "sources"}  # not traced.py's code
+    doc = {"versions": versions, "dtype": str(dtype), "fast_deformable": deformable.enabled(),
+           "format": FORMAT, "source": _compiled_source(), "inductor": INDUCTOR, "cpu": cpu_kind()}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
