@@ -185,29 +185,20 @@ def cache_path(local_dir: str, size: tuple[int, int], dtype: torch.dtype) -> Pat
     return traced.cache_file(local_dir, size, env_key(dtype), SUFFIX)
 
 
-class CompiledPredictor:
+class CompiledPredictor(traced.CachedPredictor):
     """A loaded AOTInductor package: pixel_values (B, 3, H, W) at its size -> (class logits,
     mask logits), float32 (a bf16 package's outputs are cast back: post-processing is float32)."""
 
+    kind = "compiled"
+
     def __init__(self, runner, size: tuple[int, int], dtype: torch.dtype, categories: CategoryTable,
                  path: Optional[Path] = None, hold=None):
+        super().__init__(size, torch.device("cpu"), categories, path, hold)
         self.runner = runner  # callable: list of input tensors -> list of output tensors
-        self.size = tuple(size)
-        self.device = torch.device("cpu")
         self.dtype = dtype
-        self.categories = categories
-        self.path = path
-        self._hold = hold
-
-    def release(self) -> None:
-        if self._hold is not None:
-            self._hold.close()
-            self._hold = None
 
     def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if tuple(pixel_values.shape[-2:]) != self.size:
-            raise ValueError(f"compiled model takes {self.size[0]}x{self.size[1]} inputs, got "
-                             f"{tuple(pixel_values.shape[-2:])}")
+        self.check_size(pixel_values)
         x = pixel_values.float().contiguous()
         with torch.inference_mode():
             outs = [self.runner([x[i:i + 1]]) for i in range(x.shape[0])]

@@ -122,29 +122,45 @@ def cache_path(local_dir: str, size: tuple[int, int], dtype: torch.dtype) -> Pat
     return cache_file(local_dir, size, env_key(dtype), cache.SUFFIX)
 
 
-class TracedPredictor:
-    """A traced model: pixel_values (B, 3, H, W) at the traced size -> (class logits, mask logits)."""
+class CachedPredictor:
+    """A model loaded from a start-up cache file (a trace, or compiled.py's package): valid at the
+    one input size it was built for, holding its file in use (cache.py) while it lives."""
 
-    def __init__(self, module: torch.jit.ScriptModule, size: tuple[int, int], device: torch.device,
-                 categories: CategoryTable, path: Optional[Path] = None, hold=None):
-        self.module = module
+    kind = "cached"
+
+    def __init__(self, size: tuple[int, int], device: torch.device, categories: CategoryTable,
+                 path: Optional[Path] = None, hold=None):
         self.size = tuple(size)
         self.device = device
         self.categories = categories
         self.path = path
-        self._hold = hold  # the trace file, open with a shared flock: in use (cache.py)
+        self._hold = hold  # the cache file, open with a shared flock: in use (cache.py)
 
     def release(self) -> None:
-        """Let the cache evict or replace this predictor's trace file (it stays loaded here)."""
+        """Let the cache evict or replace this predictor's file (it stays loaded here)."""
         if self._hold is not None:
             self._hold.close()
             self._hold = None
 
-    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_size(self, pixel_values: torch.Tensor) -> None:
+        """Never run the model at another size than it was built at: ValueError."""
         if tuple(pixel_values.shape[-2:]) != self.size:
-            # a trace is only valid at the size it was recorded at: never run it at another one
-            raise ValueError(f"traced model takes {self.size[0]}x{self.size[1]} inputs, got "
+            raise ValueError(f"{self.kind} model takes {self.size[0]}x{self.size[1]} inputs, got "
                              f"{tuple(pixel_values.shape[-2:])}")
+
+
+class TracedPredictor(CachedPredictor):
+    """A traced model: pixel_values (B, 3, H, W) at the traced size -> (class logits, mask logits)."""
+
+    kind = "traced"
+
+    def __init__(self, module: torch.jit.ScriptModule, size: tuple[int, int], device: torch.device,
+                 categories: CategoryTable, path: Optional[Path] = None, hold=None):
+        super().__init__(size, device, categories, path, hold)
+        self.module = module
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_size(pixel_values)
         with torch.inference_mode(), torch.jit.optimized_execution(False):
             class_logits, mask_logits = self.module(pixel_values)
         return class_logits, mask_logits
