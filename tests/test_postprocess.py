@@ -197,14 +197,14 @@ def test_cells_equal_full_image_upsampling_on_scattered_masks(valid, original):
     """The cell path (_Cells: only the output cells that sample a positive logit) gives the mask,
     its area and its mask score of the full-image bilinear upsampling, on masks scattered enough
     to take it, at sizes whose cells are uneven (clamped edges, a last partial column)."""
-    from m2f_cli.postprocess import CELL_SHARE, _Sampler, _scattered
+    from m2f_cli.postprocess import CELL_SHARE, _Sampler, _positive_box, _scattered
     g = torch.Generator().manual_seed(sum(original))
     sampler = _Sampler(valid, original, torch.device("cpu"))
     assert sampler.cells is not None
     for density in (0.002, 0.01, 0.03):
         low = _scattered_low(*valid, g, density)
-        assert _scattered(low)
-        act = sampler.cells.active(low)
+        assert _scattered(low > 0, _positive_box(low > 0))
+        act = sampler.cells.active(low > 0)
         assert act is not None and act.share < CELL_SHARE  # measure() takes the cell path
         m = sampler.measure(low)
         full = F.interpolate(low[None, None], size=original, mode="bilinear", align_corners=False)[0, 0]

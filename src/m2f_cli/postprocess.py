@@ -141,15 +141,14 @@ class _Sampler:
         b = int(torch.searchsorted(lo_idx, torch.tensor(last, device=lo_idx.device), right=True))
         return a, b
 
-    def window(self, low: torch.Tensor):
-        """low: (vh, vw) logits -> (r0, c0, logits window) or None when nothing is positive."""
-        pos = low > 0
-        rows = torch.nonzero(pos.any(1)).flatten()
-        if rows.numel() == 0:
+    def window(self, low: torch.Tensor, box: Optional[tuple[int, int, int, int]] = None):
+        """low: (vh, vw) logits -> (r0, c0, logits window) or None when nothing is positive.
+        box: _positive_box(low > 0), when the caller has it."""
+        box = box or _positive_box(low > 0)
+        if box is None:
             return None
-        cols = torch.nonzero(pos.any(0)).flatten()
-        r0, r1 = self._span(self.ry0, self.ry1, int(rows[0]), int(rows[-1]))
-        c0, c1 = self._span(self.cx0, self.cx1, int(cols[0]), int(cols[-1]))
+        r0, r1 = self._span(self.ry0, self.ry1, box[0], box[1])
+        c0, c1 = self._span(self.cx0, self.cx1, box[2], box[3])
         if r1 <= r0 or c1 <= c0:
             return None  # no output pixel samples a positive logit (outputs much smaller than the logits)
         if (r1 - r0) * (c1 - c0) > FULL_WINDOW * self.full_pixels:
@@ -169,13 +168,17 @@ class _Sampler:
     def measure(self, low: torch.Tensor) -> Optional[Measured]:
         """low: (vh, vw) logits -> the mask at the original size, or None when no output pixel can
         be positive. On its active cells (_Cells) when they are few, else on its window."""
-        if self.cells is not None and _scattered(low):
-            active = self.cells.active(low)
+        pos = low > 0
+        box = _positive_box(pos)
+        if box is None:
+            return None
+        if self.cells is not None and _scattered(pos, box):
+            active = self.cells.active(pos)
             if active is None:
                 return None
             if active.share < CELL_SHARE:
                 return self.cells.measure(low, active)
-        win = self.window(low)
+        win = self.window(low, box)
         if win is None:
             return None
         r0, c0, logits = win
@@ -186,16 +189,20 @@ class _Sampler:
         return Measured(r0, c0, b, area, inside / (area + 1e-6))
 
 
-def _scattered(low: torch.Tensor) -> bool:
-    """Whether low's positive logits fill under CELL_SHARE of their bounding box: a compact mask
-    (most objects) goes straight to the window path; the cells' own count decides the others."""
-    pos = low > 0
+def _positive_box(pos: torch.Tensor) -> Optional[tuple[int, int, int, int]]:
+    """pos: (vh, vw) bool -> (first row, last row, first col, last col) holding a True, or None."""
     rows = torch.nonzero(pos.any(1)).flatten()
     if rows.numel() == 0:
-        return True
+        return None
     cols = torch.nonzero(pos.any(0)).flatten()
-    box = (int(rows[-1]) - int(rows[0]) + 1) * (int(cols[-1]) - int(cols[0]) + 1)
-    return int(pos.sum()) < CELL_SHARE * box
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def _scattered(pos: torch.Tensor, box: tuple[int, int, int, int]) -> bool:
+    """Whether the positive logits pos fill under CELL_SHARE of their bounding box: a compact mask
+    (most objects) goes straight to the window path; the cells' own count decides the others."""
+    area = (box[1] - box[0] + 1) * (box[3] - box[2] + 1)
+    return int(pos.sum()) < CELL_SHARE * area
 
 
 @dataclass
@@ -258,8 +265,9 @@ class _Cells:
         """Cells of 4x4 output pixels or more: below that (1080p from 384) the dense window wins."""
         return original[0] >= 4 * valid[0] and original[1] >= 4 * valid[1]
 
-    def active(self, low: torch.Tensor) -> Optional[_Active]:
-        pos = (low > 0).cpu()
+    def active(self, pos: torch.Tensor) -> Optional[_Active]:
+        """pos: (vh, vw) bool, the positive logits -> the cells that can hold a positive pixel."""
+        pos = pos.cpu()
         rows = pos[self.cy0] | pos[self.cy1]                              # (ncr, vw)
         near = rows.clone()
         near[:, :-1] |= rows[:, 1:]
