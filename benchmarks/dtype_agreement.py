@@ -34,6 +34,58 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
+def default_inputs(args) -> None:
+    """args.model / args.images left unset: the benchmark's random-weight checkpoint and its
+    coco640 images (made once under args.work)."""
+    import bench_inputs
+    if args.model is None:
+        args.model, _ = bench_inputs.ensure_checkpoint(args.work, 0, 12.0, 0.08, print)
+    if args.images is None:
+        args.images = bench_inputs.ensure_image_set(args.work, "coco640", args.n, 0, print)
+
+
+def compare(predictors: dict, spec, images: str, n: int, threshold: float = 0.5):
+    """Run the first n images of the folder images through two predictors (name -> predictor),
+    with m2f's preprocessing and post-processing (Segmenter, preprocess spec `spec`). Returns
+    (files, Agreement summary of the second against the first, largest class/mask logit
+    differences, seconds per image of each)."""
+    from m2f_cli.decode import decode
+    from m2f_cli.evaluate import Agreement
+    from m2f_cli.segmenter import Segmenter
+
+    class Recording:
+        """The predictor, keeping the logits of its last call."""
+
+        def __init__(self, predictor):
+            self.predictor, self.device, self.categories = predictor, predictor.device, predictor.categories
+            self.preprocess_spec = spec
+            self.last = None
+
+        def __call__(self, x):
+            self.last = self.predictor(x)
+            return self.last
+
+    (a, pa), (b, pb) = predictors.items()
+    segmenters = {a: Segmenter(Recording(pa), threshold=threshold), b: Segmenter(Recording(pb), threshold=threshold)}
+    files = sorted(f for f in os.listdir(images) if f.lower().endswith((".jpg", ".jpeg", ".png")))[:n]
+    agreement = Agreement()
+    logit_diff = {"class": 0.0, "mask": 0.0}
+    seconds = {name: 0.0 for name in segmenters}
+    for f in files:
+        rgb = decode(os.path.join(images, f)).rgb
+        results = {}
+        for name, seg in segmenters.items():
+            t0 = time.perf_counter()
+            results[name] = seg.segment([rgb])[0]
+            seconds[name] += time.perf_counter() - t0
+        for kind, x, y in zip(("class", "mask"), segmenters[a].predictor.last, segmenters[b].predictor.last):
+            logit_diff[kind] = max(logit_diff[kind], float((x.float() - y.float()).abs().max()))
+        agreement.add(results[a], results[b])
+        print(f"{f}: {len(results[a].instances)} vs {len(results[b].instances)} instances", flush=True)
+    return (files, agreement.summary(), {k: round(v, 4) for k, v in logit_diff.items()},
+            {k: round(v / max(1, len(files)), 3) for k, v in seconds.items()})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/dtype_agreement.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,35 +100,16 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled", action="store_true", help="the compiled packages of both dtypes (CPU)")
     args = ap.parse_args(argv)
 
-    import bench_inputs
-    if args.model is None:
-        args.model, _ = bench_inputs.ensure_checkpoint(args.work, 0, 12.0, 0.08, print)
-    if args.images is None:
-        args.images = bench_inputs.ensure_image_set(args.work, "coco640", args.n, 0, print)
+    default_inputs(args)
 
     import torch
-    from m2f_cli.decode import decode
-    from m2f_cli.evaluate import Agreement
     from m2f_cli.model import DTYPES, HFPredictor, load_model, resolve_model
     from m2f_cli.preprocess import load_checkpoint_spec
-    from m2f_cli.segmenter import Segmenter
 
     source = resolve_model(args.model)
     model = load_model(source)
     device = torch.device(args.device)
     spec = load_checkpoint_spec(source.local_dir)
-    class Recording:
-        """The predictor, keeping the logits of its last call."""
-
-        def __init__(self, predictor):
-            self.predictor, self.device, self.categories = predictor, predictor.device, predictor.categories
-            self.preprocess_spec = spec
-            self.last = None
-
-        def __call__(self, x):
-            self.last = self.predictor(x)
-            return self.last
-
     def predictor(name):
         if not args.compiled:
             return HFPredictor(model, device, DTYPES[name])
@@ -90,31 +123,12 @@ def main(argv=None) -> int:
                      f"{'' if name == 'float32' else ' --dtype ' + name} first")
         return got
 
-    segmenters = {name: Segmenter(Recording(predictor(name)), threshold=args.threshold)
-                  for name in ("float32", args.dtype)}
-
-    files = sorted(f for f in os.listdir(args.images) if f.lower().endswith((".jpg", ".jpeg", ".png")))[:args.n]
-    agreement = Agreement()
-    logit_diff = {"class": 0.0, "mask": 0.0}
-    seconds = {name: 0.0 for name in segmenters}
-    for f in files:
-        rgb = decode(os.path.join(args.images, f)).rgb
-        results = {}
-        for name, seg in segmenters.items():
-            t0 = time.perf_counter()
-            results[name] = seg.segment([rgb])[0]
-            seconds[name] += time.perf_counter() - t0
-        for kind, a, b in zip(("class", "mask"), segmenters["float32"].predictor.last,
-                              segmenters[args.dtype].predictor.last):
-            logit_diff[kind] = max(logit_diff[kind], float((a.float() - b.float()).abs().max()))
-        agreement.add(results["float32"], results[args.dtype])
-        print(f"{f}: {len(results['float32'].instances)} vs {len(results[args.dtype].instances)} instances",
-              flush=True)
+    names = ("float32", args.dtype)
+    files, agreement, logit_diff, seconds = compare({n: predictor(n) for n in names}, spec, args.images,
+                                                    args.n, args.threshold)
     figures = {"model": source.local_dir, "images": args.images, "n": len(files), "dtype": args.dtype,
                "path": "compiled packages" if args.compiled else "eager autocast",
-               "device": str(device), **agreement.summary(),
-               "max_logit_diff": {k: round(v, 4) for k, v in logit_diff.items()},
-               "seconds_per_image": {k: round(v / max(1, len(files)), 3) for k, v in seconds.items()}}
+               "device": str(device), **agreement, "max_logit_diff": logit_diff, "seconds_per_image": seconds}
     print(json.dumps(figures, indent=1))
     if args.json:
         with open(args.json, "w") as fh:

@@ -6,8 +6,8 @@ Loads one checkpoint, makes a copy whose nn.Linear layers are dynamically quanti
 time; the convolutions and the deformable attention stay float32), and prints for both:
   - forward seconds per image at the checkpoint's input size, batch 1, min of --repeat (eager, m2f's
     embedding_bag deformable attention);
-  - the agreement of the int8 instances with the float32 ones on --n images (m2f's Agreement:
-    matched instances, mean/min mask IoU, pixel agreement), and the largest logit differences.
+  - the agreement of the int8 instances with the float32 ones on --n images (dtype_agreement.compare:
+    matched instances, mean/min mask IoU, pixel agreement, the largest logit differences).
 A probe, not a feature: m2f has no INT8 option unless this shows it pays (docs/performance.md).
 
     python benchmarks/int8_probe.py                                        # benchmark checkpoint
@@ -38,18 +38,12 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=os.path.join(HERE, "_work"))
     args = ap.parse_args(argv)
 
-    import bench_inputs
-    if args.model is None:
-        args.model, _ = bench_inputs.ensure_checkpoint(args.work, 0, 12.0, 0.08, print)
-    if args.images is None:
-        args.images = bench_inputs.ensure_image_set(args.work, "coco640", args.n, 0, print)
+    from dtype_agreement import compare, default_inputs
+    default_inputs(args)
 
     import torch
-    from m2f_cli.decode import decode
-    from m2f_cli.evaluate import Agreement
     from m2f_cli.model import HFPredictor, load_model, resolve_model
     from m2f_cli.preprocess import load_checkpoint_spec
-    from m2f_cli.segmenter import Segmenter
 
     source = resolve_model(args.model)
     model = load_model(source).eval()
@@ -61,36 +55,20 @@ def main(argv=None) -> int:
     predictors = {"float32": HFPredictor(model, cpu), "int8-dynamic": HFPredictor(qmodel, cpu)}
     size = spec.padded_size(1, 1) if spec.mode == "fixed" else (384, 384)
     x = torch.randn(1, 3, *size)
-    seconds, logits = {}, {}
+    seconds = {}
     for name, p in predictors.items():
         p(x)  # warm-up
         best = float("inf")
         for _ in range(args.repeat):
             t0 = time.perf_counter()
-            logits[name] = p(x)
+            p(x)
             best = min(best, time.perf_counter() - t0)
         seconds[name] = round(best, 3)
         print(f"{name}: forward {best:.3f} s at {size[0]}x{size[1]}", flush=True)
-
-    class Spec:
-        def __init__(self, p):
-            self.p, self.device, self.categories, self.preprocess_spec = p, p.device, p.categories, spec
-
-        def __call__(self, t):
-            return self.p(t)
-
-    segs = {k: Segmenter(Spec(p)) for k, p in predictors.items()}
-    files = sorted(f for f in os.listdir(args.images) if f.lower().endswith((".jpg", ".jpeg", ".png")))[:args.n]
-    agreement = Agreement()
-    for f in files:
-        rgb = decode(os.path.join(args.images, f)).rgb
-        a, b = (segs[k].segment([rgb])[0] for k in ("float32", "int8-dynamic"))
-        agreement.add(a, b)
-    diff = {kind: round(float((a - b).abs().max()), 4)
-            for kind, a, b in zip(("class", "mask"), logits["float32"], logits["int8-dynamic"])}
+    files, agreement, logit_diff, _ = compare(predictors, spec, args.images, args.n)
     print(json.dumps({"model": source.local_dir, "n": len(files), "threads": torch.get_num_threads(),
                       "forward_s": seconds, "speedup": round(seconds["float32"] / seconds["int8-dynamic"], 2),
-                      "max_logit_diff_random_input": diff, **agreement.summary()}, indent=1))
+                      "max_logit_diff": logit_diff, **agreement}, indent=1))
     return 0
 
 
