@@ -187,8 +187,8 @@ def evict(keep: Path, cap: Optional[int] = None) -> list[Path]:
 
 
 def clear(everything: bool = False) -> tuple[list[Entry], list[Entry]]:
-    """Delete every trace not in use (and with everything, the weight digests too). Returns
-    (removed, kept because in use)."""
+    """Delete every trace not in use and forget failed compiles (and with everything, the weight
+    digests too). Returns (removed, kept because in use)."""
     removed, kept = [], []
     for e in entries():
         (removed if remove_if_unused(e.path) else kept).append(e)
@@ -196,7 +196,6 @@ def clear(everything: bool = False) -> tuple[list[Entry], list[Entry]]:
     for marker in d.glob("*.failed") if d.is_dir() else []:  # compiled.failed_marker: retry builds
         marker.unlink(missing_ok=True)
     if everything:
-        d = traces_dir()
         for lock in (q for suffix in SUFFIXES for q in d.glob(f"*{suffix}.lock")) if d.is_dir() else []:
             _remove_lock_file(lock)
         try:
