@@ -128,11 +128,10 @@ class _Sampler:
     def __init__(self, valid: tuple[int, int], original: tuple[int, int], device: torch.device):
         (vh, vw), (h0, w0) = valid, original
         self.original, self.full_pixels = original, h0 * w0
-        self.ry0, self.ry1, self.wy = _source_rows(torch.arange(h0), vh, h0, device)
-        self.cx0, self.cx1, _ = _source_rows(torch.arange(w0), vw, w0, device)
-        self.cells = (_Cells(valid, original, *_source_rows(torch.arange(h0), vh, h0),
-                             _source_rows(torch.arange(w0), vw, w0)[0])
-                      if _Cells.usable(valid, original) else None)
+        rows, cols = _source_rows(torch.arange(h0), vh, h0), _source_rows(torch.arange(w0), vw, w0)  # CPU
+        self.ry0, self.ry1, self.wy = (t.to(device) for t in rows)
+        self.cx0, self.cx1 = (t.to(device) for t in cols[:2])
+        self.cells = _Cells(valid, original, *rows, cols[0]) if _Cells.usable(valid, original) else None
 
     @staticmethod
     def _span(lo_idx: torch.Tensor, hi_idx: torch.Tensor, first: int, last: int) -> tuple[int, int]:
@@ -220,7 +219,7 @@ class _Active:
 
 
 class _Cells:
-    """The output image as a grid of cells, for masks upscaled >= 2x along both axes.
+    """The output image as a grid of cells, for masks upscaled >= 4x along both axes (usable).
 
     A cell row is a run of output rows that blend the same two source rows (y0, y1; runs longer
     than the others, at the clamped image edges, are split), padded to hm rows by repeating its
