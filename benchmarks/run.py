@@ -26,15 +26,13 @@ settings are left at torch's defaults (m2f's --threads/--workers can go in --m2f
 m2f's start-up cache (a TorchScript trace of the model, built on a model's first use, that later
 runs load without importing transformers: src/m2f_cli/traced.py) lives in --work/m2f-cache here,
 never in ~/.cache. --trace-cache picks the state m2f is measured in:
-  compiled (default)  the state of every run on a machine once the first run's detached build has
-                  finished (a few minutes after it: the trace, then the model compiled for this CPU,
-                  src/m2f_cli/compiled.py): `m2f cache build` builds it before the timed runs
+  compiled (default)  every run on a machine after a one-time `m2f cache build` (the model
+                  compiled for this CPU, src/m2f_cli/compiled.py; or, at a terminal, once the
+                  first run's detached build has finished): built before the timed runs
                   (untimed, its time is printed);
-  warm            the runs in between (or without a C++ compiler): the trace only, built by one
-                  untimed m2f run on one image;
-  cold            every timed m2f run starts with an empty cache (a first run; it builds nothing
-                  here: the detached builds are turned off for every timed run, so that no build
-                  runs beside the next timed process);
+  warm            the trace only (no C++ compiler, or `m2f cache build --trace`): built untimed;
+  cold            every timed m2f run starts with an empty cache (a first run: not at a
+                  terminal, it builds nothing and leaves nothing running);
   off             m2f --no-trace-cache: every run loads the model through transformers.
 
 The machine may be shared: compare the two tools within one run (ratios), not absolute numbers
@@ -281,12 +279,10 @@ def m2f_cache(args) -> str:
 
 
 def prime_m2f_cache(image: str, ckpt: str, env: dict, args) -> float:
-    """--trace-cache warm: one untimed m2f run on one image builds the start-up cache; its seconds."""
-    out = os.path.join(os.path.abspath(args.work), "runs", "prime-out")
-    shutil.rmtree(out, ignore_errors=True)
+    """--trace-cache warm: `m2f cache build --trace` (untimed) builds the start-up trace; its seconds."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "m2f_cli", "segment", image, "--out", out, "--model", ckpt, "-q",
-                    *args.m2f_args], env={**env, "M2F_TRACE_BUILD": "inline"}, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "m2f_cli", "cache", "build", "--model", ckpt, "--trace"],
+                   env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
@@ -573,7 +569,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"
     env["M2F_CACHE_DIR"] = m2f_cache(args)
-    env["M2F_COMPILE_BUILD"] = "off"  # no detached compile may run beside a timed process
+    env["M2F_BACKGROUND_BUILD"] = "off"  # no detached build may run beside a timed process
     env.update(args.env)
     info = environment(args, ckpt, ckpt_meta)
     info["matmul"] = matmul_bound(env)

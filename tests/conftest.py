@@ -9,15 +9,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may try the network
 _CACHE = tempfile.mkdtemp(prefix="m2f-test-cache-")
 os.environ["M2F_CACHE_DIR"] = _CACHE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Build start-up traces inside the run that needs them (deterministic for the tests); users' first
-# runs build them in a detached process instead (traced.background_build, tested in test_traced.py).
-os.environ["M2F_TRACE_BUILD"] = "inline"
 # The compiled start-up cache (compiled.py) would run a real AOTInductor compile (minutes) wherever a
 # test asks for compile=True at a fixed size: off here; tests/test_compiled.py turns it on with a
 # stubbed compiler.
 os.environ["M2F_COMPILED_CACHE"] = "0"
-# ...and no run may leave a real compile behind it (compiled.background_build; tested with a stub).
-os.environ["M2F_COMPILE_BUILD"] = "off"
+# No run at a (pseudo-)terminal may leave a real compile behind it, except in
+# tests/test_background_builds.py, which turns this back on.
+os.environ["M2F_BACKGROUND_BUILD"] = "off"
 # One intra-op thread for the tiny test models, here and in every m2f subprocess the tests start:
 # they gain nothing from threads, and two spinning OpenMP threads per process on a 2-core CI
 # machine shared with DataLoader workers and subprocesses make each forward ~20x slower.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2f_cli import Segmenter, cache as m2f_cache, compiled, traced
+from m2f_cli import Segmenter, builds, cache as m2f_cache, compiled, traced
 from m2f_cli.model import HFPredictor, load_model, resolve_model
 from planted import planted_image
 from tiny import make_tiny_model
@@ -180,54 +180,31 @@ def test_off_switches(model_dir, cache, monkeypatch):
     assert not stub.builds and not packages(cache)
 
 
-class _Spawns:
-    """subprocess.Popen stand-in for compiled.background_build: records the detached commands."""
-
-    def __init__(self, monkeypatch):
-        self.cmds = []
-        monkeypatch.setattr(compiled.subprocess, "Popen", lambda cmd, **kw: self.cmds.append((cmd, kw)))
-
-
-def test_a_run_without_a_package_leaves_its_compile_to_a_detached_build(model_dir, cache, monkeypatch):
-    """Any eligible run that finds no package starts `m2f cache build --yield-to-runs` to run
-    after it (so every later run is compiled), once per key: not when one exists, when a build
-    of this key failed before, without a C++ compiler, or with M2F_COMPILE_BUILD=off."""
+def test_a_failed_compile_is_marked_and_neither_retried_nor_suggested_until_cleared(model_dir, cache, monkeypatch):
+    """A build that fails writes <package>.failed: later runs neither compile nor name the compile
+    command (builds.hint) until `m2f cache clear` forgets it. Without a C++ compiler no run names it."""
     stub = StubCompiler(monkeypatch)
-    spawns = _Spawns(monkeypatch)
-    monkeypatch.setenv("M2F_COMPILE_BUILD", "after")
     monkeypatch.setattr(compiled, "has_compiler", lambda: True)
-    notes = []
-    seg = Segmenter(model_dir, device="cpu", notify=notes.append)
-    assert isinstance(seg.predictor, traced.TracedPredictor) and not stub.builds  # this run: not slowed
-    (cmd, kw), = spawns.cmds
-    assert cmd[1:] == ["-m", "m2f_cli", "cache", "build", "--model", model_dir, "--dtype", "float32",
-                       "--yield-to-runs", "--nice", "--after-pid", str(os.getpid())]
-    assert kw["start_new_session"] and kw["stdout"] == subprocess.DEVNULL
     path = compiled.cache_path(model_dir, (384, 384), torch.float32)
-    assert any(str(path) in n and "once this run has finished" in n for n in notes)
-
-    monkeypatch.setenv("M2F_COMPILE_BUILD", "off")
-    Segmenter(model_dir, device="cpu")
-    monkeypatch.setenv("M2F_COMPILE_BUILD", "after")
-    monkeypatch.setattr(compiled, "has_compiler", lambda: False)
-    Segmenter(model_dir, device="cpu")
-    assert len(spawns.cmds) == 1
-    monkeypatch.setattr(compiled, "has_compiler", lambda: True)
-
-    # the build itself (what the detached command runs) fails: marked, and no run starts another
+    first = Segmenter(model_dir, device="cpu", builds="none")
+    assert first.startup_hint and "compiles this model" in first.startup_hint and not packages(cache)
     stub.fail = True
-    assert Segmenter(model_dir, device="cpu", compile=True).predictor.__class__ is not compiled.CompiledPredictor
+    assert not isinstance(Segmenter(model_dir, device="cpu", compile=True).predictor, compiled.CompiledPredictor)
     assert "no C++ compiler" in compiled.failed_marker(path).read_text()
-    Segmenter(model_dir, device="cpu")
-    assert len(spawns.cmds) == 1
-    m2f_cache.clear()  # m2f cache clear forgets the failure: the next run tries again
+    later = Segmenter(model_dir, device="cpu", builds="none", compile=True)
+    assert isinstance(later.predictor, traced.TracedPredictor) and later.startup_hint is None
+    assert len(stub.builds) == 0
+    m2f_cache.clear()  # m2f cache clear forgets the failure: named again
     assert not compiled.failed_marker(path).exists()
-    Segmenter(model_dir, device="cpu")
-    assert len(spawns.cmds) == 2
-    stub.fail = False  # a package: later runs load it and start nothing
+    assert "compiles this model" in Segmenter(model_dir, device="cpu", builds="none").startup_hint
+    monkeypatch.setattr(compiled, "has_compiler", lambda: False)
+    no_cxx = Segmenter(model_dir, device="cpu", builds="none")
+    assert no_cxx.startup_hint is None or "compiles" not in no_cxx.startup_hint
+    stub.fail = False
+    monkeypatch.setattr(compiled, "has_compiler", lambda: True)
     Segmenter(model_dir, device="cpu", compile=True)
-    later = Segmenter(model_dir, device="cpu")
-    assert isinstance(later.predictor, compiled.CompiledPredictor) and len(spawns.cmds) == 2
+    done = Segmenter(model_dir, device="cpu", builds="none")
+    assert isinstance(done.predictor, compiled.CompiledPredictor) and done.startup_hint is None
 
 
 _COUNTER = """
@@ -257,7 +234,7 @@ def test_the_detached_build_pauses_while_m2f_runs_and_dies_with_its_parent(tmp_p
     count = tmp_path / "count"
     busy = {"now": False}
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("rc", compiled.run_yielding(
+    t = threading.Thread(target=lambda: result.setdefault("rc", builds.run_yielding(
         [sys.executable, "-c", _COUNTER, str(count), "400"], lambda: busy["now"], poll_s=0.05)))
     t.start()
     deadline = time.time() + 60
@@ -278,14 +255,14 @@ def test_the_detached_build_pauses_while_m2f_runs_and_dies_with_its_parent(tmp_p
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import subprocess
-from m2f_cli import compiled
+from m2f_cli import builds
 real = subprocess.Popen
 def record(*a, **k):
     p = real(*a, **k)
     open({str(pidfile)!r}, "w").write(str(p.pid))
     return p
-compiled.subprocess.Popen = record
-compiled.run_yielding([sys.executable, "-c", "import time; time.sleep(120)"], lambda: True, poll_s=0.05)
+builds.subprocess.Popen = record
+builds.run_yielding([sys.executable, "-c", "import time; time.sleep(120)"], lambda: True, poll_s=0.05)
 """])
     deadline = time.time() + 60
     while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:

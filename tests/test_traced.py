@@ -165,17 +165,25 @@ def test_cli_runs_are_identical_with_and_without_the_cache(model_dir, cache, tmp
     for n, (w, h) in enumerate([(640, 480), (300, 500), (401, 233)]):
         planted_image(w, h, seed=n)[0].save(imgs / f"i{n}.png")
     outs = {}
-    for name, flag in (("build", "--trace-cache"), ("cached", "--trace-cache"), ("eager", "--no-trace-cache")):
+    m2f = [sys.executable, "-m", "m2f_cli"]
+    for name, flag in (("first", "--trace-cache"), ("eager", "--no-trace-cache"), ("build", None),
+                       ("cached", "--trace-cache")):
+        if flag is None:  # what the first run's last line names
+            r = subprocess.run(m2f + ["cache", "build", "--model", model_dir, "--trace"], capture_output=True,
+                               text=True, env=os.environ.copy(), timeout=300)
+            assert r.returncode == 0 and "building the start-up cache" in r.stderr, r.stderr
+            continue
         out = tmp_path / name
-        r = subprocess.run([sys.executable, "-m", "m2f_cli", "segment", str(imgs), "--out", str(out), "--model",
-                            model_dir, "--format", "png", "--format", "jsonl", "--batch-size", "1", flag],
+        r = subprocess.run(m2f + ["segment", str(imgs), "--out", str(out), "--model", model_dir, "--format", "png",
+                                  "--format", "jsonl", "--batch-size", "1", flag],
                            capture_output=True, text=True, env=os.environ.copy(), timeout=300)
         assert r.returncode == 0, r.stderr
-        assert ("building the start-up cache" in r.stderr) == (name == "build")
+        assert "building the start-up cache" not in r.stderr  # short runs never build it
+        assert (f"`m2f cache build --model {model_dir} --trace`" in r.stderr) == (name == "first")
         outs[name] = {p: np.asarray(Image.open(out / f"i{n}.png")) for n, p in enumerate(sorted(os.listdir(imgs)))}
     assert len(traces(cache)) == 1
     for name in ("cached", "eager"):
-        for k, v in outs["build"].items():
+        for k, v in outs["first"].items():
             np.testing.assert_array_equal(outs[name][k], v)
 
 
@@ -369,33 +377,13 @@ def test_no_flock_in_the_cache_folder_is_one_line_and_the_run_goes_on(model_dir,
     assert traces(cache) == []
 
 
-def test_a_short_first_run_leaves_the_trace_to_a_build_after_it(tmp_path, cache):
-    """trace_build "after" (what pipeline.run picks for short runs): the first load runs through
-    transformers at once; a detached low-priority `m2f cache build --trace` starts when that process
-    has exited, writes the trace, and the next load uses it."""
-    d = make_tiny_model(str(tmp_path / "m"), seed=11)
-    probe = textwrap.dedent(f"""
-        from m2f_cli import Segmenter
-        seg = Segmenter({d!r}, device="cpu", trace_build="after", notify=print)
-        print(type(seg.predictor).__name__)
-    """)
-    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                       env=os.environ.copy())
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip().splitlines()[-1] == "HFPredictor" and "once this run has finished" in p.stdout
-    t0 = time.time()
-    while not traces(cache) and time.time() - t0 < 180:
-        time.sleep(0.5)
-    (built,) = traces(cache)
-    while traced.being_built(built) and time.time() - t0 < 180:  # renamed into place, lock not yet let go
-        time.sleep(0.2)
-    again = Segmenter(d, device="cpu")
-    assert isinstance(again.predictor, traced.TracedPredictor) and again.predictor.path == built
+def test_build_mode_follows_the_run_length_and_the_terminal():
+    from m2f_cli.options import TRACE_INLINE_MIN_IMAGES, build_mode
+    assert build_mode(TRACE_INLINE_MIN_IMAGES, False) == "inline" == build_mode(TRACE_INLINE_MIN_IMAGES, True)
+    assert build_mode(16, False) == "none" and build_mode(16, True) == "detach"
 
 
-def test_trace_build_mode_follows_the_run_length(monkeypatch):
-    from m2f_cli.options import TRACE_INLINE_MIN_IMAGES, trace_build_mode
-    monkeypatch.delenv("M2F_TRACE_BUILD", raising=False)
-    assert trace_build_mode(TRACE_INLINE_MIN_IMAGES) == "inline" and trace_build_mode(16) == "after"
-    monkeypatch.setenv("M2F_TRACE_BUILD", "inline")
-    assert trace_build_mode(1) == "inline"
+def test_a_short_run_builds_nothing_and_names_the_command(model_dir, cache):
+    seg = Segmenter(model_dir, device="cpu", builds="none")
+    assert isinstance(seg.predictor, HFPredictor) and traces(cache) == []
+    assert f"m2f cache build --model {model_dir}" in seg.startup_hint

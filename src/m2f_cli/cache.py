@@ -34,6 +34,37 @@ DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 MAX_BYTES_ENV = "M2F_CACHE_MAX_BYTES"
 SUFFIX = ".pt"
 SUFFIXES = (SUFFIX, ".pt2")  # traces (traced.py) and compiled packages (compiled.py)
+# Builds write into this subfolder and rename into the cache when done: entries() never sees a file
+# being written, so neither `m2f cache list`, the size cap, eviction nor `m2f cache clear` touch it.
+PARTIAL = ".partial"
+_ADOPTED: dict[str, int] = {}  # build locks this process holds through an inherited fd (builds.py)
+
+
+class BuildBusy(Exception):
+    """Another process held a build lock longer than this one would wait (traced.build_lock)."""
+
+    def __init__(self, path: Path, waited_s: float):
+        super().__init__(f"another m2f process has been building {path.name} for over {waited_s:.0f} s")
+        self.path = path
+
+
+def partial_file(path: Path, suffix: str) -> tuple[int, str]:
+    """A new temporary file for building path: (fd, name) in the partial folder, named
+    <entry name>~<random><suffix> (clear() finds its entry by the name before the ~)."""
+    import tempfile
+    d = path.parent / PARTIAL
+    d.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=d, prefix=f"{path.name}~", suffix=suffix)
+
+
+def adopt_lock(path: Path, fd: int) -> None:
+    """This process holds path's build lock through fd, taken by the run that started its builder
+    (builds.spawn): traced.build_lock then does not take it again (it would wait on itself)."""
+    _ADOPTED[str(path)] = fd
+
+
+def adopted(path: Path) -> bool:
+    return str(path) in _ADOPTED
 
 
 def traces_dir() -> Path:
@@ -166,6 +197,26 @@ def entries() -> list[Entry]:
     return sorted(found, key=lambda e: e.last_used)
 
 
+def others_in_use(path: Path) -> bool:
+    """Whether a process uses a start-up cache entry other than path (an m2f run is going on)."""
+    return any(e.in_use for e in entries() if e.path != path)
+
+
+def being_built(path: Path) -> bool:
+    """Whether a process holds the build lock of path now."""
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def evict(keep: Path, cap: Optional[int] = None) -> list[Path]:
     """Delete least recently used traces until all fit in cap (default max_bytes()), never keep
     nor a trace in use. The paths deleted."""
@@ -187,14 +238,19 @@ def evict(keep: Path, cap: Optional[int] = None) -> list[Path]:
 
 
 def clear(everything: bool = False) -> tuple[list[Entry], list[Entry]]:
-    """Delete every trace not in use and forget failed compiles (and with everything, the weight
-    digests too). Returns (removed, kept because in use)."""
+    """Delete every trace not in use, forget failed and killed builds (compiled.failed_marker,
+    builds.started_marker: background builds are tried again), drop what builds that no longer run
+    left in the partial folder (a build running now keeps its file), and with everything, the weight
+    digests too. Returns (removed, kept because in use)."""
     removed, kept = [], []
     for e in entries():
         (removed if remove_if_unused(e.path) else kept).append(e)
     d = traces_dir()
-    for marker in d.glob("*.failed") if d.is_dir() else []:  # compiled.failed_marker: retry builds
+    for marker in (m for pattern in ("*.failed", "*.started") for m in d.glob(pattern)) if d.is_dir() else []:
         marker.unlink(missing_ok=True)
+    for left in (d / PARTIAL).iterdir() if (d / PARTIAL).is_dir() else []:
+        if not being_built(d / left.name.split("~")[0].removesuffix(".log")):
+            left.unlink(missing_ok=True)
     if everything:
         for lock in (q for suffix in SUFFIXES for q in d.glob(f"*{suffix}.lock")) if d.is_dir() else []:
             _remove_lock_file(lock)

@@ -250,7 +250,8 @@ def segment(
         overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
         overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
         simplify=simplify, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
-        ray_actors=ray_actors, ray_timeout=ray_timeout, ray_cpus_per_actor=ray_cpus_per_actor)
+        ray_actors=ray_actors, ray_timeout=ray_timeout, ray_cpus_per_actor=ray_cpus_per_actor,
+        detached_build=sys.stderr.isatty())  # a person is there: builds.py
     if ray is not None and devices:
         raise _error("--ray and --devices do not combine: Ray places one actor per GPU itself", ExitCode.USAGE)
 
@@ -485,43 +486,37 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
                 dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16 on CPUs with "
                                           "fast bf16 kernels (AVX512-BF16/AMX)."),
                 threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="torch threads."),
-                trace: bool = typer.Option(False, "--trace", help="Build the TorchScript trace (what a "
-                                           "model's first run starts in the background) instead of compiling."),
+                trace: bool = typer.Option(False, "--trace", help="Build the TorchScript trace (seconds; "
+                                           "what runs use where no C++ compiler is found) instead of compiling."),
                 size: Optional[str] = typer.Option(None, "--size", metavar="HxW", help="With --trace: the "
                                                    "model input size (default: the checkpoint's)."),
-                nice: bool = typer.Option(False, "--nice", help="Run at the lowest CPU priority."),
-                after_pid: Optional[int] = typer.Option(None, "--after-pid", metavar="PID",
-                                                        help="Start once process PID has exited."),
-                yield_to_runs: bool = typer.Option(False, "--yield-to-runs", help="Pause the compile "
-                                                   "while another m2f process uses the start-up cache "
-                                                   "(what a run's detached build does)."),
+                background: bool = typer.Option(False, "--background", hidden=True),
+                entry: Optional[str] = typer.Option(None, "--entry", hidden=True),
+                lock_fd: Optional[int] = typer.Option(None, "--lock-fd", hidden=True),
+                wait_fd: Optional[int] = typer.Option(None, "--wait-fd", hidden=True),
                 ) -> None:
     """Compile the model for this CPU (AOTInductor, ~2 min on 2 cores) into the start-up cache, so
     that every later `m2f segment` of this model at its checkpoint input size loads it compiled;
-    with --trace, build the start-up trace instead (seconds)."""
-    import os
+    with --trace, build the start-up trace instead (seconds). Run it once where the runs will run:
+    in a container image's build, on each kind of cluster node (docs/startup-cache.md)."""
+    from pathlib import Path
+    if background:  # the detached builder a run at a terminal left (builds.spawn): nothing heavy yet
+        from .builds import run_detached
+        child = [a for a in sys.argv[1:] if a != "--background"]
+        at = child.index("--wait-fd")
+        del child[at:at + 2]
+        raise typer.Exit(run_detached(Path(entry), [sys.executable, "-m", "m2f_cli", *child], lock_fd, wait_fd))
+    if lock_fd is not None and entry:
+        from .cache import adopt_lock
+        adopt_lock(Path(entry), lock_fd)  # held by the builder that started us
 
     import torch
 
     from .model import load_predictor, resolve_dtype, resolve_model
     from .preprocess import load_checkpoint_spec, spec_for_resize
-    os.environ["M2F_COMPILE_BUILD"] = "off"  # a builder never leaves another build behind it
-    if nice:
-        os.nice(19)
-    if after_pid:
-        import time
-        while True:  # the run that started us must be over: nothing may slow it
-            try:
-                os.kill(after_pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                pass
-            time.sleep(0.5)
     if threads:
         torch.set_num_threads(threads)
     if trace:
-        os.environ["M2F_TRACE_BUILD"] = "inline"  # this is the build
         _build_trace(model, revision, size)
         return
     try:
@@ -532,16 +527,7 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
     spec = spec_for_resize("checkpoint", load_checkpoint_spec(source.local_dir))
     if spec.mode != "fixed":
         raise _error(f"{model}: its preprocessing has no single input size; nothing to compile", ExitCode.USAGE)
-    size = spec.padded_size(1, 1)
-    if yield_to_runs:
-        import sys
-
-        from . import compiled
-        path = compiled.cache_path(source.local_dir, size, dt)
-        cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", "--model", source.local_dir,
-               "--dtype", dtype] + (["--threads", str(threads)] if threads else [])
-        raise typer.Exit(compiled.run_yielding(cmd, lambda: compiled.others_busy(path)))
-    predictor = load_predictor(source, torch.device("cpu"), dt, compile=True, trace_size=size,
+    predictor = load_predictor(source, torch.device("cpu"), dt, compile=True, trace_size=spec.padded_size(1, 1),
                                notify=lambda m: typer.echo(f"m2f: {m}", err=True))
     path = getattr(predictor, "path", None)
     if not str(path or "").endswith(".pt2"):

@@ -12,11 +12,8 @@ no inductor import). Batch 1 at the run's one model input size; a batch runs ima
 Building costs a compile of ~1.5-2 min on 2 cores (g++ on the generated kernels), so it never
 happens inside a short run: a package is built by ``m2f cache build``, by a run that
 ``options.resolve_compile`` already judges long enough to pay a compile back (``--compile``, or
-auto for 1000+ images), or, after any other eligible run that found none, by a detached
-``m2f cache build --yield-to-runs`` that starts once that run has exited (background_build): at
-nice 19, and paused (SIGSTOP) whenever another m2f process uses the start-up cache, because any
-build beside a run halves that run's threaded forward. Every later run with the same key, however
-short, then loads it.
+auto for 1000+ images), or by the one detached builder an interactive run may leave (builds.py:
+who builds what, when). Every later run with the same key, however short, then loads it.
 
 Same rules as the trace (traced.py, cache.py): the file name is ``<folder>-<hash>-<H>x<W>-<env>-
 <key>.pt2``; the key holds the trace's (model fingerprint, input size, versions, dtype,
@@ -43,10 +40,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -72,12 +65,6 @@ def enabled() -> bool:
     return os.environ.get("M2F_COMPILED_CACHE", "1") != "0"
 
 
-def background_mode() -> str:
-    """M2F_COMPILE_BUILD: "after" (default: a run that found no package leaves one to be built once
-    it has exited) or "off"."""
-    return "off" if os.environ.get("M2F_COMPILE_BUILD", "after") == "off" else "after"
-
-
 def has_compiler() -> bool:
     """Whether a C++ compiler inductor can use is on PATH ($CXX, else g++, c++ or clang++)."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
@@ -85,63 +72,9 @@ def has_compiler() -> bool:
 
 
 def failed_marker(path: Path) -> Path:
-    """<package>.failed: a background build of this key failed (its error inside); later runs do
-    not start another (m2f cache build retries; m2f cache clear forgets it)."""
+    """<package>.failed: a build of this key failed (its error inside); no run starts or suggests
+    another (m2f cache build retries; m2f cache clear forgets it)."""
     return path.with_name(path.name + ".failed")
-
-
-def background_build(local_dir: str, size: tuple[int, int], dtype: torch.dtype, path: Path,
-                     notify: Callable[[str], None] = log.info) -> bool:
-    """Leave the package at path to a detached ``m2f cache build --yield-to-runs`` that starts
-    once this process has exited, unless M2F_COMPILE_BUILD=off, there is no C++ compiler, a
-    build of this key failed before or another process builds it now. Returns whether started."""
-    if background_mode() == "off" or not has_compiler() or failed_marker(path).exists() \
-            or traced.being_built(path):
-        return False
-    if not traced.spawn_build(["--model", local_dir, "--dtype", str(dtype).replace("torch.", ""),
-                               "--yield-to-runs"], path):
-        return False
-    notify(f"the model is compiled for this CPU once this run has finished (a few minutes at low "
-           f"priority, paused while m2f runs; later runs load it compiled): {path}")
-    return True
-
-
-def others_busy(path: Path) -> bool:
-    """Whether a process uses a start-up cache entry other than path (an m2f run is going on)."""
-    return any(e.in_use for e in cache.entries() if e.path != path)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """The builder child is killed with its parent, even when stopped (prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-
-
-def run_yielding(cmd: list[str], busy: Callable[[], bool], poll_s: float = 1.0) -> int:
-    """Run cmd (a build) in its own process group, stopped (SIGSTOP to the group: inductor's g++
-    children too) while busy() and continued when not. Linux only (the child dies with this
-    process, stopped or not, so a killed builder never leaves a stopped one holding the build
-    lock); elsewhere cmd simply runs. Returns its exit status."""
-    linux = sys.platform.startswith("linux")
-    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
-                             preexec_fn=_die_with_parent if linux else None)
-    stopped = False
-    try:
-        while child.poll() is None:
-            if linux:
-                want = busy()
-                if want != stopped:
-                    os.killpg(child.pid, signal.SIGSTOP if want else signal.SIGCONT)
-                    stopped = want
-            time.sleep(poll_s)
-        return child.returncode
-    finally:
-        if child.poll() is None:
-            try:
-                os.killpg(child.pid, signal.SIGCONT)
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 def eligible(device: torch.device, dtype: torch.dtype) -> bool:
@@ -273,7 +206,7 @@ def build(model: torch.nn.Module, size: tuple[int, int], dtype: torch.dtype, pat
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + SUFFIX)
+        fd, tmp = cache.partial_file(path, SUFFIX)
         os.close(fd)
         _compile(model, dtype, size, tmp)
         os.replace(tmp, path)

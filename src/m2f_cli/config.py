@@ -63,6 +63,9 @@ class RunConfig:
     simplify: float = 0.0  # polygon formats: Douglas-Peucker tolerance in pixels; 0 = exact (polygons.py)
     compile: Optional[bool] = None  # None = auto (options.resolve_compile)
     trace_cache: bool = True  # the start-up cache (traced.py)
+    # the CLI sets this when a person is at a terminal (stderr is a TTY): a short run that finds no
+    # start-up cache entry may then leave one detached builder behind it (builds.py); never otherwise
+    detached_build: bool = False
     shard: Optional[tuple[int, int]] = None
     ray: Optional[str] = None
     ray_actors: Optional[int] = None

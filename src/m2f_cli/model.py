@@ -187,82 +187,128 @@ def read_categories(source: ModelSource) -> CategoryTable:
     return categories_of(id2label)
 
 
-def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
-                   compile: bool = False, trace_size: Optional[tuple[int, int]] = None,
-                   notify: Optional[Callable[[str], None]] = None, trace_build: Optional[str] = None) -> Predictor:
-    """The model of source, ready to run. trace_size: the one model input size of this run, if it
-    has one; then on CPU a compiled package (compiled.py) is used when one is cached (and built
-    first when compile: a run long enough to pay for it), else in float32 the start-up trace
-    (traced.py) is used, or built from this load (trace_build "inline"), or after this process has
-    exited (trace_build "after": traced.background_build)."""
-    from . import traced
-    if trace_size is not None:
-        got = _compiled_predictor(source, device, dtype, trace_size, compile, allow_pickle, notify)
-        if got is not None:
-            return got
-        # a build that failed (no C++ compiler, an export error) is not retried as torch.compile:
-        # that needs the same compiler; the run goes on with the trace or transformers
-        compile = compile and not _compiled_tried(device, dtype)
-    path = None
-    if trace_size is not None and traced.eligible(device, dtype, compile):
-        try:
-            path = traced.cache_path(source.local_dir, trace_size, dtype)
-        except OSError as e:
-            log.warning("m2f: start-up cache unavailable (%s)", e)
-    if path is None:
-        return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
-    from .cache import CacheLockError
+# How long a run waits for another process's build of the cache entry it needs before it goes on
+# without it: a detached builder holds its lock for as long as the run that started it lasts.
+BUILD_WAIT_S = 60.0
+BUILD_MODES = ("inline", "none", "detach")
+
+
+@dataclass
+class Loaded:
+    """load()'s answer: the predictor, and what a one-time build would give later runs (hint: one
+    line naming the command, builds.hint) unless a detached builder was started for it."""
+
+    predictor: "Predictor"
+    hint: Optional[str] = None
+
+
+def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype, **kwargs) -> "Predictor":
+    """The model of source, ready to run (load's predictor)."""
+    return load(source, device, dtype, **kwargs).predictor
+
+
+def load(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+         compile: bool = False, trace_size: Optional[tuple[int, int]] = None,
+         notify: Optional[Callable[[str], None]] = None, builds: str = "inline",
+         announce: Optional[Callable[[str], None]] = None) -> Loaded:
+    """Load source for a run. trace_size: the run's one model input size, if it has one; then on
+    CPU the start-up cache is used: a compiled package (compiled.py) when one is cached, else in
+    float32 the trace (traced.py). What is missing is built (builds.py says who builds what, when):
+    compile: the compiled package, in this process (a run long enough to pay for it); builds
+    "inline": the trace, in this process; "detach": one detached builder, once this process has
+    exited (the CLI at a terminal only: announce gets its one line); "none": nothing (Loaded.hint
+    names the command). Waits for another process's build at most BUILD_WAIT_S."""
+    from . import compiled, traced
+    from .cache import BuildBusy, CacheLockError
+    if builds not in BUILD_MODES:
+        raise ValueError(f"builds {builds!r}: expected one of {', '.join(BUILD_MODES)}")
+    notify = notify or log.info
+    # torch.compile only where no compiled package can stand for it (GPUs, float16, cache off)
+    torch_compile = compile and not (compiled.eligible(device, dtype) and compiled.enabled())
+    fresh = lambda: HFPredictor(load_model(source, allow_pickle), device, dtype, torch_compile)  # noqa: E731
+    if trace_size is None:
+        return Loaded(fresh())
     try:
-        cached = traced.load(path, trace_size, device)
-        if cached is not None:
-            return cached
-        notify = notify or log.info
-        if traced.background_build(source.local_dir, trace_size, path, notify, trace_build):
-            # this run goes on through transformers; the detached builder fills the cache for the next
-            return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
-        with traced.build_lock(path, notify):
-            cached = traced.load(path, trace_size, device)  # another process may have built it meanwhile
-            if cached is not None:
-                return cached
-            predictor = HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
-            return traced.build(predictor, trace_size, path, notify) or predictor
+        plan = _best_plan(source, device, dtype, trace_size, torch_compile)
+        got = _cached(source, device, dtype, trace_size, torch_compile)
+        if got is not None and (plan is None or plan.kind != "compiled" or got.kind == "compiled"):
+            return Loaded(got)
+        if compile and plan is not None and plan.kind == "compiled":
+            built = _build_compiled(source, trace_size, dtype, plan.path, allow_pickle, notify)
+            if built is not None:
+                return Loaded(built)
+            plan = _best_plan(source, device, dtype, trace_size, torch_compile)  # failed: the trace now
+        if got is None and builds == "inline" and traced.eligible(device, dtype, torch_compile):
+            path = traced.cache_path(source.local_dir, trace_size, dtype)
+            with traced.build_lock(path, notify, wait_s=BUILD_WAIT_S):
+                got = traced.load(path, trace_size, device)  # another process may have built it
+                if got is None:
+                    predictor = HFPredictor(load_model(source, allow_pickle), device, dtype)
+                    return Loaded(traced.build(predictor, trace_size, path, notify) or predictor)
+        return _leave(got or fresh(), plan, builds, announce or notify)
+    except BuildBusy as e:
+        notify(f"{e}; this run goes on without waiting for it")
     except CacheLockError as e:  # no flock where the cache is: one line, and the run goes on without it
         log.warning("m2f: %s", e.args[-1])
-        return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
+    except OSError as e:
+        log.warning("m2f: start-up cache unavailable (%s)", e)
+    return Loaded(fresh())
 
 
-def _compiled_tried(device: torch.device, dtype: torch.dtype) -> bool:
-    from . import compiled
-    return compiled.eligible(device, dtype) and compiled.enabled()
+def _leave(predictor: "Predictor", plan, builds: str, announce: Callable[[str], None]) -> Loaded:
+    """What this run leaves for later ones: a detached builder ("detach", builds.spawn), or the hint."""
+    from . import builds as background
+    if plan is None:
+        return Loaded(predictor)
+    if builds == "detach" and background.enabled():
+        background.spawn(plan, announce)  # not started: another builds it now, or it was killed twice
+        return Loaded(predictor)
+    return Loaded(predictor, background.hint(plan))
 
 
-def _compiled_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype,
-                        size: tuple[int, int], build: bool, allow_pickle: bool,
-                        notify: Optional[Callable[[str], None]]) -> Optional[Predictor]:
-    """The compiled start-up cache (compiled.py): its package for this model, size, dtype and CPU
-    when one is cached; built first when build (a run long enough to pay the compile back).
-    None: no package (the caller goes on with the trace or transformers)."""
-    from . import compiled
-    from .cache import CacheLockError
-    if not (compiled.eligible(device, dtype) and compiled.enabled()):
-        return None
-    try:
+def _best_plan(source: ModelSource, device: torch.device, dtype: torch.dtype, size: tuple[int, int],
+               torch_compile: bool):
+    """What a build of this model's start-up cache would make here (builds.Plan), or None: the
+    compiled package (a C++ compiler, no failed build of it), else the trace."""
+    from . import compiled, traced
+    from .builds import Plan
+    if compiled.eligible(device, dtype) and compiled.enabled() and compiled.has_compiler():
         path = compiled.cache_path(source.local_dir, size, dtype)
-        categories = read_categories(source)
-        got = compiled.load(path, size, dtype, categories)
-        if got is None and not build:
-            compiled.background_build(source.local_dir, size, dtype, path, notify or log.info)
-        if got is not None or not build:
+        if not compiled.failed_marker(path).exists():
+            return Plan("compiled", path, source.local_dir, size, str(dtype).replace("torch.", ""), source.spec)
+    if traced.eligible(device, dtype, torch_compile):
+        return Plan("trace", traced.cache_path(source.local_dir, size, dtype), source.local_dir, size,
+                    "float32", source.spec)
+    return None
+
+
+def _cached(source: ModelSource, device: torch.device, dtype: torch.dtype, size: tuple[int, int],
+            torch_compile: bool) -> Optional["Predictor"]:
+    """The cached compiled package of this model, else its trace, else None."""
+    from . import compiled, traced
+    if compiled.eligible(device, dtype) and compiled.enabled():
+        got = compiled.load(compiled.cache_path(source.local_dir, size, dtype), size, dtype, read_categories(source))
+        if got is not None:
             return got
-        from . import traced
-        with traced.build_lock(path, notify or log.info):
+    if traced.eligible(device, dtype, torch_compile):
+        return traced.load(traced.cache_path(source.local_dir, size, dtype), size, device)
+    return None
+
+
+def _build_compiled(source: ModelSource, size: tuple[int, int], dtype: torch.dtype, path, allow_pickle: bool,
+                    notify: Callable[[str], None]) -> Optional["Predictor"]:
+    """Compile the package at path in this process (after at most BUILD_WAIT_S for another
+    builder); None when that fails or another process keeps building it (said in one line)."""
+    from . import compiled, traced
+    from .cache import BuildBusy
+    categories = read_categories(source)
+    try:
+        with traced.build_lock(path, notify, wait_s=BUILD_WAIT_S):
             got = compiled.load(path, size, dtype, categories)
             if got is None:
-                model = load_model(source, allow_pickle).to(device).eval()
-                got = compiled.build(model, size, dtype, path, categories, notify or log.info)
+                model = load_model(source, allow_pickle).eval()
+                got = compiled.build(model, size, dtype, path, categories, notify)
             return got
-    except CacheLockError as e:
-        log.warning("m2f: %s", e.args[-1])
-    except OSError as e:
-        log.warning("m2f: compiled start-up cache unavailable (%s)", e)
+    except BuildBusy as e:
+        notify(f"{e}; this run does not compile it too and goes on without it")
     return None

@@ -61,17 +61,16 @@ COMPILE_AUTO_MIN_IMAGES = 1000
 
 # A model's first run builds its start-up trace (~8-12 s on 2 cores) inside the run only when the
 # run is long enough for that to cost little (~5% at ~1 s per image); a shorter first run goes on
-# through transformers and leaves the build to a process that starts when it has exited
-# (traced.background_build): a first run is then not slower than the model-card snippet.
+# through transformers (a first run is then not slower than the model-card snippet) and builds
+# nothing, or, at a terminal only, leaves one detached builder behind it (builds.py).
 TRACE_INLINE_MIN_IMAGES = 200
 
 
-def trace_build_mode(images: int) -> str:
-    """M2F_TRACE_BUILD for a run of this many images: the user's value, else by the run's length."""
-    chosen = os.environ.get("M2F_TRACE_BUILD")
-    if chosen in ("inline", "after"):
-        return chosen
-    return "inline" if images >= TRACE_INLINE_MIN_IMAGES else "after"
+def build_mode(images: int, detached_ok: bool) -> str:
+    """What a run of this many images builds of a missing start-up cache entry (model.load's builds)."""
+    if images >= TRACE_INLINE_MIN_IMAGES:
+        return "inline"
+    return "detach" if detached_ok else "none"
 
 
 def resolve_compile(choice: Optional[bool], device: torch.device, images: int, fixed_size: bool) -> bool:

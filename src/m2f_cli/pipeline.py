@@ -23,7 +23,7 @@ from .errors import EngineError, NoImagesError, OutputError, RemoteError, Stdout
 from .manifest import write_failures, write_manifest
 from .model import ModelSource, read_categories, resolve_model
 from .options import (auto_settings, device_and_dtype, map_threshold, resolve_compile, segmenter_options, tile_of,
-                      trace_build_mode, validate, writer_thresholds)
+                      build_mode, validate, writer_thresholds)
 from .preprocess import load_checkpoint_spec, spec_for_resize
 from .progress import QuietReporter, Reporter, RunSummary
 from .records import Failure, ImageRef
@@ -165,6 +165,11 @@ def _check_settings(config: RunConfig, folder: Optional[OutputFolder], writers: 
     return recorder
 
 
+def _announce(line: str) -> None:
+    """A line a person at the terminal sees even with --quiet (a process was left behind)."""
+    print(f"m2f: {line}", file=sys.stderr, flush=True)
+
+
 def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine
                 ) -> RunSummary:
     thresholds = writer_thresholds(config)
@@ -190,7 +195,9 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         try:
             segmenter = Segmenter(**{**segmenter_options(config, m.task), "compile": compiled},
                                   source=m.source, notify=reporter.message,
-                                  trace_build=trace_build_mode(len(todo)))
+                                  builds=build_mode(len(todo), config.detached_build),
+                                  announce=_announce if config.detached_build else None)
+            summary.hint = segmenter.startup_hint
         except KeyError as e:
             raise UsageError(e.args[0]) from None
         except ValueError as e:

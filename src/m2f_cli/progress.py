@@ -107,6 +107,8 @@ class PlainReporter(QuietReporter):
 
     def finish(self, summary: Summary) -> None:
         self.message(f"done: {summary.line()}")
+        if getattr(summary, "hint", None):
+            self.message(summary.hint)
 
 
 class RichReporter(PlainReporter):
@@ -156,7 +158,7 @@ class RichReporter(PlainReporter):
     def finish(self, summary: Summary) -> None:
         if self.task is not None:
             self.progress.stop()
-        self.message(f"done: {summary.line()}")
+        super().finish(summary)
 
 
 def make_reporter(quiet: bool = False, stream: Optional[IO[str]] = None) -> Reporter:
@@ -185,18 +187,20 @@ class Stages:
 
 @dataclass
 class RunSummary(Summary):
-    """not_images: files met in the input folders that are not images, counted by extension."""
+    """not_images: files met in the input folders that are not images, counted by extension.
+    hint: the one-time command that would make later runs faster (builds.hint), or None."""
 
     stages: Stages = field(default_factory=Stages)
     failures: list = field(default_factory=list)
     not_images: dict = field(default_factory=dict)
+    hint: Optional[str] = None
 
     def as_dict(self) -> dict:
         return {"total": self.total, "images": self.images, "skipped": self.skipped, "failed": self.failed,
                 "instances": self.instances, "wall_s": round(self.wall_s, 4),
                 "images_per_s": round(self.images_per_s, 4), "interrupted": self.interrupted,
                 "stopped_early": self.stopped_early, "stdout_closed": self.stdout_closed,
-                "not_images": self.not_images, "exit_code": self.exit_code,
+                "not_images": self.not_images, "exit_code": self.exit_code, "hint": self.hint,
                 "stages": {k: round(v, 4) for k, v in self.stages.as_dict().items()}}
 
     @property

@@ -24,7 +24,7 @@ from .accel import DeviceTimer, MpsFallbackNotices, free_device_memory, is_out_o
 from .categories import COCO_NAMES, CategoryTable, canonical_name
 from .config import DEFAULT_MODEL
 from .decode import _to_rgb
-from .model import ModelSource, Predictor, load_predictor, resolve_device, resolve_dtype, resolve_model
+from .model import ModelSource, Predictor, load, resolve_device, resolve_dtype, resolve_model
 from .postprocess import PostprocessOptions, panoptic_from_logits, segment_instances, semantic_from_logits
 from .postprocess_device import launch_batch
 from .preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
@@ -171,6 +171,14 @@ class InFlight:
         return out
 
 
+def _builds_mode(builds: str, announce: Optional[Callable[[str], None]]) -> str:
+    """"detach" (one detached builder after this process) only for the CLI at a terminal, which
+    passes announce: the library never starts a process that outlives the call."""
+    if builds == "detach" and announce is None:
+        raise ValueError("builds='detach' leaves a process behind: only `m2f segment` at a terminal does")
+    return builds
+
+
 class Segmenter:
     """A model ready to segment: weights on a device, a preprocessing spec, post-processing options.
 
@@ -186,9 +194,10 @@ class Segmenter:
         (logits to the CPU, the CPU path). Both give the same instances (tests/test_device_path.py).
     tile: "SIZE[,OVERLAP]" or "auto[,OVERLAP]": cut images into tiles (tiling.py; instance task
         only); tile_full: with tile, also run the whole image and merge its instances in.
-    trace_build: when the start-up trace is missing: "inline" builds it in this load, "after" leaves
-        it to a detached build once this process has exited (traced.background_build); default
-        M2F_TRACE_BUILD, else "inline".
+    builds: when the start-up cache has no entry for this model: "inline" builds the trace in this
+        load, "none" builds nothing (model.load; builds.py says who builds what, when). The library
+        never leaves a process behind it; startup_hint then names the one-time command
+        (`m2f cache build`) that would make later loads faster, or is None.
     """
 
     def __init__(self, model: Union[str, Predictor] = DEFAULT_MODEL, *, device: str = "auto",
@@ -198,19 +207,21 @@ class Segmenter:
                  task: str = "auto", source: Optional[ModelSource] = None, trace_cache: bool = True,
                  notify: Optional[Callable[[str], None]] = None, postprocess: str = "auto",
                  tile: Optional[str] = None, tile_full: bool = False,
-                 trace_build: Optional[str] = None):
+                 builds: str = "inline", announce: Optional[Callable[[str], None]] = None):
         if isinstance(model, str):
             self.source = source or resolve_model(model, revision, allow_pickle)
             dev = resolve_device(device)
             dt = resolve_dtype(dtype, dev)
             self.spec: PreprocessSpec = spec_for_resize(resize, load_checkpoint_spec(self.source.local_dir))
             fixed = self.spec.padded_size(1, 1) if self.spec.mode == "fixed" and trace_cache else None
-            self.predictor: Predictor = load_predictor(self.source, dev, dt, allow_pickle=allow_pickle,
-                                                       compile=compile, trace_size=fixed, notify=notify,
-                                                       trace_build=trace_build)
+            loaded = load(self.source, dev, dt, allow_pickle=allow_pickle, compile=compile, trace_size=fixed,
+                          notify=notify, builds=_builds_mode(builds, announce), announce=announce)
+            self.predictor: Predictor = loaded.predictor
+            self.startup_hint: Optional[str] = loaded.hint
         else:
             self.source = source
             self.predictor = model
+            self.startup_hint = None
             self.spec = spec_for_resize(resize, getattr(model, "preprocess_spec", PreprocessSpec()))
         self.categories: CategoryTable = self.predictor.categories
         name = self.source.spec if self.source else None

@@ -57,7 +57,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from importlib import metadata
@@ -167,27 +166,32 @@ class TracedPredictor(CachedPredictor):
 
 
 @contextlib.contextmanager
-def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator[None]:
-    """Held while this process loads through transformers and builds the trace at path, so that
-    runs starting together on a machine (or on a cluster sharing the cache folder) build it once
-    and the others load it: flock on <path>.lock, which the kernel drops when its holder dies.
+def build_lock(path: Path, notify: Callable[[str], None] = log.info, wait_s: Optional[float] = None) -> Iterator[None]:
+    """Held while this process loads through transformers and builds the cache entry at path, so
+    that runs starting together on a machine (or on a cluster sharing the cache folder) build it
+    once and the others load it: flock on <path>.lock, which the kernel drops when its holder dies.
+    A lock this process holds already (a detached builder's: cache.adopt_lock) is not taken again.
+    wait_s: wait at most that long for another holder (a detached builder may hold it for as long
+    as its run lasts), then raise cache.BuildBusy; None waits as long as it takes.
     Raises cache.CacheLockError where the filesystem has no flock; where the lock file cannot be
     made at all (an unwritable cache), goes on without it (build then warns and runs untraced)."""
+    if cache.adopted(path):
+        yield
+        return
     fd = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            notify(f"waiting for another m2f process to build the start-up cache: {path}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        _lock(fd, path, notify, wait_s)
     except OSError as e:
         if fd is not None:
             os.close(fd)
             fd = None
         if e.errno in cache.NO_FLOCK_ERRNOS:
             raise cache.no_flock(path, e) from None
+    except cache.BuildBusy:
+        os.close(fd)
+        raise
     try:
         yield
     finally:
@@ -195,54 +199,25 @@ def build_lock(path: Path, notify: Callable[[str], None] = log.info) -> Iterator
             os.close(fd)  # releases the lock
 
 
-def being_built(path: Path) -> bool:
-    """Whether another process holds the build lock of path now (it builds the trace)."""
-    try:
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return False
+def _lock(fd: int, path: Path, notify: Callable[[str], None], wait_s: Optional[float]) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def spawn_build(args: list[str], path: Path) -> bool:
-    """Start `m2f cache build ARGS --nice --after-pid <this process>` detached (its own session, no
-    terminal, no output) to fill path's cache folder once this process has exited. Whether it started."""
-    import subprocess
-    import sys
-    cmd = [sys.executable, "-m", "m2f_cli", "cache", "build", *args, "--nice", "--after-pid", str(os.getpid())]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True)
-    except OSError as e:
-        log.debug("background build not started (%s)", e)
-        return False
-    return True
-
-
-def background_build(local_dir: str, size: tuple[int, int], path: Path, notify: Callable[[str], None] = log.info,
-                     mode: Optional[str] = None) -> bool:
-    """Leave the trace's build to a detached ``m2f cache build --trace`` that starts once this
-    process has exited, so that a model's first run on a machine is not slowed by it (a build takes
-    ~8-12 s on 2 cores, and any build running beside the model, even at nice 19, slows its threaded
-    forward 2x: measured, benchmarks/README.md); the next run loads the trace.
-
-    Only when mode (else M2F_TRACE_BUILD, else "inline") is "after" (pipeline.run picks it per run:
-    options.trace_build_mode) and no other process builds the trace already. The builder runs in its own session at nice 19 and
-    writes atomically under the build lock. Returns whether it was started."""
-    if (mode or os.environ.get("M2F_TRACE_BUILD", "inline")) != "after" or being_built(path):
-        return False
-    if not spawn_build(["--trace", "--model", local_dir, "--size", f"{size[0]}x{size[1]}"], path):
-        return False
-    notify(f"the start-up cache for this model is built once this run has finished (later runs start "
-           f"~5 s sooner): {path}")
-    return True
+        return
+    except BlockingIOError:
+        pass
+    notify(f"waiting for another m2f process to build the start-up cache: {path}")
+    if wait_s is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise cache.BuildBusy(path, wait_s) from None
 
 
 def load(path: Path, size: tuple[int, int], device: torch.device) -> Optional[TracedPredictor]:
@@ -296,7 +271,7 @@ def build(predictor, size: tuple[int, int], path: Path,
         buf = io.BytesIO()
         with _quiet():
             torch.jit.save(module, buf, _extra_files={_META: meta})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = cache.partial_file(path, ".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(buf.getbuffer())
