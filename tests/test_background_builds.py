@@ -62,7 +62,16 @@ def processes_naming(text: str) -> list[tuple[int, str]]:
 
 
 def builders(model_dir: str) -> list[int]:
-    return [pid for pid, cmd in processes_naming(model_dir) if "--background" in cmd]
+    """The detached builders of model_dir: not counting a builder's own child in the moment between
+    its fork and its exec, when it still shows its parent's command line."""
+    found = [pid for pid, cmd in processes_naming(model_dir) if "--background" in cmd]
+    parents = {}
+    for pid in found:
+        try:
+            parents[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    return [pid for pid in found if parents.get(pid) not in found]
 
 
 def run_at_terminal(args: list[str], env: dict) -> tuple[int, str]:
