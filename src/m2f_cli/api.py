@@ -35,6 +35,7 @@ from .preprocess import PreprocessSpec
 from .records import Failure, ImageRef
 from .result import Result, Views
 from .segmenter import Segmenter, resolve_classes
+from .storage import is_url
 from .writers.cutout import pad_option
 from .writing import in_order
 
@@ -119,12 +120,14 @@ class ItemDataset(Dataset):
 
 def _keys(images: Iterable, held: dict) -> Iterator[tuple[int, ImageRef, Any]]:
     """The DataLoader's sampler: (seq, ref, item) per input, drawn as the workers need them. Paths
-    and URLs travel as their ref (item None); other items travel themselves and are held in `held`
-    (seq -> item) until their result leaves, for Result.image()."""
+    and URLs travel as their ref (path as given, name its base name; item None); other items travel
+    themselves (ref "<image N>", "imageN") and are held in `held` (seq -> item) until their result
+    leaves, for Result.image()."""
     for seq, item in enumerate(images):
         if isinstance(item, (str, os.PathLike)):
             path = os.fspath(item)
-            yield seq, ImageRef(path=path, name=path, rel=str(seq), index=seq), None
+            name = path.rstrip("/").rsplit("/", 1)[-1] if is_url(path) else os.path.basename(path)
+            yield seq, ImageRef(path=path, name=name, rel=str(seq), index=seq), None
             continue
         held[seq] = item
         yield seq, ImageRef(path=f"<image {seq}>", name=f"image{seq}", rel=str(seq), index=seq), item
