@@ -186,3 +186,27 @@ def test_remote_output_and_shards(tmp_path):
     finally:
         if fs.exists(root):
             fs.rm(root, recursive=True)
+
+
+def test_segments_of_panoptic_and_semantic_maps_are_cut_from_the_map():
+    """Hand-made records: a semantic map with two regions; a pad larger than the margins is clipped."""
+    from m2f_cli.records import ImageRef, ImageResult, Segment
+    from m2f_cli.writers.cutout import cut_out
+    imap = np.zeros((60, 80), np.uint8)
+    imap[10:30, 5:25] = 7
+    imap[40:60, 50:80] = 21
+    imap[12:14, 60:62] = 21  # a second part far away: the box spans both
+    segs = [Segment(7, "grass", 7, 3, False, None, int((imap == 7).sum()), (5, 10, 20, 20)),
+            Segment(21, "sky sky", 21, 9, False, None, int((imap == 21).sum()), (50, 12, 30, 48))]
+    result = ImageResult(ImageRef("x", "x", "x", 0), 80, 60, [], imap, 0.0, task="semantic", segments=segs)
+    rgb = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    cuts = cut_out(rgb, result, threshold=0.9, pad=40)
+    assert [c.file for c in cuts] == ["007_grass.png", "021_sky-sky.png"]
+    assert [c.box for c in cuts] == [(0, 0, 65, 60), (10, 0, 70, 60)]
+    for c in cuts:
+        x, y, w, h = c.box
+        inside = imap[y:y + h, x:x + w] == c.id
+        assert np.array_equal(c.rgba[..., 3] == 255, inside) and c.score is None
+        assert np.array_equal(c.rgba[..., :3][inside], rgb[y:y + h, x:x + w][inside])
+    with pytest.raises(ValueError, match="not the result's"):
+        cut_out(rgb[:, :70], result, 0.5)
