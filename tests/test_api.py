@@ -42,8 +42,8 @@ def test_every_kind_of_input_gives_the_same_result_in_input_order(tmp_path):
                 assert r.to_json()["instances"] == want.to_json()["instances"]
                 assert np.array_equal(r.image(), arrays[r.index % 3])
             person = got[0].instances[0] if got[0].instances[0].label == "person" else got[0].instances[1]
-            iou = (got[0].mask(person) & truth["im0.png"]["red"]).sum() / (got[0].mask(person) | truth["im0.png"]["red"]).sum()
-            assert iou > 0.9
+            m, red = got[0].mask(person), truth["im0.png"]["red"]
+            assert m.dtype == bool and (m & red).sum() / (m | red).sum() > 0.9
     finally:
         fs.rm(url.partition("://")[2])
 
@@ -159,7 +159,10 @@ def test_trained_fixture_results_equal_the_clis_files_at_every_batch_size(tmp_pa
     for r, path in zip(got, paths):
         stem = path.rsplit("/", 1)[-1][:-4]
         assert np.array_equal(r.label_map, np.asarray(Image.open(out / f"{stem}.png")))
-        assert _sidecar_without_names(r.to_json()) == _sidecar_without_names(json.loads((out / f"{stem}.json").read_text()))
+        side = json.loads((out / f"{stem}.json").read_text())
+        assert _sidecar_without_names(r.to_json()) == _sidecar_without_names(side)
+        if r.index % 3 == 0:  # a path: named as the CLI names it
+            assert r.to_json() == side
         coco = r.coco()
         assert coco["image"]["id"] == images[r.index]["id"] and coco["image"]["width"] == images[r.index]["width"]
         assert coco["segm"] == [p for p in preds if p["image_id"] == r.index + 1]

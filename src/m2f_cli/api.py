@@ -31,6 +31,7 @@ from .engines.local import segment_samples
 from .errors import UsageError
 from .options import auto_settings, map_threshold, segmenter_options, tile_of, trace_build_mode, validate, \
     writer_thresholds
+from .postprocess import PostprocessOptions
 from .preprocess import PreprocessSpec
 from .records import Failure, ImageRef
 from .result import Result, Views
@@ -74,7 +75,7 @@ def _segmenter(model: Union[str, Segmenter], config: RunConfig) -> Segmenter:
         seg = copy.copy(model)  # shares the loaded model; options and tiling are this call's
         thresholds = writer_thresholds(config)
         try:
-            keep = seg.options.__class__(threshold=min(thresholds.values()),
+            keep = PostprocessOptions(threshold=min(thresholds.values()),
                                          map_threshold=map_threshold(config, thresholds), top_k=config.top_k,
                                          keep=resolve_classes(seg.categories, config.classes))
         except KeyError as e:
