@@ -75,12 +75,14 @@ def _segmenter(model: Union[str, Segmenter], config: RunConfig) -> Segmenter:
         seg = copy.copy(model)  # shares the loaded model; options and tiling are this call's
         thresholds = writer_thresholds(config)
         try:
-            keep = PostprocessOptions(threshold=min(thresholds.values()),
+            options = PostprocessOptions(threshold=min(thresholds.values()),
                                          map_threshold=map_threshold(config, thresholds), top_k=config.top_k,
                                          keep=resolve_classes(seg.categories, config.classes))
         except KeyError as e:
             raise UsageError(e.args[0]) from None
-        seg.options, seg.tiling = keep, tile_of(config)
+        if config.tile is not None and seg.task != "instance":
+            raise UsageError(f"--tile merges instances; this is a {seg.task} model (--task {seg.task})")
+        seg.options, seg.tiling = options, tile_of(config)
         return seg
     try:
         return Segmenter(**segmenter_options(config, config.task), trace_build=trace_build_mode(0))
@@ -145,11 +147,13 @@ def segment(images: Iterable, model: Union[str, Segmenter] = DEFAULT_MODEL, batc
     model: a hub id or save_pretrained folder (loaded now), or a loaded Segmenter (reused; this
         call's post-processing options apply, its device and dtype stay).
     batch_size: images per forward pass (None: the CLI's choice for the device).
-    options: those of ``m2f segment`` that concern results (OPTIONS; README "Python API"), same
+    options: those of ``m2f segment`` that concern results (OPTIONS; docs/python-api.md), same
         names and defaults as RunConfig: threshold=None keeps each view's CLI default (0.5; COCO 0).
     An input that cannot be read or segmented yields a Failure (ref, stage, error). Raises
     UsageError for bad options (before any image is read) and ModelLoadError/DeviceError as a run does.
     """
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
     config = api_config(model, batch_size, options)
     seg = _segmenter(model, config)
     bs, workers, threads = auto_settings(seg.device, config, padded=seg.spec.padded_size(3000, 4000),
