@@ -1,16 +1,27 @@
 """m2f: Mask2Former instance segmentation over folders of images.
 
-Library first: ``Segmenter`` for in-memory images, ``run(RunConfig)`` for whole folders.
+Library first: ``segment(images, ...)`` for any iterable of images in memory or on disk (batched,
+in input order), ``Segmenter`` for one image at a time, ``run(RunConfig)`` for whole folders.
 Heavy modules (torch, transformers) are imported on first use, so importing m2f_cli is cheap.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Segmenter", "RunConfig", "run", "ImageResult", "Instance", "CategoryTable"]
+__all__ = ["segment", "Result", "Failure", "Cutout", "Segmenter", "RunConfig", "run", "ImageResult", "Instance",
+           "CategoryTable"]
 
 
 def __getattr__(name: str):
+    if name == "segment":
+        from .api import segment
+        return segment
+    if name == "Result":
+        from .result import Result
+        return Result
+    if name == "Cutout":
+        from .writers.cutout import Cutout
+        return Cutout
     if name == "Segmenter":
         from .segmenter import Segmenter
         return Segmenter
@@ -20,7 +31,7 @@ def __getattr__(name: str):
     if name == "RunConfig":
         from .config import RunConfig
         return RunConfig
-    if name in ("ImageResult", "Instance"):
+    if name in ("ImageResult", "Instance", "Failure"):
         from . import records
         return getattr(records, name)
     if name == "CategoryTable":

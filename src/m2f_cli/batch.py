@@ -80,19 +80,25 @@ def load_sample(seq: int, ref: ImageRef, spec: PreprocessSpec, max_pixels: Optio
         img = decode(ref.path, max_pixels, draft=spec if fast_decode and tile is None else None)
     except DecodeError as e:
         return Sample(seq, ref, None, (0, 0), (0, 0), error=str(e), decode_s=time.perf_counter() - t0)
+    return rgb_sample(seq, ref, img.rgb, (img.height, img.width), spec, tile, time.perf_counter() - t0)
+
+
+def rgb_sample(seq: int, ref: ImageRef, rgb, original: tuple[int, int], spec: PreprocessSpec,
+               tile: Optional["TileOptions"] = None, decode_s: float = 0.0) -> Sample:
+    """Preprocess one decoded image: rgb (h, w, 3) uint8 upright (smaller than original (H0, W0)
+    only after a draft decode); cut into tiles with --tile (tiling.py) unless one covers it."""
     t1 = time.perf_counter()
     if tile is not None:  # --tile (issue 17): the whole hook; see tiling.py
         from .tiling import cut_tiles
-        tiles = cut_tiles(img.rgb, spec, tile)
+        tiles = cut_tiles(rgb, spec, tile)
         if tiles is not None:
-            full = preprocess(img.rgb, spec) if tile.full else None
+            full = preprocess(rgb, spec) if tile.full else None
             return Sample(seq, ref, torch.from_numpy(full.pixel_values) if full else None,
-                          full.valid if full else (0, 0), (img.height, img.width), decode_s=t1 - t0,
+                          full.valid if full else (0, 0), original, decode_s=decode_s,
                           preprocess_s=time.perf_counter() - t1, tiles=tiles)
-    mi = preprocess(img.rgb, spec, original=(img.height, img.width))
-    t2 = time.perf_counter()
-    return Sample(seq, ref, torch.from_numpy(mi.pixel_values), mi.valid, (img.height, img.width),
-                  decode_s=t1 - t0, preprocess_s=t2 - t1)
+    mi = preprocess(rgb, spec, original=original)
+    return Sample(seq, ref, torch.from_numpy(mi.pixel_values), mi.valid, original,
+                  decode_s=decode_s, preprocess_s=time.perf_counter() - t1)
 
 
 def _worker_init(_: int) -> None:
@@ -108,8 +114,10 @@ def _worker_init(_: int) -> None:
     HELD_LOCK_FDS.clear()
 
 
-def make_loader(dataset: ImageDataset, workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+def make_loader(dataset: Dataset, workers: int, pin_memory: bool = False, sampler: Optional[Iterable] = None
+                ) -> DataLoader:
+    """sampler: the keys the workers get, drawn lazily in this process (default: 0..len-1)."""
+    return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, sampler=sampler,
                       worker_init_fn=_worker_init if workers > 0 else None,
                       pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
                       persistent_workers=False)

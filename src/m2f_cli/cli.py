@@ -30,7 +30,7 @@ _D = RunConfig(inputs=[], out="")  # the defaults, from their one place
 SEGMENT_PANELS: dict[str, tuple[str, ...]] = {
     "Inputs": ("inputs", "null", "max_pixels"),
     "Outputs": ("out", "formats", "overlay_format", "overlay_alpha", "overlay_scores", "rle", "simplify",
-                "coco_annotations"),
+                "cutout_pad", "cutout_visible", "coco_annotations"),
     "Model": ("model", "revision", "allow_pickle", "task"),
     "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full"),
     "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "trace_cache", "fast_decode"),
@@ -188,6 +188,10 @@ def segment(
     simplify: float = typer.Option(_D.simplify, "--simplify", metavar="PX",
                                    help="Polygon formats (yolo, labelme, cvat, geojson): simplify outlines "
                                    "within PX pixels (Douglas-Peucker, topology kept); 0 = exact pixel edges."),
+    cutout_pad: int = typer.Option(_D.cutout_pad, "--cutout-pad", metavar="PX", min=0,
+                                   help="Cutouts: pixels of margin around each object's box (clipped to the image)."),
+    cutout_visible: bool = typer.Option(_D.cutout_visible, "--cutout-visible", help="Cutouts: only the pixels "
+                                        "the object shows in the PNG map (not its whole mask, overlaps included)."),
     compile: Optional[bool] = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the "
                                            "model (one-time compile, then a faster forward). Default: on "
                                            "for CPU runs of 1000+ images at a fixed input size."),
@@ -249,7 +253,8 @@ def segment(
         resize=resize, task=task, fast_decode=fast_decode, tile=tile, tile_full=tile_full, max_pixels=max_pixels,
         overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
         overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
-        simplify=simplify, compile=compile, trace_cache=trace_cache, shard=shard_spec, ray=ray,
+        simplify=simplify, cutout_pad=cutout_pad, cutout_visible=cutout_visible, compile=compile,
+        trace_cache=trace_cache, shard=shard_spec, ray=ray,
         ray_actors=ray_actors, ray_timeout=ray_timeout, ray_cpus_per_actor=ray_cpus_per_actor,
         detached_build=sys.stderr.isatty())  # a person is there: builds.py
     if ray is not None and devices:

@@ -61,6 +61,8 @@ class RunConfig:
     overlay_scores: bool = True  # "label score" tags; False: label only
     rle: bool = False
     simplify: float = 0.0  # polygon formats: Douglas-Peucker tolerance in pixels; 0 = exact (polygons.py)
+    cutout_pad: int = 0  # cutouts: pixels of margin around each instance's box (writers/cutout.py)
+    cutout_visible: bool = False  # cutouts: only the pixels the instance owns in the map, not its whole mask
     compile: Optional[bool] = None  # None = auto (options.resolve_compile)
     trace_cache: bool = True  # the start-up cache (traced.py)
     # the CLI sets this when a person is at a terminal (stderr is a TTY): a short run that finds no

@@ -16,4 +16,5 @@ FORMATS: dict[str, str] = {
     "labelme": "labelme/<name>.json: LabelMe polygons with label and score",
     "cvat": "annotations.xml: CVAT for images 1.1 polygons with a score attribute",
     "geojson": "<name>.geojson: FeatureCollection of (Multi)Polygons; GeoTIFFs in their CRS",
+    "cutout": "cutouts/<name>/<id>_<label>.png: each instance as an RGBA PNG cropped to its box",
 }

@@ -324,7 +324,8 @@ def open_writers(config: RunConfig, folder: Optional[OutputFolder], categories: 
     writers = []
     options = {"coco_annotations": config.coco_annotations, "overlay_format": config.overlay_format,
                "overlay_alpha": config.overlay_alpha, "overlay_scores": config.overlay_scores,
-               "rle": config.rle, "simplify": config.simplify, **config.options}
+               "rle": config.rle, "simplify": config.simplify, "cutout_pad": config.cutout_pad,
+               "cutout_visible": config.cutout_visible, **config.options}
     for fmt, thr in writer_thresholds(config).items():
         ctx = WriterContext(folder=folder, categories=categories, model=model_id, revision=config.revision,
                             top_k=config.top_k, threshold=thr, overwrite=config.overwrite, stdout=stdout,

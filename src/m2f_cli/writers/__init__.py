@@ -8,6 +8,6 @@ every registered writer.
 from __future__ import annotations
 
 from .base import REGISTRY, Writer, WriterContext, register
-from . import png, coco, jsonl, overlay, yolo, labelme, cvat, geojson  # noqa: F401  (each registers its writer)
+from . import png, coco, jsonl, overlay, yolo, labelme, cvat, geojson, cutout  # noqa: F401  (each registers its writer)
 
 __all__ = ["REGISTRY", "Writer", "WriterContext", "register"]
