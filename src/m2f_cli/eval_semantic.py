@@ -4,9 +4,10 @@ accuracy and per-class IoU/accuracy, with the definitions of detectron2's SemSeg
 - one confusion matrix over all evaluated pixels: ground-truth pixels of IGNORE (255), or of a class
   index the predictions do not have, are left out; a predicted IGNORE (no class) is a miss;
 - per class IoU = TP / (TP + FP + FN), accuracy = TP / (TP + FN);
-- mIoU averages IoU over the classes present in the ground truth or the predictions, mean accuracy
-  over the classes present in the ground truth, fwIoU weights IoU by ground-truth frequency, pixel
-  accuracy = all TP / all labelled pixels.
+- mIoU and mean accuracy average over the classes present in the evaluated ground truth (a class
+  only predicted lowers the IoU of the classes it was predicted on, and has no IoU of its own: as
+  detectron2, unlike mmsegmentation, which counts it as 0); fwIoU weights IoU by ground-truth
+  frequency; pixel accuracy = all TP / all labelled pixels.
 
 Ground truth: a folder of single-channel label PNGs (class index per pixel, 255 ignore: Cityscapes'
 ``*_gtFine_labelTrainIds.png``, detectron2's ADE20K ``annotations_detectron2``; raw ADE20K
@@ -50,7 +51,8 @@ def scores(conf: np.ndarray, names: list[str]) -> tuple[dict, list[dict]]:
     pos_gt = conf.sum(1).astype(np.float64)
     pos_pred = conf[:, :c].sum(0).astype(np.float64)
     union = pos_gt + pos_pred - tp
-    iou_ok, acc_ok = union > 0, pos_gt > 0
+    acc_ok = pos_gt > 0
+    iou_ok = acc_ok & (union > 0)
     iou = np.divide(tp, union, out=np.zeros(c), where=iou_ok)
     acc = np.divide(tp, pos_gt, out=np.zeros(c), where=acc_ok)
     total = pos_gt.sum()

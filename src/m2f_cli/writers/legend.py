@@ -1,5 +1,5 @@
 """The legend of a semantic overlay: one row per class shown (a swatch in the class colour, the
-name), largest area first, in a box in the top-left corner, sized for the image. Rows that do not
+name), largest area first, in a white box near the top-left corner, sized like the tags. Rows that do not
 fit the image height are summed up in a last "+N more" row."""
 
 from __future__ import annotations
@@ -33,24 +33,25 @@ def draw_legend(draw, size: tuple[int, int], rows: list[LegendRow], fonts) -> tu
     w, h = size
     if not rows:
         return (0, 0, 0, 0)
-    fs = max(8, round(min(h, w) / 45))
+    fs = max(10, round(min(h, w) / 40))  # the tags' size
     font = fonts.font(fs)
     pad = fonts.pad(fs)
     line = fonts.measure("Ag", fs)[1]
-    fit = max(1, min(MAX_ROWS, (h - 2 * pad) // line))
+    fit = max(1, min(MAX_ROWS, (h - 4 * pad) // line))
     shown = rows if len(rows) <= fit else rows[:fit - 1]
     texts = [r.name for r in shown] + ([f"+{len(rows) - len(shown)} more"] if len(shown) < len(rows) else [])
     swatch = line - 2 * pad
-    width = min(w, 3 * pad + swatch + max(fonts.measure(t, fs)[0] for t in texts))
-    box = (0, 0, width, min(h, len(texts) * line + pad))
+    x0 = y0 = pad  # a margin off the image's edges
+    width = min(w - x0, 3 * pad + swatch + max(fonts.measure(t, fs)[0] for t in texts))
+    box = (x0, y0, x0 + width, min(h, y0 + len(texts) * line + pad))
     draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(255, 255, 255))
     for k, text in enumerate(texts):
-        y = pad + k * line
+        y = y0 + pad + k * line
         if k < len(shown):
-            draw.rectangle([pad, y + pad, pad + swatch - 1, y + pad + swatch - 1], fill=shown[k].color,
-                           outline=(0, 0, 0))
+            draw.rectangle([x0 + pad, y + pad, x0 + pad + swatch - 1, y + pad + swatch - 1],
+                           fill=shown[k].color, outline=(0, 0, 0))
         left, top, _, _ = draw.textbbox((0, 0), text, font=font)
-        draw.text((2 * pad + swatch + pad - left, y + pad - top), text, fill=(0, 0, 0), font=font)
+        draw.text((x0 + 3 * pad + swatch - left, y + pad - top), text, fill=(0, 0, 0), font=font)
     return box
 
 
