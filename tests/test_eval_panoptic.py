@@ -2,18 +2,18 @@
 the refusals, and a tiny panoptic checkpoint end to end (-f coco round trip, m2f eval)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from m2f_cli import RunConfig, run
-from m2f_cli import coco_panoptic
+from m2f_cli import RunConfig, coco_panoptic, run
 from m2f_cli.categories import COCO_NAMES
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
-from m2f_cli.eval_panoptic import CategoryCounts, EvalError, evaluate_panoptic, pq_image, pq_summary
+from m2f_cli.eval_panoptic import EvalError, evaluate_panoptic, pq_image, pq_summary
 
 from panoptic_planted import CATEGORIES, perturb, random_scene, write_panoptic
 from tiny import make_tiny_model
@@ -123,7 +123,7 @@ def test_predictions_are_matched_by_file_name_and_score_1(tmp_path):
 ])
 def test_panoptic_ground_truths_that_do_not_fit_are_refused(tmp_path, case, needle):
     gt, pred = _planted_pair(tmp_path)
-    doc = json.loads(open(gt).read())
+    doc = json.loads(Path(gt).read_text())
     if case == "names":
         for im in doc["images"]:
             im["file_name"] = im["file_name"].replace("/a", "/b")
@@ -136,7 +136,7 @@ def test_panoptic_ground_truths_that_do_not_fit_are_refused(tmp_path, case, need
             a["segments_info"] = []
     else:
         doc["annotations"][0]["file_name"] = "missing.png"
-    open(gt, "w").write(json.dumps(doc))
+    Path(gt).write_text(json.dumps(doc))
     r = runner.invoke(app, ["eval", "--gt", gt, "--pred", pred])
     assert r.exit_code == ExitCode.USAGE, r.output
     assert needle in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, run
@@ -16,8 +16,8 @@ from m2f_cli.config import ExitCode
 from m2f_cli.eval_semantic import EvalError, confusion, evaluate_semantic, read_labels, scores
 from m2f_cli.records import ImageRef, ImageResult, Segment
 from m2f_cli.writers.labels import IGNORE, class_index_map
-from m2f_cli.writers.legend import legend_colors, legend_rows
-from m2f_cli.writers.overlay import render_overlay
+from m2f_cli.writers.legend import draw_legend, legend_colors, legend_rows
+from m2f_cli.writers.overlay import _TagFont, render_overlay
 
 from tiny import make_tiny_model
 
@@ -154,9 +154,6 @@ def test_semantic_overlays_carry_a_legend():
     assert [r.name for r in rows] == ["road", "wall", "sky"]  # largest area first
     rgb = np.full((240, 320, 3), 128, np.uint8)
     img = np.asarray(render_overlay(rgb, result, cats, alpha=0.5))
-    from m2f_cli.writers.legend import draw_legend
-    from m2f_cli.writers.overlay import _TagFont
-    from PIL import ImageDraw
     probe = Image.new("RGB", (320, 240))
     box = draw_legend(ImageDraw.Draw(probe), (320, 240), rows, _TagFont())
     assert 0 < box[2] < 320 and 0 < box[3] < 240

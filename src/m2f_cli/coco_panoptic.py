@@ -75,7 +75,7 @@ def png_folder(json_path: str, folder: Optional[str] = None) -> str:
     path without .json), else ``panoptic/`` beside it (a sharded m2f run's part file)."""
     if folder:
         return folder
-    default = json_path[:-5] if json_path.endswith(".json") else json_path
+    default = json_path.removesuffix(".json")
     if os.path.isdir(default):
         return default
     beside = os.path.join(os.path.dirname(os.path.abspath(json_path)), "panoptic")

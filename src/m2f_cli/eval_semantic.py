@@ -94,8 +94,7 @@ def _key(rel: str) -> str:
             stem = stem[: -len(ext)]
             break
     for s in _SUFFIXES:
-        if stem.endswith(s):
-            stem = stem[: -len(s)]
+        stem = stem.removesuffix(s)
     return stem
 
 

@@ -6,7 +6,7 @@ entirely under higher-scoring ones gets none), centred on the most interior pixe
 visible part; on collision with a tag already placed (higher scores first) a tag moves to the nearest
 free spot, then shrinks, then searches the whole image; a tag that still does not fit is left out
 rather than drawn over another. Tags never overlap each other and always lie inside the image; one
-moved off its part gets a leader line to it.
+moved off its part gets a leader line to it. Semantic overlays also get a legend (legend.py).
 """
 
 from __future__ import annotations
