@@ -565,23 +565,41 @@ def _build_trace(model: str, revision: Optional[str], size: Optional[str]) -> No
 
 @app.command("eval")
 def eval_cmd(
-    gt: str = typer.Option(..., "--gt", help="COCO annotation file (ground truth)."),
-    pred: str = typer.Option(..., "--pred", help="COCO results file (m2f's predictions.json)."),
+    gt: str = typer.Option(..., "--gt", help="Ground truth: a COCO annotation file (instances), a COCO "
+                           "panoptic JSON (its PNGs in the folder beside it), or a folder of label PNGs."),
+    pred: str = typer.Option(..., "--pred", help="predictions.json (instances), panoptic.json (panoptic) "
+                             "or the run folder with its *.labels.png (semantic)."),
     iou_type: str = typer.Option("segm", "--iou-type", help="segm (masks) or bbox (use predictions_bbox.json)."),
     images: Optional[str] = typer.Option(None, "--images", help="The run's images.json (default: the one "
                                          "beside --pred): predictions are matched to --gt by file name."),
     all_gt_images: bool = typer.Option(False, "--all-gt-images", help="Count ground-truth images the run did "
                                        "not see as misses (default: evaluate the run's images only)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the 12 numbers as JSON."),
+    gt_folder: Optional[str] = typer.Option(None, "--gt-folder", help="Panoptic: the ground truth's PNG "
+                                            "folder (default: --gt without .json)."),
+    pred_folder: Optional[str] = typer.Option(None, "--pred-folder", help="Panoptic: the predictions' PNG "
+                                              "folder (default: --pred without .json)."),
+    reduce_zero_label: bool = typer.Option(False, "--reduce-zero-label", help="Semantic: ground-truth 0 is "
+                                           "ignored and v is class v-1 (raw ADE20K annotations)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
 ) -> None:
-    """Evaluate predictions with pycocotools' COCOeval and print the standard table; exit 2 when
-    predictions and ground truth do not fit together (no image or category in common, other sizes)."""
+    """Evaluate predictions against a ground truth: instance AP (pycocotools' COCOeval), panoptic
+    PQ/SQ/RQ or semantic mIoU, told from --gt (docs/panoptic-semantic.md); exit 2 when predictions
+    and ground truth do not fit together (no image or category in common, other sizes)."""
+    from .eval_kinds import evaluate_segmentation, ground_truth_kind
     from .evaluate import evaluate_run, format_table
     with _errors_as_exit_codes():
-        result = evaluate_run(gt, pred, iou_type, images_path=images, all_gt_images=all_gt_images)
+        kind = ground_truth_kind(gt)
+        if kind == "instance":
+            result = evaluate_run(gt, pred, iou_type, images_path=images, all_gt_images=all_gt_images)
+        else:
+            result = evaluate_segmentation(kind, gt, pred, all_gt_images, gt_folder, pred_folder,
+                                           reduce_zero_label)
     for note in result.notes:
         typer.echo(f"m2f: {note}", err=True)
-    typer.echo(json.dumps(result.stats) if as_json else format_table(result.stats))
+    if kind == "instance":
+        typer.echo(json.dumps(result.stats) if as_json else format_table(result.stats))
+    else:
+        typer.echo(json.dumps(result.to_json()) if as_json else result.table())
 
 
 def main() -> None:

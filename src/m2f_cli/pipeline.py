@@ -33,7 +33,7 @@ from .settings import (ModelIdentity, Recorder, SettingsConflict, check as check
 from .state import OutputFolder
 from .storage import open_output
 from .walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
-from .writers import REGISTRY, Writer, WriterContext
+from .writers import Writer, WriterContext, writer_class
 from .writing import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
 
@@ -174,11 +174,12 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
                 ) -> RunSummary:
     thresholds = writer_thresholds(config)
     m = _model_facts(config, segmenter)
-    if m.task != "instance" and "coco" in config.formats:
-        raise UsageError(f"--format coco writes instance results; this is a {m.task} model (--task {m.task})")
+    if m.task == "semantic" and "coco" in config.formats:
+        raise UsageError("--format coco writes instance or panoptic results; this is a semantic model "
+                         "(--task semantic): --format labels writes its label PNGs")
     if m.task != "instance" and config.tile is not None:
         raise UsageError(f"--tile merges instances; this is a {m.task} model (--task {m.task})")
-    writers = open_writers(config, folder, m.categories, m.identity.name, stdout)
+    writers = open_writers(config, folder, m.categories, m.identity.name, stdout, m.task)
     recorder = _check_settings(config, folder, writers, m, dtype, found)
     if engine is None and config.ray is not None:
         from .engines.ray import RayEngine
@@ -320,7 +321,7 @@ def _fail(summary: RunSummary, reporter: Reporter, failure: Failure) -> None:
 
 
 def open_writers(config: RunConfig, folder: Optional[OutputFolder], categories: CategoryTable,
-                 model_id: str, stdout: IO[str]) -> list[Writer]:
+                 model_id: str, stdout: IO[str], task: str = "instance") -> list[Writer]:
     writers = []
     options = {"coco_annotations": config.coco_annotations, "overlay_format": config.overlay_format,
                "overlay_alpha": config.overlay_alpha, "overlay_scores": config.overlay_scores,
@@ -331,7 +332,7 @@ def open_writers(config: RunConfig, folder: Optional[OutputFolder], categories: 
                             top_k=config.top_k, threshold=thr, overwrite=config.overwrite, stdout=stdout,
                             options=options)
         try:
-            writers.append(REGISTRY[fmt](ctx))
+            writers.append(writer_class(fmt, task)(ctx))
         except ValueError as e:
             raise UsageError(str(e)) from None
     return writers

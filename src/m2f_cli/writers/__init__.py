@@ -7,7 +7,7 @@ every registered writer.
 
 from __future__ import annotations
 
-from .base import REGISTRY, Writer, WriterContext, register
-from . import png, coco, jsonl, overlay, yolo, labelme, cvat, geojson, cutout  # noqa: F401  (each registers its writer)
+from .base import REGISTRY, Writer, WriterContext, register, writer_class
+from . import png, coco, jsonl, overlay, yolo, labelme, cvat, geojson, labels, panoptic, cutout  # noqa: F401  (each registers its writer)
 
-__all__ = ["REGISTRY", "Writer", "WriterContext", "register"]
+__all__ = ["REGISTRY", "Writer", "WriterContext", "register", "writer_class"]

@@ -92,3 +92,20 @@ REGISTRY: dict[str, type[Writer]] = {}
 def register(cls: type[Writer]) -> type[Writer]:
     REGISTRY[cls.name] = cls
     return cls
+
+
+# (format name, task) -> the class that writes that format for that task where the task needs its
+# own (``-f coco`` of a panoptic model writes COCO panoptic results); REGISTRY's class otherwise.
+TASK_VARIANTS: dict[tuple[str, str], type[Writer]] = {}
+
+
+def register_variant(task: str) -> Callable[[type[Writer]], type[Writer]]:
+    def add(cls: type[Writer]) -> type[Writer]:
+        TASK_VARIANTS[(cls.name, task)] = cls
+        return cls
+    return add
+
+
+def writer_class(fmt: str, task: str) -> type[Writer]:
+    """The class that writes format fmt for a model of this task."""
+    return TASK_VARIANTS.get((fmt, task), REGISTRY[fmt])

@@ -80,7 +80,7 @@ class AnnotationIndex:
         missing = [c.name for c in model.categories if c.id not in mapping]
         if missing:
             log.warning("--coco-annotations %s: %d model classes are not among its categories (%s); "
-                        "their detections are left out of predictions.json", path, len(missing),
+                        "their detections are left out of the results", path, len(missing),
                         ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
         return mapping
 

@@ -6,7 +6,7 @@ entirely under higher-scoring ones gets none), centred on the most interior pixe
 visible part; on collision with a tag already placed (higher scores first) a tag moves to the nearest
 free spot, then shrinks, then searches the whole image; a tag that still does not fit is left out
 rather than drawn over another. Tags never overlap each other and always lie inside the image; one
-moved off its part gets a leader line to it.
+moved off its part gets a leader line to it. Semantic overlays also get a legend (legend.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..decode import decode
 from ..records import ImageRef, ImageResult
 from .base import Writer, register
+from .legend import draw_legend, legend_rows
 
 MIN_FONT_PX = 8           # shrinking stops here
 SHRINK = 0.8              # font scale per shrink step
@@ -223,6 +224,8 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
         l, t, _, _ = draw.textbbox((0, 0), tag.text, font=f)
         p = fonts.pad(tag.size)
         draw.text((x0 + p - l, y0 + p - t), tag.text, fill=(0, 0, 0) if lum > 140 else (255, 255, 255), font=f)
+    if result.task == "semantic":  # the classes by colour, largest first (writers/legend.py)
+        draw_legend(draw, (w, h), legend_rows(result, categories), fonts)
     return img
 
 
