@@ -104,13 +104,24 @@ def wait_until(cond, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def gone(pid: int) -> bool:
+    """Exited, its files closed (a zombie at most): a dying process's command line empties before
+    its files are closed, so the state is what tells."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 def kill_builders(model_dir: str) -> None:
+    pids = [pid for pid, _ in processes_naming(model_dir)]
     for pid in builders(model_dir):
         try:
             os.killpg(pid, signal.SIGKILL)  # the builder leads its own session; its child dies with it
         except ProcessLookupError:
             pass
-    wait_until(lambda: not processes_naming(model_dir), 30, "the killed builder and its child to go")
+    wait_until(lambda: all(gone(p) for p in pids) and not processes_naming(model_dir), 30,
+               "the killed builder and its child to go")
 
 
 def test_a_run_in_a_pipeline_and_the_library_leave_no_process_and_say_what_would_help(

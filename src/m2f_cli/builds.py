@@ -213,10 +213,17 @@ def run_detached(path: Path, child: list[str], lock_fd: int, wait_fd: int) -> in
     return rc
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """The build child is killed with its builder, even when stopped (prctl PR_SET_PDEATHSIG)."""
+def _dies_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the build child is killed with its builder, even when stopped (prctl
+    PR_SET_PDEATHSIG), also when the builder died between the fork and the prctl."""
     import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:  # pragma: no cover - runs in the child between fork and exec
+        prctl(1, signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return arm
 
 
 def run_yielding(cmd: list[str], busy: Callable[[], bool], poll_s: float = 1.0, pass_fds: tuple = ()) -> int:
@@ -226,7 +233,7 @@ def run_yielding(cmd: list[str], busy: Callable[[], bool], poll_s: float = 1.0, 
     lock); elsewhere cmd simply runs. Returns its exit status (negative: killed by that signal)."""
     linux = sys.platform.startswith("linux")
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=pass_fds,
-                             preexec_fn=_die_with_parent if linux else None)
+                             preexec_fn=_dies_with(os.getpid()) if linux else None)
     stopped = False
     try:
         while child.poll() is None:
