@@ -29,8 +29,7 @@ from .batch import Sample, load_sample, make_loader, rgb_sample
 from .config import DEFAULT_MODEL, RunConfig
 from .engines.local import segment_samples
 from .errors import UsageError
-from .options import auto_settings, map_threshold, segmenter_options, tile_of, trace_build_mode, validate, \
-    writer_thresholds
+from .options import auto_settings, map_threshold, segmenter_options, tile_of, validate, writer_thresholds
 from .postprocess import PostprocessOptions
 from .preprocess import PreprocessSpec
 from .records import Failure, ImageRef
@@ -85,7 +84,7 @@ def _segmenter(model: Union[str, Segmenter], config: RunConfig) -> Segmenter:
         seg.options, seg.tiling = options, tile_of(config)
         return seg
     try:
-        return Segmenter(**segmenter_options(config, config.task), trace_build=trace_build_mode(0))
+        return Segmenter(**segmenter_options(config, config.task))  # builds the start-up trace in-process
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     except ValueError as e:
