@@ -141,8 +141,11 @@ def test_installed_entry_point_reads_stdin_without_a_terminal(tmp_path, image_di
 
 
 def test_every_segment_option_is_documented_in_the_readme():
+    import glob
     import typer.main
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    root = os.path.join(os.path.dirname(__file__), "..")
+    pages = [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
+    readme = "\n".join(open(p, encoding="utf-8").read() for p in pages)  # the README and docs/*.md
     cmd = typer.main.get_command(app).commands["segment"]
     opts = [o for p in cmd.params for o in p.opts if o.startswith("--")]
     assert len(opts) > 20

@@ -467,7 +467,8 @@ def test_page_renders_in_headless_chromium(runs, tmp_path):
 
 def test_every_report_option_is_documented_in_the_readme():
     import typer.main
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    readme = "\n".join(p.read_text(encoding="utf-8") for p in pages)  # the README and docs/*.md
     cmd = typer.main.get_command(app).commands["report"]
     opts = [o for p in cmd.params for o in p.opts if o.startswith("--") and o != "--help"]
     assert len(opts) >= 5
