@@ -33,7 +33,7 @@ SEGMENT_PANELS: dict[str, tuple[str, ...]] = {
                 "cutout_pad", "cutout_visible", "coco_annotations"),
     "Model": ("model", "revision", "allow_pickle", "task"),
     "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full"),
-    "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "trace_cache", "fast_decode"),
+    "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "startup_cache", "fast_decode"),
     "Scale-out": ("shard", "devices", "ray", "ray_actors", "ray_timeout", "ray_cpus_per_actor"),
     "Bookkeeping": ("overwrite", "max_failures", "summary_json", "quiet", "help"),
 }
@@ -192,13 +192,15 @@ def segment(
                                    help="Cutouts: pixels of margin around each object's box (clipped to the image)."),
     cutout_visible: bool = typer.Option(_D.cutout_visible, "--cutout-visible", help="Cutouts: only the pixels "
                                         "the object shows in the PNG map (not its whole mask, overlaps included)."),
-    compile: Optional[bool] = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the "
-                                           "model (one-time compile, then a faster forward). Default: on "
-                                           "for CPU runs of 1000+ images at a fixed input size."),
-    trace_cache: bool = typer.Option(_D.trace_cache, "--trace-cache/--no-trace-cache", help="On CPU at a "
-                                     "fixed input size, load the model from a TorchScript trace cached in "
-                                     "~/.cache/m2f (M2F_CACHE_DIR), built on first use: later runs start ~5 s "
-                                     "sooner."),
+    compile: Optional[bool] = typer.Option(_D.compile, "--compile/--no-compile", help="Compile the model "
+                                           "before the first image: on CPU into the start-up cache (AOTInductor, "
+                                           "~2 min on 2 cores, kept for later runs), elsewhere torch.compile. "
+                                           "Default: on for CPU runs of 1000+ images at a fixed input size."),
+    startup_cache: Optional[str] = typer.Option(_D.startup_cache, "--startup-cache", metavar="auto|trace|off",
+                                                help="On CPU at a fixed input size, load the model from the "
+                                                "start-up cache (M2F_CACHE_DIR, else ~/.cache/m2f): auto = the "
+                                                "model compiled for this CPU, else a TorchScript trace; trace = "
+                                                "the trace only; off = never. Default: M2F_STARTUP_CACHE, else auto."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Run one worker per device over "
                                           "disjoint shards: CUDA indices (0,1), all, or names (cuda:0,cpu)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process a stable 1/N of the inputs "
@@ -242,10 +244,6 @@ def segment(
             shard_spec = parse_shard(shard)
         except ValueError as e:
             raise _error(str(e), ExitCode.USAGE)
-    for f in formats:
-        from .formats import FORMATS
-        if f not in FORMATS:
-            raise _error(f"--format {f!r}: expected one of {', '.join(FORMATS)}", ExitCode.USAGE)
     config = RunConfig(
         inputs=inputs, out=out, formats=tuple(dict.fromkeys(formats)), model=model, revision=revision,
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
@@ -254,7 +252,7 @@ def segment(
         overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
         overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
         simplify=simplify, cutout_pad=cutout_pad, cutout_visible=cutout_visible, compile=compile,
-        trace_cache=trace_cache, shard=shard_spec, ray=ray,
+        startup_cache=startup_cache, shard=shard_spec, ray=ray,
         ray_actors=ray_actors, ray_timeout=ray_timeout, ray_cpus_per_actor=ray_cpus_per_actor,
         detached_build=sys.stderr.isatty())  # a person is there: builds.py
     if ray is not None and devices:
