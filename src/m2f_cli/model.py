@@ -145,6 +145,7 @@ class HFPredictor:
         self.dtype = dtype
         self.id2label = dict(getattr(model.config, "id2label", None) or {})
         self.categories = categories_of(self.id2label)
+        self.compiling = compile  # torch.compile: the first forward of each input shape compiles
         self._forward = torch.compile(self.model) if compile else self.model
 
     def _autocast(self):
