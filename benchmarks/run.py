@@ -33,7 +33,7 @@ never in ~/.cache. --trace-cache picks the state m2f is measured in:
   warm            the trace only (no C++ compiler, or `m2f cache build --trace`): built untimed;
   cold            every timed m2f run starts with an empty cache (a first run: not at a
                   terminal, it builds nothing and leaves nothing running);
-  off             m2f --no-trace-cache: every run loads the model through transformers.
+  off             m2f --startup-cache off: every run loads the model through transformers.
 
 The machine may be shared: compare the two tools within one run (ratios), not absolute numbers
 across runs; --repeat R alternates the order of the two tools and reports medians.
@@ -307,7 +307,7 @@ def run_m2f(set_dir: str, ckpt: str, work_set: str, tag: str, env: dict, args) -
     cmd = [sys.executable, "-m", "m2f_cli", "segment", set_dir, "--out", out, "--model", ckpt, "--overwrite",
            "--summary-json", summary, "-q", *args.m2f_args]
     if args.trace_cache == "off":
-        cmd.append("--no-trace-cache")
+        cmd += ["--startup-cache", "off"]
     r = run_child(cmd, env, os.path.join(work_set, f"m2f-{tag}.log"), args.timeout, args.mem_interval)
     r["tool"] = "m2f"
     if r["rc"] != 0 or not os.path.exists(summary):
@@ -584,7 +584,7 @@ def main(argv=None) -> int:
     # the cache is keyed by content: a package or trace left by an earlier benchmark run is still
     # right (and a compile takes minutes), so it is kept; warm turns the compiled cache off instead
     if args.trace_cache == "warm":
-        env["M2F_COMPILED_CACHE"] = "0"
+        env["M2F_STARTUP_CACHE"] = "trace"
     if args.trace_cache == "compiled" and not args.skip_m2f:
         primed_s = 0.0
         for path in {ckpts.get(name, (ckpt,))[0] for name in args.sets}:

@@ -9,10 +9,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may try the network
 _CACHE = tempfile.mkdtemp(prefix="m2f-test-cache-")
 os.environ["M2F_CACHE_DIR"] = _CACHE
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The compiled start-up cache (compiled.py) would run a real AOTInductor compile (minutes) wherever a
-# test asks for compile=True at a fixed size: off here; tests/test_compiled.py turns it on with a
-# stubbed compiler.
-os.environ["M2F_COMPILED_CACHE"] = "0"
+# The compiled start-up cache (compiled.py) would run a real AOTInductor compile (~40 s for a tiny
+# model) wherever a test asks for compile=True at a fixed size: the trace only here;
+# tests/test_compiled.py (a stubbed compiler) and tests/test_background_builds.py (a real compile)
+# turn it back on.
+os.environ["M2F_STARTUP_CACHE"] = "trace"
 # No run at a (pseudo-)terminal may leave a real compile behind it, except in
 # tests/test_background_builds.py, which turns this back on.
 os.environ["M2F_BACKGROUND_BUILD"] = "off"

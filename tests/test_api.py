@@ -147,14 +147,14 @@ def test_trained_fixture_results_equal_the_clis_files_at_every_batch_size(tmp_pa
     shapes.write_val_set(str(val), n=9, seed=VAL_SEED)
     out = tmp_path / "out"
     m2f("segment", str(val), "--out", str(out), "--model", str(MODEL), "-f", "png", "-f", "coco", "-f", "overlay",
-        "-f", "cutout", "--overlay-format", "png", "--no-trace-cache", "-q")
+        "-f", "cutout", "--overlay-format", "png", "--startup-cache", "off", "-q")
     paths = sorted(str(p) for p in val.glob("*.jpg"))
     upright = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in paths]
     inputs = [p if n % 3 == 0 else np.asarray(upright[n]) if n % 3 == 1 else upright[n] for n, p in enumerate(paths)]
     preds = json.loads((out / "predictions.json").read_text())
     boxes = json.loads((out / "predictions_bbox.json").read_text())
     images = json.loads((out / "images.json").read_text())["images"]
-    got = list(m2f_cli.segment(inputs, model=str(MODEL), trace_cache=False))
+    got = list(m2f_cli.segment(inputs, model=str(MODEL), startup_cache="off"))
     assert len(got) == len(paths) == 9 and sum(len(r.instances) for r in got) > 9
     for r, path in zip(got, paths):
         stem = path.rsplit("/", 1)[-1][:-4]
@@ -173,7 +173,7 @@ def test_trained_fixture_results_equal_the_clis_files_at_every_batch_size(tmp_pa
         assert [c.to_json() for c in cuts] == index["cutouts"]
         for c in cuts:
             assert np.array_equal(c.rgba, np.asarray(Image.open(out / "cutouts" / stem / c.file)))
-    seg = Segmenter(str(MODEL), trace_cache=False)
+    seg = Segmenter(str(MODEL), startup_cache="off")
     for bs in (1, 5):
         other = list(m2f_cli.segment(paths, model=seg, batch_size=bs))
         for a, b in zip(got, other):

@@ -28,7 +28,7 @@ CMD = [M2F] if os.path.exists(M2F) else [sys.executable, "-m", "m2f_cli"]
 def env(tmp_path, monkeypatch) -> dict:
     """This test's own cache folder with the compiled cache on, here and in every m2f subprocess."""
     monkeypatch.setenv("M2F_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("M2F_COMPILED_CACHE", "1")  # conftest turns it off for the rest of the suite
+    monkeypatch.setenv("M2F_STARTUP_CACHE", "auto")  # conftest turns packages off for the rest of the suite
     monkeypatch.delenv(builds.ENV, raising=False)
     return os.environ.copy()
 

@@ -50,7 +50,7 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
         assert counters["stats"]["unique_graphs"] >= 1  # dynamo really traced and ran the model
         assert set(batches) == {1}  # compiled on CPU: one input shape, never a partial batch
         plain = run(RunConfig(inputs=[str(image_dir)], out=str(tmp_path / "plain"), model=tiny_model,
-                              workers=0, compile=False, trace_cache=False))
+                              workers=0, compile=False, startup_cache="off"))
         assert plain.instances == s.instances  # the compiled graph computes what the model does
     else:
         assert not counters["stats"]["unique_graphs"]

@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 @pytest.fixture()
 def cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("M2F_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("M2F_COMPILED_CACHE", "1")  # conftest turns it off for the rest of the suite
+    monkeypatch.setenv("M2F_STARTUP_CACHE", "auto")  # conftest turns packages off for the rest of the suite
     return tmp_path / "cache" / "traced"
 
 
@@ -80,7 +80,7 @@ def test_short_runs_never_compile_long_ones_build_once_and_every_later_run_loads
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert list(later.categories) == list(eager.categories)
     img, _ = planted_image(500, 300, seed=1)
-    a, b = later(img), Segmenter(model_dir, device="cpu", trace_cache=False)(img)
+    a, b = later(img), Segmenter(model_dir, device="cpu", startup_cache="off")(img)
     assert [i.label for i in a.instances] == [i.label for i in b.instances] and a.instances
     with pytest.raises(ValueError, match="384x384"):
         later.predictor(torch.zeros(1, 3, 384, 416))
@@ -174,8 +174,8 @@ def test_cache_build_command(model_dir, cache, monkeypatch):
 def test_off_switches(model_dir, cache, monkeypatch):
     stub = StubCompiler(monkeypatch)
     monkeypatch.setattr(torch, "compile", lambda m, *a, **k: m)
-    assert isinstance(Segmenter(model_dir, device="cpu", compile=True, trace_cache=False).predictor, HFPredictor)
-    monkeypatch.setenv("M2F_COMPILED_CACHE", "0")
+    assert isinstance(Segmenter(model_dir, device="cpu", compile=True, startup_cache="off").predictor, HFPredictor)
+    monkeypatch.setenv("M2F_STARTUP_CACHE", "trace")
     assert isinstance(Segmenter(model_dir, device="cpu", compile=True).predictor, HFPredictor)
     assert not stub.builds and not packages(cache)
 

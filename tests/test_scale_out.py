@@ -143,7 +143,7 @@ def test_every_worker_failing_to_load_the_model_exits_1(tmp_path, folder, tiny_m
     (broken / "model.safetensors").write_bytes(b"not weights")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     p = subprocess.run([sys.executable, "-m", "m2f_cli", "segment", str(folder), "--out", str(tmp_path / "o"),
-                        "--model", str(broken), "--devices", "cpu,cpu", "--workers", "0", "--no-trace-cache"],
+                        "--model", str(broken), "--devices", "cpu,cpu", "--workers", "0", "--startup-cache", "off"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 1, p.stderr
     assert "every device worker:" in p.stderr and "cannot load the model" in p.stderr

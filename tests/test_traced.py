@@ -56,7 +56,7 @@ def test_traced_model_computes_what_the_eager_model_computes(model_dir, cache):
     # and end to end, on an image with instances: the same label map and scores
     img, _ = planted_image(500, 300, seed=1)
     a = seg(img)
-    b = Segmenter(model_dir, device="cpu", trace_cache=False)(img)
+    b = Segmenter(model_dir, device="cpu", startup_cache="off")(img)
     assert isinstance(b, type(a)) and len(a.instances) == len(b.instances) > 0
     np.testing.assert_array_equal(a.label_map, b.label_map)
     assert [i.label for i in a.instances] == [i.label for i in b.instances]
@@ -145,7 +145,7 @@ def test_an_unwritable_cache_only_costs_the_speed(model_dir, tmp_path, monkeypat
     assert seg(img).label_map.shape == (240, 320)
 
 
-@pytest.mark.parametrize("options", [dict(trace_cache=False), dict(resize="paper"), dict(compile=True)])
+@pytest.mark.parametrize("options", [dict(startup_cache="off"), dict(resize="paper"), dict(compile=True)])
 def test_not_used_where_it_would_not_be_right(model_dir, cache, options, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, *a, **k: m)  # compile=True: only the decision matters
     seg = Segmenter(model_dir, device="cpu", **options)
@@ -166,8 +166,7 @@ def test_cli_runs_are_identical_with_and_without_the_cache(model_dir, cache, tmp
         planted_image(w, h, seed=n)[0].save(imgs / f"i{n}.png")
     outs = {}
     m2f = [sys.executable, "-m", "m2f_cli"]
-    for name, flag in (("first", "--trace-cache"), ("eager", "--no-trace-cache"), ("build", None),
-                       ("cached", "--trace-cache")):
+    for name, flag in (("first", []), ("eager", ["--startup-cache", "off"]), ("build", None), ("cached", [])):
         if flag is None:  # what the first run's last line names
             r = subprocess.run(m2f + ["cache", "build", "--model", model_dir, "--trace"], capture_output=True,
                                text=True, env=os.environ.copy(), timeout=300)
@@ -175,7 +174,7 @@ def test_cli_runs_are_identical_with_and_without_the_cache(model_dir, cache, tmp
             continue
         out = tmp_path / name
         r = subprocess.run(m2f + ["segment", str(imgs), "--out", str(out), "--model", model_dir, "--format", "png",
-                                  "--format", "jsonl", "--batch-size", "1", flag],
+                                  "--format", "jsonl", "--batch-size", "1", *flag],
                            capture_output=True, text=True, env=os.environ.copy(), timeout=300)
         assert r.returncode == 0, r.stderr
         assert "building the start-up cache" not in r.stderr  # short runs never build it
@@ -373,7 +372,7 @@ def test_no_flock_in_the_cache_folder_is_one_line_and_the_run_goes_on(model_dir,
     seg = Segmenter(model_dir, device="cpu")
     assert isinstance(seg.predictor, HFPredictor)
     (msg,) = [r.getMessage() for r in caplog.records if "file locks" in r.getMessage()]
-    assert "\n" not in msg and "filesystem at /" in msg and "M2F_CACHE_DIR" in msg and "--no-trace-cache" in msg
+    assert "\n" not in msg and "filesystem at /" in msg and "M2F_CACHE_DIR" in msg and "--startup-cache off" in msg
     assert traces(cache) == []
 
 

@@ -44,7 +44,7 @@ VIEWS = ("png", "coco", "overlay", "cutout")
 # The RunConfig fields segment() takes as options: the rest name files, folders, shards or clusters.
 OPTIONS = ("revision", "allow_pickle", "device", "dtype", "workers", "threads", "threshold", "top_k", "classes",
            "resize", "task", "fast_decode", "tile", "tile_full", "max_pixels", "overlay_alpha", "overlay_scores",
-           "simplify", "cutout_pad", "cutout_visible", "compile", "trace_cache")
+           "simplify", "cutout_pad", "cutout_visible", "compile", "startup_cache")
 
 
 def api_config(model: Union[str, Segmenter], batch_size: Optional[int], options: dict) -> RunConfig:

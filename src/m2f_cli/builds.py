@@ -79,6 +79,20 @@ class Plan:
         return f"m2f cache build --model {self.name or self.model}{extra}"
 
 
+STARTUP_ENV = "M2F_STARTUP_CACHE"
+STARTUP_MODES = ("auto", "trace", "off")
+
+
+def startup_mode(value: Optional[str] = None) -> str:
+    """The start-up cache switch (--startup-cache, Segmenter(startup_cache=...)): value, else
+    M2F_STARTUP_CACHE, else "auto". auto: the compiled package where one can be had, else the
+    trace; trace: the trace only; off: neither read nor written. ValueError for anything else."""
+    mode = (value or os.environ.get(STARTUP_ENV) or "auto").strip().lower()
+    if mode not in STARTUP_MODES:
+        raise ValueError(f"--startup-cache {mode!r}: expected one of {', '.join(STARTUP_MODES)}")
+    return mode
+
+
 def enabled() -> bool:
     return os.environ.get(ENV, "auto").strip().lower() != "off"
 

@@ -13,7 +13,7 @@ Torch-free on purpose: ``m2f cache`` must not import torch.
   trace is built, the least recently used traces (by mtime, which every load touches) are evicted
   until the traces fit, never the one just built nor one in use.
 - Where flock is unsupported (some network filesystems), the cache is not used: CacheLockError
-  names the filesystem and the way out (a local M2F_CACHE_DIR, or --no-trace-cache).
+  names the filesystem and the way out (a local M2F_CACHE_DIR, or --startup-cache off).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _flock(f: IO[bytes], op: int, path: Path) -> bool:
 
 def no_flock(path: Path, e: OSError) -> CacheLockError:
     return CacheLockError(e.errno, f"{no_flock_message(str(path.parent), e)}: the start-up cache is not used; "
-                                   f"set M2F_CACHE_DIR to a local folder, or pass --no-trace-cache")
+                                   f"set M2F_CACHE_DIR to a local folder, or pass --startup-cache off")
 
 
 def open_in_use(path: Path) -> Optional[IO[bytes]]:

@@ -33,9 +33,9 @@ SEGMENT_PANELS: dict[str, tuple[str, ...]] = {
                 "cutout_pad", "cutout_visible", "coco_annotations"),
     "Model": ("model", "revision", "allow_pickle", "task"),
     "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full"),
-    "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "trace_cache", "fast_decode"),
+    "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "startup_cache", "fast_decode"),
     "Scale-out": ("shard", "devices", "ray", "ray_actors", "ray_timeout", "ray_cpus_per_actor"),
-    "Bookkeeping": ("overwrite", "max_failures", "summary_json", "quiet", "help"),
+    "Bookkeeping": ("overwrite", "max_failures", "dry_run", "summary_json", "quiet", "verbose", "help"),
 }
 METAVARS = {
     "inputs": "PATH|GLOB|URL|-", "out": "DIR|URL|-", "formats": "FORMAT", "model": "HUB_ID|DIR",
@@ -127,9 +127,15 @@ def _error(msg: str, code: int) -> "typer.Exit":
     return typer.Exit(code)
 
 
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING,
-                        format="m2f: %(levelname)s: %(message)s", stream=sys.stderr)
+def _setup_logging(quiet: bool, verbose: int = 0) -> None:
+    """-q: errors only; default: warnings; -v: what m2f decides and does (INFO); -vv: DEBUG."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO)[min(verbose, 1)] if verbose < 2 \
+        else logging.DEBUG
+    logging.basicConfig(level=level, format="m2f: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _verbose_option():
+    return typer.Option(0, "--verbose", "-v", count=True, help="Log what m2f decides and does (-vv: debug).")
 
 
 @app.command(cls=_PanelledCommand)
@@ -192,13 +198,15 @@ def segment(
                                    help="Cutouts: pixels of margin around each object's box (clipped to the image)."),
     cutout_visible: bool = typer.Option(_D.cutout_visible, "--cutout-visible", help="Cutouts: only the pixels "
                                         "the object shows in the PNG map (not its whole mask, overlaps included)."),
-    compile: Optional[bool] = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the "
-                                           "model (one-time compile, then a faster forward). Default: on "
-                                           "for CPU runs of 1000+ images at a fixed input size."),
-    trace_cache: bool = typer.Option(_D.trace_cache, "--trace-cache/--no-trace-cache", help="On CPU at a "
-                                     "fixed input size, load the model from a TorchScript trace cached in "
-                                     "~/.cache/m2f (M2F_CACHE_DIR), built on first use: later runs start ~5 s "
-                                     "sooner."),
+    compile: Optional[bool] = typer.Option(_D.compile, "--compile/--no-compile", help="Compile the model "
+                                           "before the first image: on CPU into the start-up cache (AOTInductor, "
+                                           "~2 min on 2 cores, kept for later runs), elsewhere torch.compile. "
+                                           "Default: on for CPU runs of 1000+ images at a fixed input size."),
+    startup_cache: Optional[str] = typer.Option(_D.startup_cache, "--startup-cache", metavar="auto|trace|off",
+                                                help="On CPU at a fixed input size, load the model from the "
+                                                "start-up cache (M2F_CACHE_DIR, else ~/.cache/m2f): auto = the "
+                                                "model compiled for this CPU, else a TorchScript trace; trace = "
+                                                "the trace only; off = never. Default: M2F_STARTUP_CACHE, else auto."),
     devices: Optional[str] = typer.Option(None, "--devices", help="Run one worker per device over "
                                           "disjoint shards: CUDA indices (0,1), all, or names (cuda:0,cpu)."),
     shard: Optional[str] = typer.Option(None, "--shard", help="I/N: process a stable 1/N of the inputs "
@@ -221,11 +229,15 @@ def segment(
     summary_json: Optional[str] = typer.Option(None, "--summary-json", help="Also write the run summary "
                                                "(counts, wall time, per-stage seconds) to this JSON file."),
     null: bool = typer.Option(False, "--null", "-0", help="With -, paths on stdin are NUL-separated."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what this run would do (inputs found, what "
+                                 "is done, what would be redone or refused and why) without loading the model "
+                                 "or writing anything; exit 2 where the run would be refused."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+    verbose: int = _verbose_option(),
 ) -> None:
     """Segment images and write instance maps, overlays, COCO results, JSON Lines or polygons
     (YOLO, LabelMe, CVAT, GeoJSON)."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     if "-" in inputs:
         from .walk import read_path_list
         try:
@@ -242,10 +254,6 @@ def segment(
             shard_spec = parse_shard(shard)
         except ValueError as e:
             raise _error(str(e), ExitCode.USAGE)
-    for f in formats:
-        from .formats import FORMATS
-        if f not in FORMATS:
-            raise _error(f"--format {f!r}: expected one of {', '.join(FORMATS)}", ExitCode.USAGE)
     config = RunConfig(
         inputs=inputs, out=out, formats=tuple(dict.fromkeys(formats)), model=model, revision=revision,
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
@@ -254,7 +262,7 @@ def segment(
         overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
         overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
         simplify=simplify, cutout_pad=cutout_pad, cutout_visible=cutout_visible, compile=compile,
-        trace_cache=trace_cache, shard=shard_spec, ray=ray,
+        startup_cache=startup_cache, shard=shard_spec, ray=ray,
         ray_actors=ray_actors, ray_timeout=ray_timeout, ray_cpus_per_actor=ray_cpus_per_actor,
         detached_build=sys.stderr.isatty())  # a person is there: builds.py
     if ray is not None and devices:
@@ -271,6 +279,8 @@ def segment(
         tune_malloc()
     from .progress import make_reporter
 
+    if dry_run:
+        _dry_run(config)
     with _errors_as_exit_codes():
         if devices:
             from .engines.devices import WorkerError, parse_devices, run_devices
@@ -292,6 +302,15 @@ def segment(
         with open(summary_json, "w", encoding="utf-8") as f:
             json.dump(summary.as_dict(), f, indent=1)
     raise typer.Exit(summary.exit_code)
+
+
+def _dry_run(config: RunConfig) -> None:
+    from .dryrun import plan
+    with _errors_as_exit_codes():
+        result = plan(config)
+    for line in result.lines():
+        typer.echo(line)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()
@@ -320,10 +339,20 @@ def labels(
 
 @app.command()
 def info(
+    out: Optional[str] = typer.Argument(None, help="An output folder (or URL): show its settings record and "
+                                        "last run instead."),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hub id or local folder to resolve."),
     revision: Optional[str] = typer.Option(None, help="Hub revision."),
+    as_json: bool = typer.Option(False, "--json", help="With OUT: print it as JSON."),
 ) -> None:
-    """Versions, available devices and the resolved model."""
+    """Versions, available devices and the resolved model; with OUT, an output folder's settings
+    record (per format) and last run."""
+    if out is not None:
+        from .manifest import info_lines, read_info
+        with _errors_as_exit_codes():
+            got = read_info(out)
+        typer.echo(json.dumps(got, indent=1) if as_json else "\n".join(info_lines(got)))
+        return
     import platform
     from importlib import metadata
 
@@ -383,10 +412,11 @@ def report(
                                   "per score band of 0.1, 2N with no instance and 2N failed inputs."),
     thumb_size: int = typer.Option(320, "--thumb-size", metavar="PX", help="Longest side of a thumbnail."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
+    verbose: int = _verbose_option(),
 ) -> None:
     """Write OUT/report/index.html: the run's settings and summary, a gallery of overlays, per-class
     counts and score histograms, mask sizes and the failures; a static page, no model run."""
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
     if gallery < 0 or per_class < 0 or thumb_size < 16:
         raise _error("--gallery and --per-class: 0 or more; --thumb-size: 16 or more", ExitCode.USAGE)
     from .report import build_report
@@ -499,6 +529,7 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
                 entry: Optional[str] = typer.Option(None, "--entry", hidden=True),
                 lock_fd: Optional[int] = typer.Option(None, "--lock-fd", hidden=True),
                 wait_fd: Optional[int] = typer.Option(None, "--wait-fd", hidden=True),
+                verbose: int = _verbose_option(),
                 ) -> None:
     """Compile the model for this CPU (AOTInductor, ~2 min on 2 cores) into the start-up cache, so
     that every later `m2f segment` of this model at its checkpoint input size loads it compiled;
@@ -511,6 +542,7 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
         at = child.index("--wait-fd")
         del child[at:at + 2]
         raise typer.Exit(run_detached(Path(entry), [sys.executable, "-m", "m2f_cli", *child], lock_fd, wait_fd))
+    _setup_logging(False, verbose)
     if lock_fd is not None and entry:
         from .cache import adopt_lock
         adopt_lock(Path(entry), lock_fd)  # held by the builder that started us

@@ -60,11 +60,6 @@ INDUCTOR = {"freezing": True}
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
 
 
-def enabled() -> bool:
-    """M2F_COMPILED_CACHE=0 turns the compiled cache off (neither loaded nor built)."""
-    return os.environ.get("M2F_COMPILED_CACHE", "1") != "0"
-
-
 def has_compiler() -> bool:
     """Whether a C++ compiler inductor can use is on PATH ($CXX, else g++, c++ or clang++)."""
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]

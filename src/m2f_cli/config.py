@@ -64,7 +64,7 @@ class RunConfig:
     cutout_pad: int = 0  # cutouts: pixels of margin around each instance's box (writers/cutout.py)
     cutout_visible: bool = False  # cutouts: only the pixels the instance owns in the map, not its whole mask
     compile: Optional[bool] = None  # None = auto (options.resolve_compile)
-    trace_cache: bool = True  # the start-up cache (traced.py)
+    startup_cache: Optional[str] = None  # auto | trace | off; None: M2F_STARTUP_CACHE, else auto (builds.py)
     # the CLI sets this when a person is at a terminal (stderr is a TTY): a short run that finds no
     # start-up cache entry may then leave one detached builder behind it (builds.py); never otherwise
     detached_build: bool = False

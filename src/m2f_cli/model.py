@@ -145,6 +145,7 @@ class HFPredictor:
         self.dtype = dtype
         self.id2label = dict(getattr(model.config, "id2label", None) or {})
         self.categories = categories_of(self.id2label)
+        self.compiling = compile  # torch.compile: the first forward of each input shape compiles
         self._forward = torch.compile(self.model) if compile else self.model
 
     def _autocast(self):
@@ -210,34 +211,36 @@ def load_predictor(source: ModelSource, device: torch.device, dtype: torch.dtype
 def load(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
          compile: bool = False, trace_size: Optional[tuple[int, int]] = None,
          notify: Optional[Callable[[str], None]] = None, builds: str = "inline",
-         announce: Optional[Callable[[str], None]] = None) -> Loaded:
+         announce: Optional[Callable[[str], None]] = None, cache_mode: str = "auto") -> Loaded:
     """Load source for a run. trace_size: the run's one model input size, if it has one; then on
     CPU the start-up cache is used: a compiled package (compiled.py) when one is cached, else in
     float32 the trace (traced.py). What is missing is built (builds.py says who builds what, when):
     compile: the compiled package, in this process (a run long enough to pay for it); builds
     "inline": the trace, in this process; "detach": one detached builder, once this process has
     exited (the CLI at a terminal only: announce gets its one line); "none": nothing (Loaded.hint
-    names the command). Waits for another process's build at most BUILD_WAIT_S."""
+    names the command). cache_mode "trace": no compiled package (builds.startup_mode). Waits for
+    another process's build at most BUILD_WAIT_S."""
     from . import compiled, traced
     from .cache import BuildBusy, CacheLockError
     if builds not in BUILD_MODES:
         raise ValueError(f"builds {builds!r}: expected one of {', '.join(BUILD_MODES)}")
     notify = notify or log.info
     # torch.compile only where no compiled package can stand for it (GPUs, float16, cache off)
-    torch_compile = compile and not (compiled.eligible(device, dtype) and compiled.enabled())
+    packages = compiled.eligible(device, dtype) and cache_mode == "auto"
+    torch_compile = compile and not packages
     fresh = lambda: HFPredictor(load_model(source, allow_pickle), device, dtype, torch_compile)  # noqa: E731
     if trace_size is None:
         return Loaded(fresh())
     try:
-        plan = _best_plan(source, device, dtype, trace_size, torch_compile)
-        got = _cached(source, device, dtype, trace_size, torch_compile)
+        plan = _best_plan(source, device, dtype, trace_size, torch_compile, packages)
+        got = _cached(source, device, dtype, trace_size, torch_compile, packages)
         if got is not None and (plan is None or plan.kind != "compiled" or got.kind == "compiled"):
             return Loaded(got)
         if compile and plan is not None and plan.kind == "compiled":
             built = _build_compiled(source, trace_size, dtype, plan.path, allow_pickle, notify)
             if built is not None:
                 return Loaded(built)
-            plan = _best_plan(source, device, dtype, trace_size, torch_compile)  # failed: the trace now
+            plan = _best_plan(source, device, dtype, trace_size, torch_compile, packages)  # failed: the trace now
         if got is None and builds == "inline" and traced.eligible(device, dtype, torch_compile):
             path = traced.cache_path(source.local_dir, trace_size, dtype)
             with traced.build_lock(path, notify, wait_s=BUILD_WAIT_S):
@@ -267,12 +270,12 @@ def _leave(predictor: "Predictor", plan, builds: str, announce: Callable[[str], 
 
 
 def _best_plan(source: ModelSource, device: torch.device, dtype: torch.dtype, size: tuple[int, int],
-               torch_compile: bool):
+               torch_compile: bool, packages: bool):
     """What a build of this model's start-up cache would make here (builds.Plan), or None: the
     compiled package (a C++ compiler, no failed build of it), else the trace."""
     from . import compiled, traced
     from .builds import Plan
-    if compiled.eligible(device, dtype) and compiled.enabled() and compiled.has_compiler():
+    if packages and compiled.has_compiler():
         path = compiled.cache_path(source.local_dir, size, dtype)
         if not compiled.failed_marker(path).exists():
             return Plan("compiled", path, source.local_dir, size, str(dtype).replace("torch.", ""), source.spec)
@@ -283,10 +286,10 @@ def _best_plan(source: ModelSource, device: torch.device, dtype: torch.dtype, si
 
 
 def _cached(source: ModelSource, device: torch.device, dtype: torch.dtype, size: tuple[int, int],
-            torch_compile: bool) -> Optional["Predictor"]:
+            torch_compile: bool, packages: bool) -> Optional["Predictor"]:
     """The cached compiled package of this model, else its trace, else None."""
     from . import compiled, traced
-    if compiled.eligible(device, dtype) and compiled.enabled():
+    if packages:
         got = compiled.load(compiled.cache_path(source.local_dir, size, dtype), size, dtype, read_categories(source))
         if got is not None:
             return got

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from .accel import cuda_batch_size
+from .builds import startup_mode
 from .config import RunConfig
 from .errors import UsageError
 from .formats import FORMATS
@@ -85,6 +86,10 @@ def validate(config: RunConfig) -> None:
     """Every check that needs neither the inputs nor the model. Raises UsageError."""
     if not config.formats:
         raise UsageError("no --format given")
+    try:
+        startup_mode(config.startup_cache)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for f in config.formats:
         if f not in FORMATS:
             raise UsageError(f"--format {f!r}: expected one of {', '.join(FORMATS)}")
@@ -163,7 +168,7 @@ def segmenter_options(config: RunConfig, task: str) -> dict:
     return dict(model=config.model, device=config.device, dtype=config.dtype, revision=config.revision,
                 allow_pickle=config.allow_pickle, resize=config.resize, threshold=min(thresholds.values()),
                 map_threshold=map_threshold(config, thresholds), top_k=config.top_k, classes=config.classes,
-                compile=bool(config.compile), task=task, trace_cache=config.trace_cache,
+                compile=bool(config.compile), task=task, startup_cache=config.startup_cache,
                 tile=config.tile, tile_full=config.tile_full)
 
 

@@ -8,6 +8,7 @@ writers (a bounded background thread) -> summary, manifest and failures.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from .storage import open_output
 from .walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
 from .writers import Writer, WriterContext, writer_class
 from .writing import WRITER_GRACE_S, Interrupt, WriterThread, in_order
+
+log = logging.getLogger(__name__)
 
 
 def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optional[Segmenter] = None,
@@ -99,7 +102,7 @@ def find_inputs(config: RunConfig, folder: Optional[OutputFolder]) -> WalkResult
 
 
 @dataclass
-class _Model:
+class ModelFacts:
     """What the run knows of its model before loading it."""
 
     source: Optional[ModelSource]
@@ -109,7 +112,7 @@ class _Model:
     keep: Optional[frozenset]
 
 
-def _model_facts(config: RunConfig, segmenter: Optional[Segmenter]) -> _Model:
+def model_facts(config: RunConfig, segmenter: Optional[Segmenter]) -> ModelFacts:
     """The model's classes, task and identity, read from its folder without loading weights."""
     if segmenter is not None:
         src = segmenter.source
@@ -128,10 +131,10 @@ def _model_facts(config: RunConfig, segmenter: Optional[Segmenter]) -> _Model:
         keep = resolve_classes(categories, config.classes)
     except KeyError as e:
         raise UsageError(e.args[0]) from None
-    return _Model(source, categories, task, ident, keep)
+    return ModelFacts(source, categories, task, ident, keep)
 
 
-def _plan(config: RunConfig, writers: list[Writer], refs: list[ImageRef]
+def plan_outputs(config: RunConfig, writers: list[Writer], refs: list[ImageRef]
           ) -> tuple[dict[str, list[Writer]], list[ImageRef]]:
     """For each input, the writers whose files it still needs; the inputs with any such writer."""
     plan = {}
@@ -144,11 +147,22 @@ def _plan(config: RunConfig, writers: list[Writer], refs: list[ImageRef]
     return plan, todo
 
 
-def _check_settings(config: RunConfig, folder: Optional[OutputFolder], writers: list[Writer], m: _Model,
+def _check_settings(config: RunConfig, folder: Optional[OutputFolder], writers: list[Writer], m: ModelFacts,
                     dtype: str, found: WalkResult) -> Optional[Recorder]:
     """Compare this run's settings with the folder's record (settings.py); refuse when they differ."""
     if folder is None:
         return None
+    records, adopted = settings_check(config, folder, writers, m, dtype, found)
+    recorder = Recorder(folder, records)
+    for name in adopted:
+        recorder.before_write(name)
+    return recorder
+
+
+def settings_check(config: RunConfig, folder: OutputFolder, writers: list[Writer], m: ModelFacts, dtype: str,
+                   found: WalkResult) -> tuple[dict[str, dict], list[str]]:
+    """This run's settings record per writer, and the writers whose outputs have no record yet
+    (adopted). Raises UsageError when the folder's outputs were made with other settings."""
     classes = None if m.keep is None else [m.categories[i].name for i in sorted(m.keep)]
     tile = tile_of(config)
     common = common_settings(m.identity, m.task, config.resize, config.fast_decode, dtype, config.top_k,
@@ -159,10 +173,7 @@ def _check_settings(config: RunConfig, folder: Optional[OutputFolder], writers: 
                                  config.overwrite)
     except SettingsConflict as e:
         raise UsageError(str(e)) from None
-    recorder = Recorder(folder, records)
-    for name in adopted:
-        recorder.before_write(name)
-    return recorder
+    return records, adopted
 
 
 def _announce(line: str) -> None:
@@ -173,7 +184,7 @@ def _announce(line: str) -> None:
 def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine
                 ) -> RunSummary:
     thresholds = writer_thresholds(config)
-    m = _model_facts(config, segmenter)
+    m = model_facts(config, segmenter)
     if m.task == "semantic" and "coco" in config.formats:
         raise UsageError("--format coco writes instance or panoptic results; this is a semantic model "
                          "(--task semantic): --format labels writes its label PNGs")
@@ -186,7 +197,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         engine = RayEngine(config, m.task)
 
     summary = RunSummary(total=len(found.refs) + len(found.failures), not_images=dict(found.not_images))
-    plan, todo = _plan(config, writers, found.refs)
+    plan, todo = plan_outputs(config, writers, found.refs)
     summary.skipped = len(found.refs) - len(todo)
 
     compiled = False
@@ -215,9 +226,14 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         dtype=getattr(getattr(segmenter, "predictor", None), "dtype", None))
     if compiled and config.batch_size is None and device.type == "cpu":
         batch_size = 1  # a partial batch would be a new input shape, i.e. another compile
-    if compiled:
+    if getattr(getattr(segmenter, "predictor", None), "compiling", False):
         reporter.message("compiling the model (torch.compile): the first image waits for it, "
                          "a few minutes cold, seconds with inductor's on-disk cache warm")
+    if segmenter is not None:
+        predictor = segmenter.predictor
+        log.info("model: %s (%s) on %s; batch size %d, %d decode workers, %s torch threads",
+                 getattr(predictor, "kind", None) or type(predictor).__name__, getattr(predictor, "path", None)
+                 or "not from the start-up cache", segmenter.device, batch_size, workers, threads or "default")
     if threads:
         torch.set_num_threads(threads)
 

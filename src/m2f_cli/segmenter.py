@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .builds import startup_mode
 from .accel import DeviceTimer, MpsFallbackNotices, free_device_memory, is_out_of_memory
 from .categories import COCO_NAMES, CategoryTable, canonical_name
 from .config import DEFAULT_MODEL
@@ -185,8 +186,9 @@ class Segmenter:
     model: a hub id, a local save_pretrained folder, or a ready Predictor (tests, custom models).
     threshold: minimum score of kept instances; map_threshold: minimum score drawn in the
         instance map (defaults to threshold).
-    trace_cache: on CPU in float32 at a fixed input size, load the model from (or save it to) the
-        start-up cache, a TorchScript trace that loads without transformers (traced.py).
+    startup_cache: on CPU at a fixed input size, load the model from the start-up cache: "auto"
+        (the compiled package, else the trace), "trace" (the trace only) or "off"; None:
+        M2F_STARTUP_CACHE, else "auto" (builds.startup_mode; docs/startup-cache.md).
     notify: where one-line notices (building the cache, MPS ops run on the CPU, a post-processing
         fallback) go; default: logging at INFO.
     postprocess: instance post-processing "auto" (batched on the device on CUDA and MPS, the
@@ -204,7 +206,7 @@ class Segmenter:
                  dtype: str = "auto", revision: Optional[str] = None, allow_pickle: bool = False,
                  resize: str = "checkpoint", threshold: float = 0.5, map_threshold: Optional[float] = None,
                  top_k: int = 100, classes: Sequence[str] = (), compile: bool = False,
-                 task: str = "auto", source: Optional[ModelSource] = None, trace_cache: bool = True,
+                 task: str = "auto", source: Optional[ModelSource] = None, startup_cache: Optional[str] = None,
                  notify: Optional[Callable[[str], None]] = None, postprocess: str = "auto",
                  tile: Optional[str] = None, tile_full: bool = False,
                  builds: str = "inline", announce: Optional[Callable[[str], None]] = None):
@@ -213,9 +215,11 @@ class Segmenter:
             dev = resolve_device(device)
             dt = resolve_dtype(dtype, dev)
             self.spec: PreprocessSpec = spec_for_resize(resize, load_checkpoint_spec(self.source.local_dir))
-            fixed = self.spec.padded_size(1, 1) if self.spec.mode == "fixed" and trace_cache else None
+            mode = startup_mode(startup_cache)
+            fixed = self.spec.padded_size(1, 1) if self.spec.mode == "fixed" and mode != "off" else None
             loaded = load(self.source, dev, dt, allow_pickle=allow_pickle, compile=compile, trace_size=fixed,
-                          notify=notify, builds=_builds_mode(builds, announce), announce=announce)
+                          notify=notify, builds=_builds_mode(builds, announce), announce=announce,
+                          cache_mode=mode)
             self.predictor: Predictor = loaded.predictor
             self.startup_hint: Optional[str] = loaded.hint
         else:

@@ -151,6 +151,7 @@ class OutputFolder:
         self.tmp = os.path.join(self.state, "tmp" + self.part)
         self._lock_fd: Optional[int] = None
         self._created: list[str] = []  # folders check_writable made, outermost first
+        self.read_only = False  # a dry run's look at the folder: journals are read, never repaired
         self.wrote = False  # any output file or journal line written by this process
         # durability (module docstring): directories renamed into since the last sync, open journals
         self._dirty: set[str] = set()
@@ -303,7 +304,7 @@ class OutputFolder:
 
     def journal(self, writer: str, fresh: bool = False) -> "Journal":
         j = Journal(self.journal_path(writer), fresh=fresh, before_sync=self._sync_dirs,
-                    on_write=self._journal_started)
+                    on_write=self._journal_started, repair=not self.read_only)
         self._journals.append(j)
         return j
 
@@ -349,13 +350,13 @@ class Journal:
     """
 
     def __init__(self, path: str, fresh: bool = False, before_sync: Optional[Callable[[], None]] = None,
-                 on_write: Optional[Callable[[], None]] = None):
+                 on_write: Optional[Callable[[], None]] = None, repair: bool = True):
         self.path = path
         self.fresh = fresh
         self._before_sync = before_sync  # the folder's directory sync: renames go to disk first
         self._on_write = on_write
         self._f = None
-        if not fresh:
+        if not fresh and repair:
             self._repair()
 
     def _repair(self) -> None:

@@ -43,7 +43,7 @@ save. The jit calls below silence that DeprecationWarning; if a later torch drop
 fails with a warning and runs go on through transformers.
 
 Location: ``$M2F_CACHE_DIR``, else ``$XDG_CACHE_HOME/m2f``, else ``~/.cache/m2f``; under ``traced/``
-(fingerprint.cache_root, cache.traces_dir). ``--no-trace-cache`` (``Segmenter(trace_cache=False)``)
+(fingerprint.cache_root, cache.traces_dir). ``--startup-cache off`` (``Segmenter(startup_cache="off")``)
 neither reads nor writes it. ``m2f cache list`` / ``m2f cache clear`` (cli.py) show and empty it.
 """
 
@@ -282,7 +282,7 @@ def build(predictor, size: tuple[int, int], path: Path,
             raise
     except Exception as e:  # noqa: BLE001 - the cache is an optimisation, never a reason to fail
         log.warning("m2f: cannot build the start-up cache at %s (%s); going on without it "
-                    "(set M2F_CACHE_DIR to a writable folder, or pass --no-trace-cache)",
+                    "(set M2F_CACHE_DIR to a writable folder, or pass --startup-cache off)",
                     path, one_line(e)[:200])
         return None
     stem = path.name.rsplit("-", 1)[0]  # this folder, size and environment: older weights' traces
