@@ -156,7 +156,7 @@ def full_config():
     """Mask2FormerConfig of facebook/mask2former-swin-tiny-coco-instance (docs/mask2former.md)."""
     from transformers import Mask2FormerConfig, SwinConfig
 
-    from m2f_cli.categories import COCO_NAMES
+    from m2f_cli.model.categories import COCO_NAMES
     backbone = SwinConfig(image_size=224, patch_size=4, embed_dim=96, depths=[2, 2, 6, 2],
                           num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0, drop_path_rate=0.3,
                           out_features=["stage1", "stage2", "stage3", "stage4"])

@@ -10,7 +10,7 @@ the other dtype, with m2f's own preprocessing and post-processing (Segmenter), t
   - forward seconds per image for both (meaningless as a speed figure where the CPU has no bf16
     kernels: m2f itself refuses --dtype bfloat16 there, this script does not, to measure agreement).
 
---compiled compares the start-up cache's compiled packages (src/m2f_cli/compiled.py) of both dtypes
+--compiled compares the start-up cache's compiled packages (src/m2f_cli/model/startup/compiled.py) of both dtypes
 instead of eager autocast: what `m2f segment --dtype bfloat16` runs once the package exists (build
 both first: `m2f cache build --model M` and `m2f cache build --model M --dtype bfloat16`, with the
 same M2F_CACHE_DIR).
@@ -49,8 +49,8 @@ def compare(predictors: dict, spec, images: str, n: int, threshold: float = 0.5)
     with m2f's preprocessing and post-processing (Segmenter, preprocess spec `spec`). Returns
     (files, Agreement summary of the second against the first, largest class/mask logit
     differences, seconds per image of each)."""
-    from m2f_cli.decode import decode
-    from m2f_cli.evaluate import Agreement
+    from m2f_cli.inputs.decode import decode
+    from m2f_cli.tools.evaluate import Agreement
     from m2f_cli.segmenter import Segmenter
 
     class Recording:
@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     default_inputs(args)
 
     import torch
-    from m2f_cli.model import DTYPES, HFPredictor, load_model, resolve_model
-    from m2f_cli.preprocess import load_checkpoint_spec
+    from m2f_cli.model.loading import DTYPES, HFPredictor, load_model, resolve_model
+    from m2f_cli.inputs.preprocess import load_checkpoint_spec
 
     source = resolve_model(args.model)
     model = load_model(source)
@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     def predictor(name):
         if not args.compiled:
             return HFPredictor(model, device, DTYPES[name])
-        from m2f_cli import compiled
-        from m2f_cli.model import read_categories
+        from m2f_cli.model.startup import compiled
+        from m2f_cli.model.loading import read_categories
         size = spec.padded_size(1, 1)
         path = compiled.cache_path(source.local_dir, size, DTYPES[name])
         got = compiled.load(path, size, DTYPES[name], read_categories(source))

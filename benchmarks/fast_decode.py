@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from m2f_cli.decode import decode
-from m2f_cli.preprocess import PreprocessSpec, preprocess
+from m2f_cli.inputs.decode import decode
+from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 
 
 def main() -> None:

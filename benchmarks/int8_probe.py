@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     default_inputs(args)
 
     import torch
-    from m2f_cli.model import HFPredictor, load_model, resolve_model
-    from m2f_cli.preprocess import load_checkpoint_spec
+    from m2f_cli.model.loading import HFPredictor, load_model, resolve_model
+    from m2f_cli.inputs.preprocess import load_checkpoint_spec
 
     source = resolve_model(args.model)
     model = load_model(source).eval()

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from m2f_cli.categories import CategoryTable  # noqa: E402
-from m2f_cli.postprocess import PostprocessOptions, segment_instances  # noqa: E402
+from m2f_cli.model.categories import CategoryTable  # noqa: E402
+from m2f_cli.postprocess.core import PostprocessOptions, segment_instances  # noqa: E402
 
 
 def synthetic_logits(batch: int, q: int = 100, low: int = 96, seed: int = 0):
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     cls, masks = (synthetic_logits if args.masks == "blobs" else scattered_logits)(args.images)
     cls, masks = cls.to(dev), masks.to(dev)
     coco = CategoryTable.coco()
-    import m2f_cli.postprocess as pp
+    import m2f_cli.postprocess.core as pp
     share = pp.CELL_SHARE
     padded = valid = (384, 384)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, "
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         for path in args.path:
             if path == "device":
                 try:
-                    from m2f_cli.postprocess_device import segment_batch
+                    from m2f_cli.postprocess.device import segment_batch
                 except ImportError:
                     print(f"threshold {thr}: {path:6s} (not in this version)")
                     continue
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                     return segment_batch(cls, masks, padded, [valid] * args.images, [(h0, w0)] * args.images,
                                          coco, opts)
             else:
-                import m2f_cli.postprocess as pp
+                import m2f_cli.postprocess.core as pp
                 pp.CELL_SHARE = {"window": 0.0, "cells": 1.01}.get(path, share)
                 def once():
                     return [segment_instances(cls[b], masks[b], padded, valid, (h0, w0), coco, opts)

@@ -37,8 +37,8 @@ def main(argv=None) -> int:
 
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from m2f_cli.model import HFPredictor, load_model, resolve_model
-    from m2f_cli.preprocess import load_checkpoint_spec
+    from m2f_cli.model.loading import HFPredictor, load_model, resolve_model
+    from m2f_cli.inputs.preprocess import load_checkpoint_spec
     source = resolve_model(args.model)
     spec = load_checkpoint_spec(source.local_dir)
     size = spec.padded_size(1, 1) if spec.mode == "fixed" else (384, 384)

@@ -134,7 +134,7 @@ def main() -> None:
             synthesise(out, args.images, failures=max(1, args.images // 1000))
             print(f"synthesised {args.images} images in {time.perf_counter() - t0:.1f} s", flush=True)
         rss0 = peak_rss_mb()
-        from m2f_cli.report import build_report
+        from m2f_cli.tools.report import build_report
         t0 = time.perf_counter()
         s = build_report(out)
         dt = time.perf_counter() - t0

@@ -24,10 +24,10 @@ Both processes get the same environment: this one's, plus HF_HUB_OFFLINE=1 and a
 settings are left at torch's defaults (m2f's --threads/--workers can go in --m2f-args).
 
 m2f's start-up cache (a TorchScript trace of the model, built on a model's first use, that later
-runs load without importing transformers: src/m2f_cli/traced.py) lives in --work/m2f-cache here,
+runs load without importing transformers: src/m2f_cli/model/startup/traced.py) lives in --work/m2f-cache here,
 never in ~/.cache. --trace-cache picks the state m2f is measured in:
   compiled (default)  every run on a machine after a one-time `m2f cache build` (the model
-                  compiled for this CPU, src/m2f_cli/compiled.py; or, at a terminal, once the
+                  compiled for this CPU, src/m2f_cli/model/startup/compiled.py; or, at a terminal, once the
                   first run's detached build has finished): built before the timed runs
                   (untimed, its time is printed);
   warm            the trace only (no C++ compiler, or `m2f cache build --trace`): built untimed;

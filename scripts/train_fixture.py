@@ -9,7 +9,7 @@ auxiliary decoder losses; 2048 sample points) on the synthetic shapes of scripts
 4 classes labelled with COCO names (see shapes.py for the mapping). AdamW lr 3e-3 (100 warm-up
 steps, cosine to 2%), weight decay 0.05, gradient norm clipped at 1, batch 8, 1500 steps.
 
-Train and inference see exactly the same preprocessing: pixel_values come from m2f_cli.preprocess
+Train and inference see exactly the same preprocessing: pixel_values come from m2f_cli.inputs.preprocess
 with the spec read from the very preprocessor_config.json dict that is saved with the checkpoint
 (a fixed 128 x 128 squash, bilinear, rescale 1/255, ImageNet mean/std). Ground-truth masks are
 squashed to 128 x 128 with the same geometry (PIL resize, nearest).
@@ -42,7 +42,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shapes  # noqa: E402
 
-from m2f_cli.preprocess import preprocess, spec_from_processor_dict  # noqa: E402
+from m2f_cli.inputs.preprocess import preprocess, spec_from_processor_dict  # noqa: E402
 
 
 NO_DECAY_KEYS = ("relative_position_bias_table", "level_embed", "queries_embedder", "queries_features")

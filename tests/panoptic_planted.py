@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from m2f_cli import coco_panoptic
+from m2f_cli.outputs import coco_panoptic
 
 CATEGORIES = [{"id": 1, "name": "person", "isthing": 1}, {"id": 3, "name": "car", "isthing": 1},
               {"id": 184, "name": "sky", "isthing": 0}, {"id": 187, "name": "road", "isthing": 0}]

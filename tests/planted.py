@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from m2f_cli.categories import CategoryTable
-from m2f_cli.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from m2f_cli.model.categories import CategoryTable
+from m2f_cli.inputs.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 RED_CLASS = 0    # person, COCO id 1
 BLUE_CLASS = 16  # dog, COCO id 18

@@ -1,6 +1,6 @@
 import pytest
 
-from m2f_cli.categories import COCO_IDS, COCO_NAMES, CategoryTable
+from m2f_cli.model.categories import COCO_IDS, COCO_NAMES, CategoryTable
 
 
 def test_table_is_coco_80():

@@ -9,10 +9,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from m2f_cli.cli import SEGMENT_PANELS, app
-from m2f_cli.formats import FORMATS
+from m2f_cli.outputs.formats import FORMATS
 from m2f_cli.config import ExitCode
-from m2f_cli.state import OutputFolder
-from m2f_cli.writers import REGISTRY
+from m2f_cli.outputs.folder import OutputFolder
+from m2f_cli.outputs.writers import REGISTRY
 
 runner = CliRunner()
 

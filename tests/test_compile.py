@@ -8,7 +8,7 @@ import torch
 from m2f_cli import RunConfig, run
 from m2f_cli import options
 from m2f_cli.engines import local
-from m2f_cli.options import resolve_compile
+from m2f_cli.choices import resolve_compile
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from m2f_cli import Segmenter, builds, cache as m2f_cache, compiled, traced
-from m2f_cli.model import HFPredictor, load_model, resolve_model
+from m2f_cli import Segmenter
+from m2f_cli.model.startup import builds, cache as m2f_cache, compiled, traced
+from m2f_cli.model.loading import HFPredictor, load_model, resolve_model
 from planted import planted_image
 from tiny import make_tiny_model
 

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.errors import UsageError
-from m2f_cli.writers.cutout import safe_label
+from m2f_cli.outputs.writers.cutout import safe_label
 
 from planted import PlantedPredictor, planted_dir, planted_image
 
@@ -191,7 +191,7 @@ def test_remote_output_and_shards(tmp_path):
 def test_segments_of_panoptic_and_semantic_maps_are_cut_from_the_map():
     """Hand-made records: a semantic map with two regions; a pad larger than the margins is clipped."""
     from m2f_cli.records import ImageRef, ImageResult, Segment
-    from m2f_cli.writers.cutout import cut_out
+    from m2f_cli.outputs.writers.cutout import cut_out
     imap = np.zeros((60, 80), np.uint8)
     imap[10:30, 5:25] = 7
     imap[40:60, 50:80] = 21

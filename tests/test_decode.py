@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2f_cli.decode import DecodeError, decode
-from m2f_cli.preprocess import PreprocessSpec
+from m2f_cli.inputs.decode import DecodeError, decode
+from m2f_cli.inputs.preprocess import PreprocessSpec
 
 
 def _rgb(w, h, seed=0):
@@ -96,7 +96,7 @@ def test_tiny_and_extreme_aspect(tmp_path):
 def test_heic_and_avif_photos_decode_upright(tmp_path, ext):
     """Stored landscape 60x20, red on the left, EXIF orientation 6: decoded upright 20x60 with the
     red on top, whichever plugin reads the format (pillow-heif for HEIC, Pillow for AVIF)."""
-    from m2f_cli.decode import _register_plugins
+    from m2f_cli.inputs.decode import _register_plugins
     _register_plugins()
     arr = np.zeros((20, 60, 3), np.uint8)
     arr[:, :15] = (255, 0, 0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.models.mask2former import modeling_mask2former as mm
 
-from m2f_cli import deformable
+from m2f_cli.model import deformable
 
 REFERENCE = mm.multi_scale_deformable_attention
 
@@ -31,7 +31,7 @@ def test_equals_transformers(batch, shapes, points, spill):
 
 
 def test_model_outputs_agree_and_library_is_restored(tiny_model, monkeypatch):
-    from m2f_cli.model import HFPredictor, load_model, resolve_model
+    from m2f_cli.model.loading import HFPredictor, load_model, resolve_model
     pred = HFPredictor(load_model(resolve_model(tiny_model)), torch.device("cpu"))
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
     used = []
@@ -52,7 +52,7 @@ def test_bfloat16_autocast_takes_the_fast_path_sampled_in_float32(tiny_model):
     """Under bf16 autocast on CPU the pixel decoder uses the embedding_bag version too (the inputs
     sampled in float32, as autocast runs grid_sample), and agrees with transformers' own bf16 path
     as closely as that path agrees with float32. Runs on any CPU (slowly where bf16 has no kernels)."""
-    from m2f_cli.model import HFPredictor, load_model, resolve_model
+    from m2f_cli.model.loading import HFPredictor, load_model, resolve_model
     model = load_model(resolve_model(tiny_model))
     bf16 = HFPredictor(model, torch.device("cpu"), torch.bfloat16)
     fp32 = HFPredictor(model, torch.device("cpu"), torch.float32)

@@ -12,14 +12,14 @@ from pycocotools import mask as mask_utils
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from m2f_cli import accel
-from m2f_cli import postprocess_device as pdev
-from m2f_cli.batch import Sample
-from m2f_cli.categories import CategoryTable
+from m2f_cli.model import accel
+from m2f_cli.postprocess import device as pdev
+from m2f_cli.inputs.batch import Sample
+from m2f_cli.model.categories import CategoryTable
 from m2f_cli.engines.local import infer_batch, segment_samples
-from m2f_cli.postprocess import PostprocessOptions, segment_instances
-from m2f_cli.postprocess_device import host_syncs_per_batch, segment_batch
-from m2f_cli.preprocess import preprocess
+from m2f_cli.postprocess.core import PostprocessOptions, segment_instances
+from m2f_cli.postprocess.device import host_syncs_per_batch, segment_batch
+from m2f_cli.inputs.preprocess import preprocess
 from m2f_cli.records import ImageRef
 from m2f_cli.segmenter import Segmenter
 
@@ -445,7 +445,7 @@ def test_cuda_auto_settings_follow_the_card(monkeypatch):
     import os
     from types import SimpleNamespace
     from m2f_cli import RunConfig
-    from m2f_cli.options import auto_settings
+    from m2f_cli.choices import auto_settings
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=8 * 1024 ** 3))
     monkeypatch.setattr(os, "cpu_count", lambda: 32)
     cfg = RunConfig(inputs=[], out="o")

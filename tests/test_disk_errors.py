@@ -84,7 +84,7 @@ UNPRIVILEGED = """
 import os, sys
 sys.path.insert(0, {here!r})
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.decode import decode
+from m2f_cli.inputs.decode import decode
 from planted import PlantedPredictor
 src, out = sys.argv[1], sys.argv[2]
 # everything the run needs is imported first (as root the interpreter lives under /root), then a

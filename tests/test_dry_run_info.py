@@ -3,7 +3,6 @@
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +52,7 @@ def test_a_dry_run_loads_no_model_writes_nothing_and_says_what_would_happen(imgs
     assert "would do 4 images, skip 0 (already done)" in lines
 
     # without the model: the plan is made in a process that never imports transformers
-    code = (f"import sys; from m2f_cli.config import RunConfig; from m2f_cli.dryrun import plan; "
+    code = (f"import sys; from m2f_cli.config import RunConfig; from m2f_cli.tools.dryrun import plan; "
             f"p = plan(RunConfig(inputs=[{str(imgs)!r}], out={str(out)!r}, model={tiny_model!r})); "
             f"print(p.todo, 'transformers' in sys.modules)")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

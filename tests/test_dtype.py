@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from m2f_cli.evaluate import Agreement
-from m2f_cli.model import HFPredictor, load_model, resolve_model
-from m2f_cli.preprocess import load_checkpoint_spec
+from m2f_cli.tools.evaluate import Agreement
+from m2f_cli.model.loading import HFPredictor, load_model, resolve_model
+from m2f_cli.inputs.preprocess import load_checkpoint_spec
 from m2f_cli.segmenter import Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]

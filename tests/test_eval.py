@@ -8,10 +8,10 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.categories import CategoryTable
+from m2f_cli.model.categories import CategoryTable
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
-from m2f_cli.evaluate import EvalError, evaluate_run
+from m2f_cli.tools.evaluate import EvalError, evaluate_run
 
 from planted import PlantedPredictor, planted_dir
 

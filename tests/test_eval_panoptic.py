@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from m2f_cli import RunConfig, coco_panoptic, run
-from m2f_cli.categories import COCO_NAMES
+from m2f_cli import RunConfig, run
+from m2f_cli.outputs import coco_panoptic
+from m2f_cli.model.categories import COCO_NAMES
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
-from m2f_cli.eval_panoptic import EvalError, evaluate_panoptic, pq_image, pq_summary
+from m2f_cli.tools.eval_panoptic import EvalError, evaluate_panoptic, pq_image, pq_summary
 
 from panoptic_planted import CATEGORIES, perturb, random_scene, write_panoptic
 from tiny import make_tiny_model

@@ -10,14 +10,14 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, run
-from m2f_cli.categories import CategoryTable
+from m2f_cli.model.categories import CategoryTable
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
-from m2f_cli.eval_semantic import EvalError, confusion, evaluate_semantic, read_labels, scores
+from m2f_cli.tools.eval_semantic import EvalError, confusion, evaluate_semantic, read_labels, scores
 from m2f_cli.records import ImageRef, ImageResult, Segment
-from m2f_cli.writers.labels import IGNORE, class_index_map
-from m2f_cli.writers.legend import draw_legend, legend_colors, legend_rows
-from m2f_cli.writers.overlay import _TagFont, render_overlay
+from m2f_cli.outputs.writers.labels import IGNORE, class_index_map
+from m2f_cli.outputs.writers.legend import draw_legend, legend_colors, legend_rows
+from m2f_cli.outputs.writers.overlay import _TagFont, render_overlay
 
 from tiny import make_tiny_model
 

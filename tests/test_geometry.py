@@ -80,7 +80,7 @@ def test_batches_never_mix_shapes_in_paper_mode(tmp_path):
 def test_group_batches_flushes_the_oldest_group_when_the_buffer_is_full():
     """Shapes that never fill a batch are flushed oldest first once more than max_buffered wait,
     so memory and latency stay bounded; a failed sample comes out alone at once."""
-    from m2f_cli.batch import Sample, group_batches
+    from m2f_cli.inputs.batch import Sample, group_batches
     from m2f_cli.records import ImageRef
     import torch
 

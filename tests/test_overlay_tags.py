@@ -4,9 +4,9 @@ hidden instance, at the largest visible part, scores optional, and drawn as plac
 import numpy as np
 import pytest
 
-from m2f_cli.categories import CategoryTable
+from m2f_cli.model.categories import CategoryTable
 from m2f_cli.records import ImageRef, ImageResult, Instance
-from m2f_cli.writers.overlay import overlay_tags, render_overlay
+from m2f_cli.outputs.writers.overlay import overlay_tags, render_overlay
 
 COCO = CategoryTable.coco()
 

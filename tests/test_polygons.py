@@ -1,11 +1,10 @@
 """polygons.py: exact outlines with holes and parts, seams, simplification, degenerate parts."""
 
 import numpy as np
-import pytest
 from scipy import ndimage
 from shapely.geometry import Polygon
 
-from m2f_cli.polygons import joined, mask_parts, region_parts, rle_parts, seamed
+from m2f_cli.outputs.polygons import joined, mask_parts, region_parts, rle_parts, seamed
 
 from rasterize import fill, iou
 
@@ -100,7 +99,7 @@ def test_simplify_keeps_shape_and_validity_with_fewer_vertices():
 
 def test_simplified_parts_stay_polygons_and_degenerate_ones_are_dropped():
     from shapely.geometry import Polygon as P
-    from m2f_cli.polygons import _to_part
+    from m2f_cli.outputs.polygons import _to_part
     m = np.zeros((40, 40), bool)
     m[5:35, 5:35] = True
     m[0, 39] = True  # a one-pixel speck
@@ -114,7 +113,7 @@ def test_simplified_parts_stay_polygons_and_degenerate_ones_are_dropped():
 
 def test_rle_windows_decode_like_pycocotools():
     from pycocotools import mask as mask_utils
-    from m2f_cli.polygons import rle_crop
+    from m2f_cli.outputs.polygons import rle_crop
     rng = np.random.default_rng(5)
     for m in _random_masks(60, seed=2):
         h, w = m.shape

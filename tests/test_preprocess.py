@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2f_cli.decode import decode
-from m2f_cli.preprocess import (PreprocessSpec, load_checkpoint_spec, paper_resized_size, preprocess,
-                                spec_for_resize, spec_from_processor_dict)
+from m2f_cli.inputs.decode import decode
+from m2f_cli.inputs.preprocess import (PreprocessSpec, load_checkpoint_spec, paper_resized_size, preprocess,
+    spec_for_resize, spec_from_processor_dict)
 
 from tiny import CHECKPOINT_PREPROCESSOR
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, run
 from m2f_cli.cli import app
-from m2f_cli.options import segmenter_options
+from m2f_cli.choices import segmenter_options
 
 from crash_once import CrashOnce
 from test_never_lose_work import _snapshot
@@ -132,7 +132,7 @@ def test_ray_usage_errors(tmp_path, images, monkeypatch):
     r = runner.invoke(app, ["segment", str(images), "--out", str(tmp_path / "o"), "--ray", "local",
                             "--ray-actors", "0"])
     assert r.exit_code == 2 and "--ray-actors 0" in r.stderr
-    monkeypatch.setattr("m2f_cli.options._ray_installed", lambda: False)
+    monkeypatch.setattr("m2f_cli.choices._ray_installed", lambda: False)
     r = runner.invoke(app, ["segment", str(images), "--out", str(tmp_path / "o"), "--ray", "auto"])
     assert r.exit_code == 2 and "--ray needs Ray: pip install 'm2f[ray]'" in r.stderr
     assert not (tmp_path / "o").exists()  # found before anything was written
@@ -203,7 +203,7 @@ def test_an_actor_decoding_in_threads_gives_the_same_results(images):
     from planted import PlantedPredictor
     from m2f_cli import Segmenter
     from m2f_cli.engines.ray import _Actor
-    from m2f_cli.walk import walk
+    from m2f_cli.inputs.walk import walk
     refs = walk([str(images)]).refs
     items = list(enumerate(refs))
     outs = []

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli import storage
-from m2f_cli.merge import merge
+from m2f_cli.outputs import remote as storage
+from m2f_cli.tools.merge import merge
 from m2f_cli.errors import UsageError
-from m2f_cli.state import OutputLockedError
-from m2f_cli.walk import InputError, walk
+from m2f_cli.outputs.folder import OutputLockedError
+from m2f_cli.inputs.walk import InputError, walk
 
 from planted import PlantedPredictor, planted_image
 

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
-from m2f_cli.model import cpu_has_fast_bf16
+from m2f_cli.model.loading import cpu_has_fast_bf16
 from m2f_cli.errors import WriterError
-from m2f_cli.settings import differences
-from m2f_cli.writers.png import PngWriter
+from m2f_cli.outputs.settings_record import differences
+from m2f_cli.outputs.writers.png import PngWriter
 
 from planted import PlantedPredictor, planted_image
 from tiny import make_tiny_model
@@ -231,7 +231,7 @@ def test_an_unexpected_writer_error_stops_the_run_cleanly(tmp_path, many_small):
 
 
 def test_a_writer_error_through_the_cli_is_one_line_and_exit_1(tmp_path, many_small):
-    code = ("import sys\nfrom m2f_cli.writers import overlay\n"
+    code = ("import sys\nfrom m2f_cli.outputs.writers import overlay\n"
             "def boom(self, result):\n    raise RuntimeError('font cache is corrupt')\n"
             "overlay.OverlayWriter.write = boom\nfrom m2f_cli.cli import main\nsys.argv = ['m2f'] + sys.argv[1:]\n"
             "main()\n")

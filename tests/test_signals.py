@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2f_cli.writing import in_order
+from m2f_cli.outputs.writer_thread import in_order
 
 from planted import planted_image
 

@@ -1,4 +1,4 @@
-"""Tiled inference (--tile, --tile-full; src/m2f_cli/tiling.py): the grid, the exact per-tile
+"""Tiled inference (--tile, --tile-full; src/m2f_cli/tiling/tiles.py): the grid, the exact per-tile
 preprocessing and post-processing, the merge on planted masks, the pipeline (formats, resume,
 settings, batch invariance, Ray), and accuracy with the trained shapes fixture on large canvases."""
 
@@ -20,14 +20,14 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, run
-from m2f_cli.categories import CategoryTable
+from m2f_cli.model.categories import CategoryTable
 from m2f_cli.cli import app
 from m2f_cli.errors import UsageError
-from m2f_cli.postprocess import PostprocessOptions, _Sampler, segment_instances
-from m2f_cli.preprocess import PreprocessSpec, preprocess
+from m2f_cli.postprocess.core import PostprocessOptions, _Sampler, segment_instances
+from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.segmenter import Segmenter
-from m2f_cli.tiling import (PART_FLOOR, Box, Part, TileError, TileOptions, cut_tiles, instances_of,
-                            merge_parts, parse_tile, tile_grid, tile_parts, tile_pixels)
+from m2f_cli.tiling.tiles import (PART_FLOOR, Box, Part, TileError, TileOptions, cut_tiles, instances_of,
+    merge_parts, parse_tile, tile_grid, tile_parts, tile_pixels)
 
 from planted import PlantedPredictor, iou, planted_image
 from test_never_lose_work import _snapshot
@@ -422,7 +422,7 @@ class PlantedFactory:
 @pytest.mark.ray
 def test_ray_runs_an_image_s_tiles_on_one_actor_like_a_local_run(tmp_path, scene_dir, tiny_model):
     import ray
-    from m2f_cli.options import segmenter_options
+    from m2f_cli.choices import segmenter_options
     from m2f_cli.engines.ray import RayEngine
     d, _ = scene_dir
     _run(d, tmp_path / "local", batch_size=2)

@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from m2f_cli import Segmenter, traced
-from m2f_cli.model import HFPredictor, load_model, read_categories, resolve_model
+from m2f_cli import Segmenter
+from m2f_cli.model.startup import traced
+from m2f_cli.model.loading import HFPredictor, load_model, read_categories, resolve_model
 from planted import planted_image
 from tiny import make_tiny_model
 
@@ -269,7 +270,7 @@ def _plant(cache: Path, name: str, size: int, age_s: float) -> Path:
 
 
 def test_lru_eviction_keeps_the_cap_and_skips_traces_in_use(cache, monkeypatch):
-    from m2f_cli import cache as cachefiles
+    from m2f_cli.model.startup import cache as cachefiles
     monkeypatch.setenv("M2F_CACHE_MAX_BYTES", "2500")
     assert cachefiles.max_bytes() == 2500
     oldest = _plant(cache, "a-1-384x384-e-k1.pt", 1000, 400)
@@ -377,7 +378,7 @@ def test_no_flock_in_the_cache_folder_is_one_line_and_the_run_goes_on(model_dir,
 
 
 def test_build_mode_follows_the_run_length_and_the_terminal():
-    from m2f_cli.options import TRACE_INLINE_MIN_IMAGES, build_mode
+    from m2f_cli.choices import TRACE_INLINE_MIN_IMAGES, build_mode
     assert build_mode(TRACE_INLINE_MIN_IMAGES, False) == "inline" == build_mode(TRACE_INLINE_MIN_IMAGES, True)
     assert build_mode(16, False) == "none" and build_mode(16, True) == "detach"
 

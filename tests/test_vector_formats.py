@@ -13,11 +13,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.merge import merge
+from m2f_cli.tools.merge import merge
 from m2f_cli.errors import UsageError
 
 from planted import PlantedPredictor
-from rasterize import decode, fill, iou
+from rasterize import decode, iou
 from vector_readers import (cvat_masks, cvat_masks_pycocotools, geojson_masks, labelme_masks, yolo_masks,
                             yolo_masks_cv2)
 

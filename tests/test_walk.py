@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from m2f_cli.walk import InputError, read_path_list, walk
+from m2f_cli.inputs.walk import InputError, read_path_list, walk
 
 
 def _touch(p):

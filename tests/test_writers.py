@@ -11,9 +11,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.categories import CategoryTable
-from m2f_cli.evaluate import evaluate
-from m2f_cli.writers import REGISTRY
+from m2f_cli.model.categories import CategoryTable
+from m2f_cli.tools.evaluate import evaluate
+from m2f_cli.outputs.writers import REGISTRY
 
 from planted import PlantedPredictor, planted_dir, planted_image
 
@@ -164,7 +164,7 @@ class _LeftThird(PlantedPredictor):
 def test_overlay_of_grayscale_and_rgba_inputs_is_colour(tmp_path):
     """A grayscale or RGBA input gets a colour overlay: inside the mask the person's colour is
     blended in at --overlay-alpha, outside it the pixels are the input's (lossless PNG overlays)."""
-    from m2f_cli.categories import CategoryTable
+    from m2f_cli.model.categories import CategoryTable
     d = tmp_path / "imgs"
     d.mkdir()
     img, _ = planted_image(210, 150)

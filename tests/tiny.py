@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from m2f_cli.categories import COCO_NAMES
+from m2f_cli.model.categories import COCO_NAMES
 
 CHECKPOINT_PREPROCESSOR = {
     # the keys of facebook/mask2former-swin-tiny-coco-instance's preprocessor_config.json

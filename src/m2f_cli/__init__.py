@@ -14,27 +14,27 @@ __all__ = ["segment", "Result", "Failure", "Cutout", "Segmenter", "RunConfig", "
 
 def __getattr__(name: str):
     if name == "segment":
-        from .api import segment
+        from m2f_cli.api import segment
         return segment
     if name == "Result":
-        from .result import Result
+        from m2f_cli.result import Result
         return Result
     if name == "Cutout":
-        from .writers.cutout import Cutout
+        from m2f_cli.outputs.writers.cutout import Cutout
         return Cutout
     if name == "Segmenter":
-        from .segmenter import Segmenter
+        from m2f_cli.segmenter import Segmenter
         return Segmenter
     if name == "run":
-        from .pipeline import run
+        from m2f_cli.pipeline import run
         return run
     if name == "RunConfig":
-        from .config import RunConfig
+        from m2f_cli.config import RunConfig
         return RunConfig
     if name in ("ImageResult", "Instance", "Failure"):
-        from . import records
+        from m2f_cli import records
         return getattr(records, name)
     if name == "CategoryTable":
-        from .categories import CategoryTable
+        from m2f_cli.model.categories import CategoryTable
         return CategoryTable
     raise AttributeError(name)

@@ -1,3 +1,3 @@
-from .cli import main
+from m2f_cli.cli import main
 
 main()

@@ -25,19 +25,19 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .batch import Sample, load_sample, make_loader, rgb_sample
-from .config import DEFAULT_MODEL, RunConfig
-from .engines.local import segment_samples
-from .errors import UsageError
-from .options import auto_settings, map_threshold, segmenter_options, tile_of, validate, writer_thresholds
-from .postprocess import PostprocessOptions
-from .preprocess import PreprocessSpec
-from .records import Failure, ImageRef
-from .result import Result, Views
-from .segmenter import Segmenter, resolve_classes
-from .storage import is_url
-from .writers.cutout import pad_option
-from .writing import in_order
+from m2f_cli.inputs.batch import Sample, load_sample, make_loader, rgb_sample
+from m2f_cli.config import DEFAULT_MODEL, RunConfig
+from m2f_cli.engines.local import segment_samples
+from m2f_cli.errors import UsageError
+from m2f_cli.choices import auto_settings, map_threshold, segmenter_options, tile_of, validate, writer_thresholds
+from m2f_cli.postprocess.core import PostprocessOptions
+from m2f_cli.inputs.preprocess import PreprocessSpec
+from m2f_cli.records import Failure, ImageRef
+from m2f_cli.result import Result, Views
+from m2f_cli.segmenter import Segmenter, resolve_classes
+from m2f_cli.outputs.remote import is_url
+from m2f_cli.outputs.writers.cutout import pad_option
+from m2f_cli.outputs.writer_thread import in_order
 
 # What a Result offers; their thresholds are the CLI's defaults for these formats.
 VIEWS = ("png", "coco", "overlay", "cutout")
@@ -95,7 +95,7 @@ def _as_rgb(item: Any) -> np.ndarray:
     """An (H, W, 3) uint8 array or a PIL image (used as given) -> (H, W, 3) uint8 RGB."""
     from PIL import Image
 
-    from .segmenter import _as_rgb as rgb_of
+    from m2f_cli.segmenter import _as_rgb as rgb_of
     if not isinstance(item, (np.ndarray, Image.Image)):
         raise TypeError(f"expected a path, URL, PIL image or (H, W, 3) uint8 array, got {type(item).__name__}")
     return rgb_of(item)

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from .config import DEFAULT_MODEL, ExitCode, RunConfig
+from m2f_cli.config import DEFAULT_MODEL, ExitCode, RunConfig
 
 # Help follows the terminal's width (click caps it at 80 columns unless told otherwise).
 _CONTEXT = {"max_content_width": 160, "help_option_names": ["-h", "--help"]}
@@ -79,7 +79,7 @@ class _PanelledCommand(typer.core.TyperCommand):
                                          if isinstance(p, typer.core.TyperArgument)]
 
     def format_epilog(self, ctx, formatter) -> None:
-        from .formats import FORMATS
+        from m2f_cli.outputs.formats import FORMATS
         with formatter.section("Formats (--format)"):
             formatter.write_dl(list(FORMATS.items()))
         with formatter.section("Examples"):
@@ -89,7 +89,7 @@ class _PanelledCommand(typer.core.TyperCommand):
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from m2f_cli import __version__
         typer.echo(f"m2f {__version__}")
         raise typer.Exit(0)
 
@@ -115,7 +115,7 @@ def _silence_stdout() -> None:
 @contextlib.contextmanager
 def _errors_as_exit_codes():
     """Any of m2f's own errors (errors.py) -> its one line on stderr and its exit code."""
-    from .errors import KNOWN, exit_code_for, one_line
+    from m2f_cli.errors import KNOWN, exit_code_for, one_line
     try:
         yield
     except KNOWN as e:
@@ -239,7 +239,7 @@ def segment(
     (YOLO, LabelMe, CVAT, GeoJSON)."""
     _setup_logging(quiet, verbose)
     if "-" in inputs:
-        from .walk import read_path_list
+        from m2f_cli.inputs.walk import read_path_list
         try:
             listed = read_path_list(sys.stdin, null=null)
         except ValueError as e:
@@ -249,7 +249,7 @@ def segment(
             raise _error("no paths on stdin", ExitCode.USAGE)
     shard_spec = None
     if shard:
-        from .walk import parse_shard
+        from m2f_cli.inputs.walk import parse_shard
         try:
             shard_spec = parse_shard(shard)
         except ValueError as e:
@@ -272,18 +272,18 @@ def segment(
     # torch reads this when it loads: ops MPS lacks then run on the CPU (Segmenter says which, once)
     # instead of raising NotImplementedError; an explicit PYTORCH_ENABLE_MPS_FALLBACK=0 is kept
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
-    from .errors import UsageError
-    from .pipeline import run
-    from .runtime import tune_malloc
+    from m2f_cli.errors import UsageError
+    from m2f_cli.pipeline import run
+    from m2f_cli.model.runtime import tune_malloc
     if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
         tune_malloc()
-    from .progress import make_reporter
+    from m2f_cli.progress import make_reporter
 
     if dry_run:
         _dry_run(config)
     with _errors_as_exit_codes():
         if devices:
-            from .engines.devices import WorkerError, parse_devices, run_devices
+            from m2f_cli.engines.devices import WorkerError, parse_devices, run_devices
             try:
                 device_list = parse_devices(devices)
             except ValueError as e:
@@ -305,7 +305,7 @@ def segment(
 
 
 def _dry_run(config: RunConfig) -> None:
-    from .dryrun import plan
+    from m2f_cli.tools.dryrun import plan
     with _errors_as_exit_codes():
         result = plan(config)
     for line in result.lines():
@@ -321,8 +321,8 @@ def labels(
 ) -> None:
     """List the model's classes: index, category id (COCO's for COCO models) and name."""
     _setup_logging(False)
-    from .categories import CategoryTable
-    from .model import ModelLoadError, read_categories, resolve_model
+    from m2f_cli.model.categories import CategoryTable
+    from m2f_cli.model.loading import ModelLoadError, read_categories, resolve_model
     try:
         table = read_categories(resolve_model(model, revision))
     except ModelLoadError as e:
@@ -348,7 +348,7 @@ def info(
     """Versions, available devices and the resolved model; with OUT, an output folder's settings
     record (per format) and last run."""
     if out is not None:
-        from .manifest import info_lines, read_info
+        from m2f_cli.outputs.manifest import info_lines, read_info
         with _errors_as_exit_codes():
             got = read_info(out)
         typer.echo(json.dumps(got, indent=1) if as_json else "\n".join(info_lines(got)))
@@ -358,7 +358,7 @@ def info(
 
     import torch
 
-    from .model import ModelLoadError, resolve_model
+    from m2f_cli.model.loading import ModelLoadError, resolve_model
     for pkg in ("m2f", "torch", "transformers", "pillow", "numpy", "pycocotools", "typer", "rich"):
         try:
             v = metadata.version(pkg)
@@ -386,7 +386,7 @@ def info(
 def merge(out: str = typer.Argument(..., help="The --out folder (or URL) the shards wrote into.")) -> None:
     """Combine the part files of --shard runs into predictions.json, images.json, predictions.jsonl,
     annotations.xml (CVAT) and failures.jsonl; exit 3 when a shard is missing or incomplete."""
-    from .merge import merge as merge_parts
+    from m2f_cli.tools.merge import merge as merge_parts
     with _errors_as_exit_codes():
         report = merge_parts(out)
     for i in report.missing:
@@ -419,7 +419,7 @@ def report(
     _setup_logging(quiet, verbose)
     if gallery < 0 or per_class < 0 or thumb_size < 16:
         raise _error("--gallery and --per-class: 0 or more; --thumb-size: 16 or more", ExitCode.USAGE)
-    from .report import build_report
+    from m2f_cli.tools.report import build_report
     with _errors_as_exit_codes(), _report_progress(quiet) as progress:
         summary = build_report(out, gallery=gallery, per_stratum=per_class, thumb_px=thumb_size,
                                progress=progress)
@@ -428,7 +428,7 @@ def report(
     if open_page:
         import os
         import webbrowser
-        from .storage import is_url
+        from m2f_cli.outputs.remote import is_url
         if is_url(summary.index):
             typer.echo(f"m2f: note: {summary.index} is remote; copy report/ (and the overlays) to open it", err=True)
         elif not webbrowser.open("file://" + os.path.abspath(summary.index)):
@@ -488,7 +488,7 @@ def cache_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON 
     """Each cached trace (least recently used first): size, last use, whether a live process uses it."""
     import time
 
-    from .cache import entries, max_bytes, traces_dir
+    from m2f_cli.model.startup.cache import entries, max_bytes, traces_dir
     items = entries()
     if as_json:
         typer.echo(json.dumps([{"path": str(e.path), "bytes": e.size, "last_used": e.last_used,
@@ -507,7 +507,7 @@ def cache_clear(everything: bool = typer.Option(False, "--all", help="Also forge
                                                 "(digests.json: weights are hashed again on next use)."),
                 ) -> None:
     """Delete every cached trace no live process is using (those in use are kept and named)."""
-    from .cache import clear
+    from m2f_cli.model.startup.cache import clear
     removed, kept = clear(everything)
     for e in kept:
         typer.echo(f"m2f: kept {e.path.name}: in use by a running m2f process", err=True)
@@ -537,20 +537,20 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
     in a container image's build, on each kind of cluster node (docs/startup-cache.md)."""
     from pathlib import Path
     if background:  # the detached builder a run at a terminal left (builds.spawn): nothing heavy yet
-        from .builds import run_detached
+        from m2f_cli.model.startup.builds import run_detached
         child = [a for a in sys.argv[1:] if a != "--background"]
         at = child.index("--wait-fd")
         del child[at:at + 2]
         raise typer.Exit(run_detached(Path(entry), [sys.executable, "-m", "m2f_cli", *child], lock_fd, wait_fd))
     _setup_logging(False, verbose)
     if lock_fd is not None and entry:
-        from .cache import adopt_lock
+        from m2f_cli.model.startup.cache import adopt_lock
         adopt_lock(Path(entry), lock_fd)  # held by the builder that started us
 
     import torch
 
-    from .model import load_predictor, resolve_dtype, resolve_model
-    from .preprocess import load_checkpoint_spec, spec_for_resize
+    from m2f_cli.model.loading import load_predictor, resolve_dtype, resolve_model
+    from m2f_cli.inputs.preprocess import load_checkpoint_spec, spec_for_resize
     if threads:
         torch.set_num_threads(threads)
     if trace:
@@ -576,8 +576,8 @@ def cache_build(model: str = typer.Option(_D.model, "--model", help="Hub id or s
 def _build_trace(model: str, revision: Optional[str], size: Optional[str]) -> None:
     import torch
 
-    from .model import load_predictor, resolve_model
-    from .preprocess import load_checkpoint_spec, spec_for_resize
+    from m2f_cli.model.loading import load_predictor, resolve_model
+    from m2f_cli.inputs.preprocess import load_checkpoint_spec, spec_for_resize
     with _errors_as_exit_codes():
         source = resolve_model(model, revision)
     if size:
@@ -617,8 +617,8 @@ def eval_cmd(
     """Evaluate predictions against a ground truth: instance AP (pycocotools' COCOeval), panoptic
     PQ/SQ/RQ or semantic mIoU, told from --gt (docs/panoptic-semantic.md); exit 2 when predictions
     and ground truth do not fit together (no image or category in common, other sizes)."""
-    from .eval_kinds import evaluate_segmentation, ground_truth_kind
-    from .evaluate import evaluate_run, format_table
+    from m2f_cli.tools.eval_kinds import evaluate_segmentation, ground_truth_kind
+    from m2f_cli.tools.evaluate import evaluate_run, format_table
     with _errors_as_exit_codes():
         kind = ground_truth_kind(gt)
         if kind == "instance":

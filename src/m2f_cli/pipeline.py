@@ -16,26 +16,27 @@ from typing import IO, Callable, Iterator, Optional
 
 import torch
 
-from .categories import CategoryTable
-from .config import RunConfig
-from .engines import Engine
-from .engines.local import LocalEngine
-from .errors import EngineError, NoImagesError, OutputError, RemoteError, StdoutClosed, UsageError, WriterError
-from .manifest import write_failures, write_manifest
-from .model import ModelSource, read_categories, resolve_model
-from .options import (auto_settings, device_and_dtype, map_threshold, resolve_compile, segmenter_options, tile_of,
-                      build_mode, validate, writer_thresholds)
-from .preprocess import load_checkpoint_spec, spec_for_resize
-from .progress import QuietReporter, Reporter, RunSummary
-from .records import Failure, ImageRef
-from .segmenter import Segmenter, resolve_classes, resolve_task
-from .settings import (ModelIdentity, Recorder, SettingsConflict, check as check_settings, common_settings,
-                       model_identity, writer_record)
-from .state import OutputFolder
-from .storage import open_output
-from .walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
-from .writers import Writer, WriterContext, writer_class
-from .writing import WRITER_GRACE_S, Interrupt, WriterThread, in_order
+from m2f_cli.model.categories import CategoryTable
+from m2f_cli.config import RunConfig
+from m2f_cli.engines import Engine
+from m2f_cli.engines.local import LocalEngine
+from m2f_cli.errors import (EngineError, NoImagesError, OutputError, RemoteError, StdoutClosed, UsageError,
+    WriterError)
+from m2f_cli.outputs.manifest import write_failures, write_manifest
+from m2f_cli.model.loading import ModelSource, read_categories, resolve_model
+from m2f_cli.choices import (auto_settings, device_and_dtype, map_threshold, resolve_compile, segmenter_options,
+    tile_of, build_mode, validate, writer_thresholds)
+from m2f_cli.inputs.preprocess import load_checkpoint_spec, spec_for_resize
+from m2f_cli.progress import QuietReporter, Reporter, RunSummary
+from m2f_cli.records import Failure, ImageRef
+from m2f_cli.segmenter import Segmenter, resolve_classes, resolve_task
+from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsConflict, check as check_settings,
+    common_settings, model_identity, writer_record)
+from m2f_cli.outputs.folder import OutputFolder
+from m2f_cli.outputs.remote import open_output
+from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
+from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
+from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     writers = open_writers(config, folder, m.categories, m.identity.name, stdout, m.task)
     recorder = _check_settings(config, folder, writers, m, dtype, found)
     if engine is None and config.ray is not None:
-        from .engines.ray import RayEngine
+        from m2f_cli.engines.ray import RayEngine
         engine = RayEngine(config, m.task)
 
     summary = RunSummary(total=len(found.refs) + len(found.failures), not_images=dict(found.not_images))

@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import IO, Optional, Protocol
 
-from .errors import ExitCode
-from .records import Failure
+from m2f_cli.errors import ExitCode
+from m2f_cli.records import Failure
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from .categories import CategoryTable
-from .records import ImageRef, ImageResult, Instance, Segment
+from m2f_cli.model.categories import CategoryTable
+from m2f_cli.records import ImageRef, ImageResult, Instance, Segment
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,14 @@ class Result:
         """(H, W, 3) uint8 RGB: the image as given (an array or PIL image), or read again from its
         path or URL with EXIF orientation applied."""
         if self._source is not None:
-            from .segmenter import _as_rgb
+            from m2f_cli.segmenter import _as_rgb
             return _as_rgb(self._source)
-        from .decode import decode
+        from m2f_cli.inputs.decode import decode
         return decode(self.ref.path, max_pixels=None).rgb
 
     def to_json(self) -> dict:
         """The PNG sidecar document (README: ``--format png``), instances with their RLE."""
-        from .writers.png import sidecar
+        from m2f_cli.outputs.writers.png import sidecar
         v = self.views
         ctx = SimpleNamespace(model=v.model, revision=v.revision, top_k=v.top_k, categories=self.categories)
         return sidecar(self.record, SimpleNamespace(ctx=ctx, threshold=self.threshold))
@@ -133,7 +133,7 @@ class Result:
     def polygons(self, simplify: Optional[float] = None) -> list:
         """The objects as polygons (writers/vector.Shape, parts in pixel-corner coordinates), as the
         polygon formats write them; simplify: Douglas-Peucker tolerance in pixels (default the run's)."""
-        from .writers.vector import _shapes
+        from m2f_cli.outputs.writers.vector import _shapes
         tolerance = self.views.simplify if simplify is None else float(simplify)
         if not tolerance >= 0:
             raise ValueError(f"simplify {tolerance}: expected a tolerance >= 0 pixels")
@@ -141,7 +141,7 @@ class Result:
 
     def overlay(self, alpha: Optional[float] = None, scores: Optional[bool] = None) -> Image.Image:
         """The RGB overlay ``--format overlay`` draws (as a PIL image, not yet encoded)."""
-        from .writers.overlay import render_overlay
+        from m2f_cli.outputs.writers.overlay import render_overlay
         a = self.views.overlay_alpha if alpha is None else float(alpha)
         if not 0.0 <= a <= 1.0:
             raise ValueError(f"alpha {a}: expected a value in [0, 1]")
@@ -150,7 +150,7 @@ class Result:
 
     def cutouts(self, pad: Optional[int] = None, visible: Optional[bool] = None) -> list:
         """The cut-outs ``--format cutout`` writes (writers/cutout.Cutout: rgba (h, w, 4) uint8, box)."""
-        from .writers.cutout import cut_out, pad_option
+        from m2f_cli.outputs.writers.cutout import cut_out, pad_option
         p = pad_option(self.views.cutout_pad if pad is None else pad)
         vis = self.views.cutout_visible if visible is None else bool(visible)
         return cut_out(self.image(), self.record, self.views.thresholds["cutout"], p, vis)

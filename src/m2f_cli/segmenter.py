@@ -20,17 +20,18 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .builds import startup_mode
-from .accel import DeviceTimer, MpsFallbackNotices, free_device_memory, is_out_of_memory
-from .categories import COCO_NAMES, CategoryTable, canonical_name
-from .config import DEFAULT_MODEL
-from .decode import _to_rgb
-from .model import ModelSource, Predictor, load, resolve_device, resolve_dtype, resolve_model
-from .postprocess import PostprocessOptions, panoptic_from_logits, segment_instances, semantic_from_logits
-from .postprocess_device import launch_batch
-from .preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
-from .records import ImageRef, ImageResult
-from .tiling import TileOptions, cut_tiles, parse_tile, segment_tiled
+from m2f_cli.model.startup.builds import startup_mode
+from m2f_cli.model.accel import DeviceTimer, MpsFallbackNotices, free_device_memory, is_out_of_memory
+from m2f_cli.model.categories import COCO_NAMES, CategoryTable, canonical_name
+from m2f_cli.config import DEFAULT_MODEL
+from m2f_cli.inputs.decode import _to_rgb
+from m2f_cli.model.loading import ModelSource, Predictor, load, resolve_device, resolve_dtype, resolve_model
+from m2f_cli.postprocess.core import (PostprocessOptions, panoptic_from_logits, segment_instances,
+    semantic_from_logits)
+from m2f_cli.postprocess.device import launch_batch
+from m2f_cli.inputs.preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
+from m2f_cli.records import ImageRef, ImageResult
+from m2f_cli.tiling.tiles import TileOptions, cut_tiles, parse_tile, segment_tiled
 
 # tiles per forward pass in Segmenter.segment (the pipeline uses its --batch-size)
 TILE_BATCH = 4

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Protocol, Union
 
-from ..progress import Stages
-from ..records import Failure, ImageRef, ImageResult
+from m2f_cli.progress import Stages
+from m2f_cli.records import Failure, ImageRef, ImageResult
 
 
 class Engine(Protocol):

@@ -16,10 +16,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from ..config import RunConfig
-from ..errors import ExitCode, WorkerError
-from ..progress import Reporter, Summary
-from ..records import Failure, ImageRef
+from m2f_cli.config import RunConfig
+from m2f_cli.errors import ExitCode, WorkerError
+from m2f_cli.progress import Reporter, Summary
+from m2f_cli.records import Failure, ImageRef
 
 
 def parse_devices(spec: str) -> list[str]:
@@ -91,7 +91,7 @@ def _child(config: RunConfig, q, worker: int) -> None:
     if config.device.startswith("cuda"):
         import torch
         torch.cuda.set_device(0)  # the only card CUDA_VISIBLE_DEVICES leaves us
-    from ..pipeline import run
+    from m2f_cli.pipeline import run
     try:
         summary = run(config, _QueueReporter(q, worker))
         q.put(("done", worker, summary.as_dict()))
@@ -142,7 +142,7 @@ def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
     finalises its shard files, then the shards are merged); a second one is sent on too and this process
     exits at once (128 + signal). Raises WorkerError (with its exit code) when workers fail.
     """
-    from ..merge import MergeError, merge
+    from m2f_cli.tools.merge import MergeError, merge
     _check(config)
     t0 = time.perf_counter()
     workers = _Workers(config, devices, reporter)
@@ -167,7 +167,7 @@ def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
 
 
 def _check(config: RunConfig) -> None:
-    from ..options import validate
+    from m2f_cli.choices import validate
     validate(config)
     if config.shard is not None:
         raise ValueError("--devices and --shard do not combine: run one --shard per machine, "
@@ -185,7 +185,7 @@ class _Workers:
     """
 
     def __init__(self, config: RunConfig, devices: list[str], reporter: Reporter):
-        from ..progress import RunSummary
+        from m2f_cli.progress import RunSummary
         self.config, self.devices, self.reporter = config, devices, reporter
         self.n = len(devices)
         self.ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
@@ -304,7 +304,7 @@ class _Workers:
 
     def summary(self):
         """The workers' summaries added up (RunSummary)."""
-        from ..progress import RunSummary
+        from m2f_cli.progress import RunSummary
         summary = RunSummary(failures=self.failures)
         for d in self.finished.values():
             if d:

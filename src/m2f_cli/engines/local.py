@@ -10,13 +10,13 @@ import logging
 import time
 from typing import Callable, Iterable, Iterator, Optional, Union
 
-from ..accel import free_device_memory, is_out_of_memory, stack_pixels
-from ..batch import ImageDataset, Sample, group_batches, make_loader
-from ..config import RunConfig
-from ..progress import Stages
-from ..records import Failure, ImageRef, ImageResult
-from ..segmenter import InFlight, Segmenter, StageError, describe_error
-from ..tiling import infer_tiled
+from m2f_cli.model.accel import free_device_memory, is_out_of_memory, stack_pixels
+from m2f_cli.inputs.batch import ImageDataset, Sample, group_batches, make_loader
+from m2f_cli.config import RunConfig
+from m2f_cli.progress import Stages
+from m2f_cli.records import Failure, ImageRef, ImageResult
+from m2f_cli.segmenter import InFlight, Segmenter, StageError, describe_error
+from m2f_cli.tiling.tiles import infer_tiled
 
 log = logging.getLogger(__name__)
 

@@ -36,14 +36,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
-from ..batch import load_sample
-from ..config import RunConfig
-from ..errors import EngineError
-from ..options import segmenter_options
-from ..progress import Stages
-from ..records import Failure, ImageRef, ImageResult
-from ..segmenter import Segmenter
-from .local import segment_samples
+from m2f_cli.inputs.batch import load_sample
+from m2f_cli.config import RunConfig
+from m2f_cli.errors import EngineError
+from m2f_cli.choices import segmenter_options
+from m2f_cli.progress import Stages
+from m2f_cli.records import Failure, ImageRef, ImageResult
+from m2f_cli.segmenter import Segmenter
+from m2f_cli.engines.local import segment_samples
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Stage 5: class and mask logits -> instances, panoptic segments or semantic maps."""

@@ -1,0 +1,1 @@
+"""What reads a run's outputs: report, eval, merge, and the dry run."""
