@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import typer
 
-from m2f_cli.config import DEFAULT_MODEL, ExitCode, RunConfig
+from m2f_cli.config import DEFAULT_MODEL, RunConfig
+from m2f_cli.errors import ExitCode
 
 # Help follows the terminal's width (click caps it at 80 columns unless told otherwise).
 _CONTEXT = {"max_content_width": 160, "help_option_names": ["-h", "--help"]}
@@ -283,7 +284,8 @@ def segment(
         _dry_run(config)
     with _errors_as_exit_codes():
         if devices:
-            from m2f_cli.engines.devices import WorkerError, parse_devices, run_devices
+            from m2f_cli.engines.devices import parse_devices, run_devices
+            from m2f_cli.errors import WorkerError
             try:
                 device_list = parse_devices(devices)
             except ValueError as e:
@@ -322,7 +324,8 @@ def labels(
     """List the model's classes: index, category id (COCO's for COCO models) and name."""
     _setup_logging(False)
     from m2f_cli.model.categories import CategoryTable
-    from m2f_cli.model.loading import ModelLoadError, read_categories, resolve_model
+    from m2f_cli.model.loading import read_categories, resolve_model
+    from m2f_cli.errors import ModelLoadError
     try:
         table = read_categories(resolve_model(model, revision))
     except ModelLoadError as e:
@@ -358,7 +361,8 @@ def info(
 
     import torch
 
-    from m2f_cli.model.loading import ModelLoadError, resolve_model
+    from m2f_cli.model.loading import resolve_model
+    from m2f_cli.errors import ModelLoadError
     for pkg in ("m2f", "torch", "transformers", "pillow", "numpy", "pycocotools", "typer", "rich"):
         try:
             v = metadata.version(pkg)

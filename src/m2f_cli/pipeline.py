@@ -30,11 +30,12 @@ from m2f_cli.inputs.preprocess import load_checkpoint_spec, spec_for_resize
 from m2f_cli.progress import QuietReporter, Reporter, RunSummary
 from m2f_cli.records import Failure, ImageRef
 from m2f_cli.segmenter import Segmenter, resolve_classes, resolve_task
-from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsConflict, check as check_settings,
-    common_settings, model_identity, writer_record)
+from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, check as check_settings, common_settings, model_identity, writer_record)
+from m2f_cli.errors import SettingsConflict
 from m2f_cli.outputs.folder import OutputFolder
 from m2f_cli.outputs.remote import open_output
-from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
+from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, WalkResult, shard_of, walk
+from m2f_cli.errors import InputError
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
