@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from m2f_cli import RunConfig, run
-from m2f_cli import options
+from m2f_cli import choices
 from m2f_cli.engines import local
 from m2f_cli.choices import resolve_compile
 
@@ -14,7 +14,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_auto_compiles_long_fixed_size_cpu_runs_only():
-    n = options.COMPILE_AUTO_MIN_IMAGES
+    n = choices.COMPILE_AUTO_MIN_IMAGES
     assert resolve_compile(None, CPU, n, fixed_size=True)
     assert not resolve_compile(None, CPU, n - 1, fixed_size=True)   # too short to pay back
     assert not resolve_compile(None, CPU, n, fixed_size=False)      # one compile per input shape
@@ -34,7 +34,7 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
         return real_compile(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", eager_compile)
-    monkeypatch.setattr(options, "COMPILE_AUTO_MIN_IMAGES", 2)
+    monkeypatch.setattr(choices, "COMPILE_AUTO_MIN_IMAGES", 2)
     batches = []
     real = local.start_batch  # every batch goes through it (engines.local.segment_samples)
     monkeypatch.setattr(local, "start_batch",
