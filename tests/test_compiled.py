@@ -256,7 +256,7 @@ def test_the_detached_build_pauses_while_m2f_runs_and_dies_with_its_parent(tmp_p
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import subprocess
-from m2f_cli import builds
+from m2f_cli.model.startup import builds
 real = subprocess.Popen
 def record(*a, **k):
     p = real(*a, **k)
