@@ -26,7 +26,7 @@ DEFAULTS = RunConfig(inputs=[], out="")  # the defaults, from their one place
 
 def _version(value: bool) -> None:
     if value:
-        from m2f_cli import __version__
+        from m2f_cli.version import __version__
         typer.echo(f"m2f {__version__}")
         raise typer.Exit(0)
 

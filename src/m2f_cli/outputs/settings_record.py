@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from m2f_cli import __version__
+from m2f_cli.version import __version__
 from m2f_cli.model.startup.fingerprint import file_digest, model_fingerprint
 from m2f_cli.errors import SettingsConflict
 

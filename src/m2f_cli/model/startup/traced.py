@@ -65,7 +65,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from m2f_cli import __version__
+from m2f_cli.version import __version__
 from m2f_cli.model.startup import cache
 from m2f_cli.model import deformable
 from m2f_cli.model.categories import CategoryTable, categories_of
