@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.outputs import folder as state
 from m2f_cli.cli import app
-from m2f_cli.config import ExitCode
-from m2f_cli.outputs.folder import Journal, OutputError, OutputFolder, file_is_whole
+from m2f_cli.errors import ExitCode
+from m2f_cli.outputs.folder import Journal, OutputFolder, file_is_whole
+from m2f_cli.errors import OutputError
 
 from planted import PlantedPredictor
 

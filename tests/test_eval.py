@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.cli import app
-from m2f_cli.config import ExitCode
-from m2f_cli.tools.evaluate import EvalError, evaluate_run
+from m2f_cli.errors import ExitCode
+from m2f_cli.tools.evaluate import evaluate_run
+from m2f_cli.errors import EvalError
 
 from planted import PlantedPredictor, planted_dir
 

@@ -13,8 +13,9 @@ from m2f_cli import RunConfig, run
 from m2f_cli.outputs import coco_panoptic
 from m2f_cli.model.categories import COCO_NAMES
 from m2f_cli.cli import app
-from m2f_cli.config import ExitCode
-from m2f_cli.tools.eval_panoptic import EvalError, evaluate_panoptic, pq_image, pq_summary
+from m2f_cli.errors import ExitCode
+from m2f_cli.tools.eval_panoptic import evaluate_panoptic, pq_image, pq_summary
+from m2f_cli.errors import EvalError
 
 from panoptic_planted import CATEGORIES, perturb, random_scene, write_panoptic
 from tiny import make_tiny_model

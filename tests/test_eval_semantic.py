@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from m2f_cli import RunConfig, run
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.cli import app
-from m2f_cli.config import ExitCode
-from m2f_cli.tools.eval_semantic import EvalError, confusion, evaluate_semantic, read_labels, scores
+from m2f_cli.errors import ExitCode
+from m2f_cli.tools.eval_semantic import confusion, evaluate_semantic, read_labels, scores
+from m2f_cli.errors import EvalError
 from m2f_cli.records import ImageRef, ImageResult, Segment
 from m2f_cli.outputs.writers.labels import IGNORE, class_index_map
 from m2f_cli.outputs.writers.legend import draw_legend, legend_colors, legend_rows

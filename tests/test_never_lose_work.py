@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.config import ExitCode
+from m2f_cli.errors import ExitCode
 from m2f_cli.outputs.folder import Journal
 
 from planted import PlantedPredictor, iou, planted_image

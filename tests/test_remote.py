@@ -18,7 +18,7 @@ from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.outputs import remote as storage
 from m2f_cli.tools.merge import merge
 from m2f_cli.errors import UsageError
-from m2f_cli.outputs.folder import OutputLockedError
+from m2f_cli.errors import OutputLockedError
 from m2f_cli.inputs.walk import InputError, walk
 
 from planted import PlantedPredictor, planted_image

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, run
 from m2f_cli.cli import app
-from m2f_cli.config import ExitCode
-from m2f_cli.tools.report import ReportError, Sampler, build_report, name_hash
+from m2f_cli.errors import ExitCode
+from m2f_cli.tools.report import Sampler, build_report, name_hash
+from m2f_cli.errors import ReportError
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "fixtures" / "shapes_model"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.cli import app
-from m2f_cli.config import ExitCode
+from m2f_cli.errors import ExitCode
 from m2f_cli.model.loading import cpu_has_fast_bf16
 from m2f_cli.errors import WriterError
 from m2f_cli.outputs.settings_record import differences

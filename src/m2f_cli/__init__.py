@@ -7,7 +7,7 @@ Heavy modules (torch, transformers) are imported on first use, so importing m2f_
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from m2f_cli.version import __version__
 __all__ = ["segment", "Result", "Failure", "Cutout", "Segmenter", "RunConfig", "run", "ImageResult", "Instance",
            "CategoryTable"]
 

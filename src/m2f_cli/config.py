@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from m2f_cli.errors import ExitCode  # noqa: F401  (the exit codes live with the errors; re-exported)
 
 
 DEFAULT_MODEL = "facebook/mask2former-swin-tiny-coco-instance"

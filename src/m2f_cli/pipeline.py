@@ -30,11 +30,12 @@ from m2f_cli.inputs.preprocess import load_checkpoint_spec, spec_for_resize
 from m2f_cli.progress import QuietReporter, Reporter, RunSummary
 from m2f_cli.records import Failure, ImageRef
 from m2f_cli.segmenter import Segmenter, resolve_classes, resolve_task
-from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsConflict, check as check_settings,
-    common_settings, model_identity, writer_record)
+from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, check as check_settings, common_settings, model_identity, writer_record)
+from m2f_cli.errors import SettingsConflict
 from m2f_cli.outputs.folder import OutputFolder
 from m2f_cli.outputs.remote import open_output
-from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
+from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, WalkResult, shard_of, walk
+from m2f_cli.errors import InputError
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
@@ -184,13 +185,8 @@ def _announce(line: str) -> None:
 
 def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine
                 ) -> RunSummary:
-    thresholds = writer_thresholds(config)
     m = model_facts(config, segmenter)
-    if m.task == "semantic" and "coco" in config.formats:
-        raise UsageError("--format coco writes instance or panoptic results; this is a semantic model "
-                         "(--task semantic): --format labels writes its label PNGs")
-    if m.task != "instance" and config.tile is not None:
-        raise UsageError(f"--tile merges instances; this is a {m.task} model (--task {m.task})")
+    _check_task(config, m)
     writers = open_writers(config, folder, m.categories, m.identity.name, stdout, m.task)
     recorder = _check_settings(config, folder, writers, m, dtype, found)
     if engine is None and config.ray is not None:
@@ -200,43 +196,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     summary = RunSummary(total=len(found.refs) + len(found.failures), not_images=dict(found.not_images))
     plan, todo = plan_outputs(config, writers, found.refs)
     summary.skipped = len(found.refs) - len(todo)
-
-    compiled = False
-    if segmenter is None and engine is None and todo:
-        spec = spec_for_resize(config.resize, load_checkpoint_spec(m.source.local_dir))
-        compiled = resolve_compile(config.compile, device, len(todo), spec.mode == "fixed")
-        try:
-            segmenter = Segmenter(**{**segmenter_options(config, m.task), "compile": compiled},
-                                  source=m.source, notify=reporter.message,
-                                  builds=build_mode(len(todo), config.detached_build),
-                                  announce=_announce if config.detached_build else None)
-            summary.hint = segmenter.startup_hint
-        except KeyError as e:
-            raise UsageError(e.args[0]) from None
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    elif segmenter is not None:
-        segmenter.options = segmenter.options.__class__(
-            threshold=min(thresholds.values()), map_threshold=map_threshold(config, thresholds),
-            top_k=config.top_k, keep=m.keep)
-        segmenter.tiling = tile_of(config)
-
-    spec = segmenter.spec if segmenter is not None else None
-    batch_size, workers, threads = auto_settings(
-        device, config, padded=spec.padded_size(3000, 4000) if spec is not None else None,  # a 4:3 photo
-        dtype=getattr(getattr(segmenter, "predictor", None), "dtype", None))
-    if compiled and config.batch_size is None and device.type == "cpu":
-        batch_size = 1  # a partial batch would be a new input shape, i.e. another compile
-    if getattr(getattr(segmenter, "predictor", None), "compiling", False):
-        reporter.message("compiling the model (torch.compile): the first image waits for it, "
-                         "a few minutes cold, seconds with inductor's on-disk cache warm")
-    if segmenter is not None:
-        predictor = segmenter.predictor
-        log.info("model: %s (%s) on %s; batch size %d, %d decode workers, %s torch threads",
-                 getattr(predictor, "kind", None) or type(predictor).__name__, getattr(predictor, "path", None)
-                 or "not from the start-up cache", segmenter.device, batch_size, workers, threads or "default")
-    if threads:
-        torch.set_num_threads(threads)
+    segmenter, compiled = _ready_segmenter(config, segmenter, engine, m, device, len(todo), reporter, summary)
+    batch_size, workers = _batching(config, segmenter, device, compiled, reporter)
 
     reporter.start(len(todo) + len(found.failures), summary.skipped)
     if config.tile is not None and todo:
@@ -253,26 +214,92 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         if todo:
             fatal = _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers,
                              summary, reporter, interrupt)
-        for w in writers:
-            try:
-                w.close()
-            except OutputError as e:
-                fatal = fatal or e
-        summary.interrupted = interrupt.signum
-        summary.wall_s = time.perf_counter() - t_start
-        if segmenter is not None:
-            summary.stages.forward = segmenter.times.forward_s
-            summary.stages.postprocess = segmenter.times.postprocess_s
-        if folder is not None:
-            try:
-                write_failures(folder, summary.failures)
-                write_manifest(folder, config, summary, complete=fatal is None)
-            except OutputError as e:
-                fatal = fatal or e
+        fatal = _close(config, folder, writers, segmenter, summary, interrupt.signum, t_start, fatal)
     reporter.finish(summary)
     if fatal is not None:
         raise fatal
     return summary
+
+
+def _check_task(config: RunConfig, m: ModelFacts) -> None:
+    """Formats and options the model's task cannot serve: UsageError."""
+    if m.task == "semantic" and "coco" in config.formats:
+        raise UsageError("--format coco writes instance or panoptic results; this is a semantic model "
+                         "(--task semantic): --format labels writes its label PNGs")
+    if m.task != "instance" and config.tile is not None:
+        raise UsageError(f"--tile merges instances; this is a {m.task} model (--task {m.task})")
+
+
+def _ready_segmenter(config, segmenter, engine, m: ModelFacts, device, todo: int, reporter, summary):
+    """The Segmenter of this run, loaded here unless one was given or an engine runs the model
+    elsewhere (or there is nothing to do); a given one takes this run's options. (segmenter, compiled)."""
+    if segmenter is not None:
+        thresholds = writer_thresholds(config)
+        segmenter.options = segmenter.options.__class__(
+            threshold=min(thresholds.values()), map_threshold=map_threshold(config, thresholds),
+            top_k=config.top_k, keep=m.keep)
+        segmenter.tiling = tile_of(config)
+        return segmenter, False
+    if engine is not None or not todo:
+        return None, False
+    spec = spec_for_resize(config.resize, load_checkpoint_spec(m.source.local_dir))
+    compiled = resolve_compile(config.compile, device, todo, spec.mode == "fixed")
+    try:
+        segmenter = Segmenter(**{**segmenter_options(config, m.task), "compile": compiled},
+                              source=m.source, notify=reporter.message,
+                              builds=build_mode(todo, config.detached_build),
+                              announce=_announce if config.detached_build else None)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    summary.hint = segmenter.startup_hint
+    return segmenter, compiled
+
+
+def _batching(config, segmenter, device, compiled: bool, reporter) -> tuple[int, int]:
+    """(batch size, decode workers) for this run; torch's threads set; what was chosen logged."""
+    spec = segmenter.spec if segmenter is not None else None
+    predictor = getattr(segmenter, "predictor", None)
+    batch_size, workers, threads = auto_settings(
+        device, config, padded=spec.padded_size(3000, 4000) if spec is not None else None,  # a 4:3 photo
+        dtype=getattr(predictor, "dtype", None))
+    if compiled and config.batch_size is None and device.type == "cpu":
+        batch_size = 1  # a partial batch would be a new input shape, i.e. another compile
+    if getattr(predictor, "compiling", False):
+        reporter.message("compiling the model (torch.compile): the first image waits for it, "
+                         "a few minutes cold, seconds with inductor's on-disk cache warm")
+    if segmenter is not None:
+        log.info("model: %s (%s) on %s; batch size %d, %d decode workers, %s torch threads",
+                 getattr(predictor, "kind", None) or type(predictor).__name__, getattr(predictor, "path", None)
+                 or "not from the start-up cache", segmenter.device, batch_size, workers, threads or "default")
+    if threads:
+        torch.set_num_threads(threads)
+    return batch_size, workers
+
+
+def _close(config, folder, writers, segmenter, summary, signum, t_start,
+           fatal: Optional[BaseException]) -> Optional[BaseException]:
+    """Close the writers, finish the summary, write failures.jsonl and the manifest (complete when
+    nothing was fatal); the run's fatal error: fatal, else the first OutputError met here (everything
+    else is still tried), or None."""
+    for w in writers:
+        try:
+            w.close()
+        except OutputError as e:
+            fatal = fatal or e
+    summary.interrupted = signum
+    summary.wall_s = time.perf_counter() - t_start
+    if segmenter is not None:
+        summary.stages.forward = segmenter.times.forward_s
+        summary.stages.postprocess = segmenter.times.postprocess_s
+    if folder is not None:
+        try:
+            write_failures(folder, summary.failures)
+            write_manifest(folder, config, summary, complete=fatal is None)
+        except OutputError as e:
+            fatal = fatal or e
+    return fatal
 
 
 def _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers, summary, reporter,

@@ -28,8 +28,9 @@ from pathlib import PurePosixPath
 from typing import Iterator, Optional, Sequence
 
 from m2f_cli.records import Failure, ImageRef
-from m2f_cli.outputs.remote import RemoteError, is_url, local_path, walk_url
-from m2f_cli.errors import InputError  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.outputs.remote import is_url, local_path, walk_url
+from m2f_cli.errors import RemoteError
+from m2f_cli.errors import InputError
 
 log = logging.getLogger(__name__)
 

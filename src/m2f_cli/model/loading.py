@@ -19,7 +19,7 @@ import torch
 
 from m2f_cli.model import deformable
 from m2f_cli.model.categories import CategoryTable, categories_of
-from m2f_cli.errors import DeviceError, ModelLoadError, one_line  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.errors import DeviceError, ModelLoadError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,8 @@ def load(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow
     names the command). cache_mode "trace": no compiled package (builds.startup_mode). Waits for
     another process's build at most BUILD_WAIT_S."""
     from m2f_cli.model.startup import compiled, traced
-    from m2f_cli.model.startup.cache import BuildBusy, CacheLockError
+    from m2f_cli.model.startup.cache import BuildBusy
+    from m2f_cli.errors import CacheLockError
     if builds not in BUILD_MODES:
         raise ValueError(f"builds {builds!r}: expected one of {', '.join(BUILD_MODES)}")
     notify = notify or log.info

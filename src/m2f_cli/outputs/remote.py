@@ -53,8 +53,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Callable, Iterator, Optional
 
-from m2f_cli.outputs.folder import (LeaseLostError, OutputError, OutputFolder, OutputLockedError, part_suffix,
-    state_dir)
+from m2f_cli.errors import LeaseLostError, OutputError, OutputLockedError
+from m2f_cli.outputs.folder import OutputFolder, part_suffix, state_dir
 from m2f_cli.errors import RemoteError, one_line  # noqa: F401  (defined there; raised and re-exported here)
 
 JOURNAL_FLUSH_RECORDS = 256

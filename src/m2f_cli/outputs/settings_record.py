@@ -27,9 +27,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from m2f_cli import __version__
+from m2f_cli.version import __version__
 from m2f_cli.model.startup.fingerprint import file_digest, model_fingerprint
-from m2f_cli.errors import SettingsConflict  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.errors import SettingsConflict
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
-from m2f_cli.errors import EvalError  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.errors import EvalError
 
 STAT_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",

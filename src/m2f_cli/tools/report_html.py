@@ -401,7 +401,7 @@ def render_page(out: str, source: str, stats: Stats, manifest: Optional[dict], s
                 failed: int, failed_stages: dict, failure_rows: list, sample_sizes: dict,
                 failure_files: list = (), candidates=None) -> str:
     """The whole index.html."""
-    from m2f_cli import __version__
+    from m2f_cli.version import __version__
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     src = {"sidecars": "the PNG sidecars", "jsonl": "predictions.jsonl (no PNG maps: boxes only)"}[source]
     nav = " · ".join(f'<a style="color:#b8c0cc" href="#{a}">{t}</a>' for a, t in

@@ -28,7 +28,7 @@ from typing import IO, Optional
 
 from m2f_cli.model.startup.fingerprint import cache_root
 from m2f_cli.outputs.folder import NO_FLOCK_ERRNOS, no_flock_message
-from m2f_cli.errors import CacheLockError  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.errors import CacheLockError
 
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3
 MAX_BYTES_ENV = "M2F_CACHE_MAX_BYTES"

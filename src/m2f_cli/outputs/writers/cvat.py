@@ -21,8 +21,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from m2f_cli.outputs.polygons import seamed
 from m2f_cli.records import ImageRef, ImageResult
-from m2f_cli.outputs.writers.base import Writer, register
-from m2f_cli.outputs.writers.vector import number, shapes, simplify_option
+from m2f_cli.outputs.writers.base import register
+from m2f_cli.outputs.writers.vector import PolygonWriter, number
 
 
 def header(labels: Sequence[tuple[str, str]], size: int) -> bytes:
@@ -80,13 +80,10 @@ def write_document(f, labels: Sequence[tuple[str, str]], records: Iterable[tuple
 
 
 @register
-class CvatWriter(Writer):
+class CvatWriter(PolygonWriter):
     name = "cvat"
-    recorded = ("simplify",)
-
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.simplify = simplify_option(ctx)
         self.journal = ctx.folder.journal("cvat", fresh=ctx.overwrite)
         self._done = {r["rel"] for r in self.journal.records()}
 
@@ -95,7 +92,7 @@ class CvatWriter(Writer):
 
     def record(self, result: ImageResult) -> dict:
         polygons = []
-        for s in shapes(result, self.threshold, self.simplify):
+        for s in self.shapes(result):
             score = None if s.score is None else f"{s.score:.6f}".rstrip("0").rstrip(".")
             for part in s.parts:
                 pts = ";".join(f"{number(x)},{number(y)}" for x, y in seamed(part))

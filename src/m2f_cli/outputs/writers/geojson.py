@@ -21,10 +21,10 @@ import logging
 import warnings
 from typing import Optional
 
-from m2f_cli.records import ImageRef, ImageResult
+from m2f_cli.records import ImageResult
 from m2f_cli.outputs.remote import local_path
-from m2f_cli.outputs.writers.base import Writer, register
-from m2f_cli.outputs.writers.vector import number, shapes, simplify_option
+from m2f_cli.outputs.writers.base import register
+from m2f_cli.outputs.writers.vector import PerImagePolygonWriter, number
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +78,13 @@ def _geometry(parts, affine) -> dict:
 
 
 @register
-class GeojsonWriter(Writer):
+class GeojsonWriter(PerImagePolygonWriter):
     name = "geojson"
-    recorded = ("simplify",)
+    prefix, suffix = "", ".geojson"
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.simplify = simplify_option(ctx)
         self._warned = False
-
-    def _path(self, ref: ImageRef) -> str:
-        return self.ctx.folder.path(ref.rel, ".geojson")
-
-    def done(self, ref: ImageRef) -> bool:
-        return self.ctx.folder.exists(self._path(ref))
 
     def _georeference(self, result: ImageResult):
         if not result.ref.path.lower().endswith(TIFF_EXTENSIONS):
@@ -109,7 +102,7 @@ class GeojsonWriter(Writer):
         geo = self._georeference(result)
         affine = geo[0] if geo else None
         features = []
-        for s in shapes(result, self.threshold, self.simplify):
+        for s in self.shapes(result):
             props = {"id": s.id, "label": s.label, "category_id": s.category_id,
                      "score": None if s.score is None else round(s.score, 6)}
             features.append({"type": "Feature", "id": s.id, "geometry": _geometry(s.parts, affine),

@@ -22,26 +22,16 @@ import os
 from m2f_cli.outputs.polygons import seamed
 from m2f_cli.records import ImageRef, ImageResult
 from m2f_cli.outputs.remote import is_url, local_path
-from m2f_cli.outputs.writers.base import Writer, register
-from m2f_cli.outputs.writers.vector import number, shapes, simplify_option
+from m2f_cli.outputs.writers.base import register
+from m2f_cli.outputs.writers.vector import PerImagePolygonWriter, number
 
 LABELME_VERSION = "5.5.0"  # the label-file layout written here is the one of LabelMe 5.x and 6.x
 
 
 @register
-class LabelmeWriter(Writer):
+class LabelmeWriter(PerImagePolygonWriter):
     name = "labelme"
-    recorded = ("simplify",)
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.simplify = simplify_option(ctx)
-
-    def _path(self, ref: ImageRef) -> str:
-        return self.ctx.folder.path("labelme/" + ref.rel, ".json")
-
-    def done(self, ref: ImageRef) -> bool:
-        return self.ctx.folder.exists(self._path(ref))
+    prefix, suffix = "labelme/", ".json"
 
     def _image_path(self, ref: ImageRef, json_path: str) -> str:
         if is_url(ref.path) or is_url(json_path):
@@ -51,7 +41,7 @@ class LabelmeWriter(Writer):
 
     def document(self, result: ImageResult, json_path: str) -> dict:
         out = []
-        for s in shapes(result, self.threshold, self.simplify):
+        for s in self.shapes(result):
             for part in s.parts:
                 shape = {"label": s.label, "points": [[number(x), number(y)] for x, y in seamed(part)],
                          "group_id": s.id, "description": "" if s.score is None else f"score {s.score:.3f}",

@@ -1,5 +1,6 @@
 """What the polygon formats (yolo, labelme, cvat, geojson) share: the objects of one image as
-polygons (polygons.py), and the ``--simplify`` option."""
+polygons (polygons.py), the ``--simplify`` option, and the writers' common part (PolygonWriter,
+PerImagePolygonWriter)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from m2f_cli.outputs.polygons import Part, region_parts, rle_parts
-from m2f_cli.records import ImageResult
+from m2f_cli.outputs.writers.base import Writer
+from m2f_cli.records import ImageRef, ImageResult
 
 
 @dataclass(frozen=True)
@@ -78,3 +80,30 @@ def number(v: float) -> "int | float":
     """A coordinate for JSON/XML: integers (exact polygons) without a trailing .0, else 3 decimals."""
     r = round(float(v), 3)
     return int(r) if r == int(r) else r
+
+
+class PolygonWriter(Writer):
+    """A polygon format: --simplify validated and kept in the settings record, and each image's
+    objects as polygons (shapes(): traced once per image however many formats want them)."""
+
+    recorded = ("simplify",)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.simplify = simplify_option(ctx)
+
+    def shapes(self, result: ImageResult) -> list[Shape]:
+        return shapes(result, self.threshold, self.simplify)
+
+
+class PerImagePolygonWriter(PolygonWriter):
+    """A polygon format with one file per image, <out>/<prefix><name><suffix>: done when it exists."""
+
+    prefix = ""
+    suffix = ""
+
+    def _path(self, ref: ImageRef) -> str:
+        return self.ctx.folder.path(self.prefix + ref.rel, self.suffix)
+
+    def done(self, ref: ImageRef) -> bool:
+        return self.ctx.folder.exists(self._path(ref))

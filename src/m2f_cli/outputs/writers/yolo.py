@@ -17,9 +17,9 @@ masks. Nothing is dropped; what is lost is measured in the tests and stated in t
 from __future__ import annotations
 
 from m2f_cli.outputs.polygons import joined
-from m2f_cli.records import ImageRef, ImageResult
-from m2f_cli.outputs.writers.base import Writer, register
-from m2f_cli.outputs.writers.vector import shapes, simplify_option
+from m2f_cli.records import ImageResult
+from m2f_cli.outputs.writers.base import register
+from m2f_cli.outputs.writers.vector import PerImagePolygonWriter
 
 
 def _yaml_str(s: str) -> str:
@@ -29,24 +29,14 @@ def _yaml_str(s: str) -> str:
 
 
 @register
-class YoloWriter(Writer):
+class YoloWriter(PerImagePolygonWriter):
     name = "yolo"
-    recorded = ("simplify",)
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.simplify = simplify_option(ctx)
-
-    def _path(self, ref: ImageRef) -> str:
-        return self.ctx.folder.path("labels/" + ref.rel, ".txt")
-
-    def done(self, ref: ImageRef) -> bool:
-        return self.ctx.folder.exists(self._path(ref))
+    prefix, suffix = "labels/", ".txt"
 
     def lines(self, result: ImageResult) -> list[str]:
         w, h = result.width, result.height
         out = []
-        for s in shapes(result, self.threshold, self.simplify):
+        for s in self.shapes(result):
             ring = joined(s.parts)
             coords = " ".join(f"{x / w:.6f} {y / h:.6f}" for x, y in ring)
             out.append(f"{s.index} {coords}")
