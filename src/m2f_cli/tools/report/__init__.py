@@ -3,7 +3,7 @@
 ``build_report(out)`` writes ``OUT/report/index.html`` (plus ``thumbs/``, ``overlays/`` and
 ``no_instances.txt`` next to it) without running the model, for a finished or interrupted run, local
 or remote (fsspec URL) ``--out``. The page needs nothing but the files beside it: no server, no CDN,
-plots are inline SVG (report_html.py), the filters a few lines of inline JavaScript.
+plots are inline SVG (page.py), the filters a few lines of inline JavaScript.
 
 Streaming, so memory stays flat in the number of images:
 - one pass over the per-image records: the PNG sidecars (``<name>.json`` next to ``<name>.png``),
@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from m2f_cli.tools.report_html import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS, SCORE_BINS, render_page
+from m2f_cli.tools.report.page import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS, SCORE_BINS, render_page
 from m2f_cli.outputs.folder import OutputFolder
 from m2f_cli.outputs.remote import RemoteError, RemoteOutputFolder, is_url, local_path, one_line, open_output
 from m2f_cli.errors import ReportError  # noqa: F401  (defined there; raised and re-exported here)
