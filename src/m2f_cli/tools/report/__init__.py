@@ -16,9 +16,9 @@ Streaming, so memory stays flat in the number of images:
   cards and the page opens at once;
 - thumbnails (draw.py; at most ``thumb_px`` on a side, lazy-loaded) are drawn for the sampled images
   only: from the run's overlay when there is one, else an overlay is drawn into ``report/overlays/``
-  from the PNG map, the sidecar and the input image with writers/overlay.render_overlay (the overlay
-  writer's own drawing). Files are named by a digest of the record they show, so a rebuilt report
-  reuses them.
+  from the PNG map, the sidecar and the input image with outputs/writers/overlay.render_overlay (the
+  overlay writer's own drawing). Files are named by a digest of the record they show, so a rebuilt
+  report reuses them.
 
 The modules: records.py (one image's record), stats.py, reader.py, sample.py, draw.py, page.py; each
 imports only modules listed before it, none imports this one.

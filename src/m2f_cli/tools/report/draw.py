@@ -2,8 +2,8 @@
 
 Drawn for the sampled images only: from the run's overlay when there is one, else an overlay is
 drawn into ``report/overlays/`` from the PNG map, the sidecar and the input image with
-writers/overlay.render_overlay (the overlay writer's own drawing), or boxes for JSON Lines records.
-Files are named by a digest of the record they show, so a rebuilt report reuses them.
+outputs/writers/overlay.render_overlay (the overlay writer's own drawing), or boxes for JSON Lines
+records. Files are named by a digest of the record they show, so a rebuilt report reuses them.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ OVERLAY_MAX_PX = 1600      # longest side of the overlays the report draws itsel
 
 
 class _Palette:
-    """The overlay writer's colours (categories.py: stable per category id), without the model's
-    category table: a sidecar names each instance's category id and label."""
+    """The overlay writer's colours (model/categories.py: stable per category id), without the
+    model's category table: a sidecar names each instance's category id and label."""
 
     def by_id(self, category_id: int):
         from m2f_cli.model.categories import Category, _color
