@@ -20,9 +20,9 @@ from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, run
 from m2f_cli.cli import app
-from m2f_cli.errors import ExitCode
-from m2f_cli.tools.report import Sampler, build_report, name_hash
-from m2f_cli.errors import ReportError
+from m2f_cli.errors import ExitCode, ReportError
+from m2f_cli.tools.report import build_report
+from m2f_cli.tools.report.sample import Sampler, name_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "fixtures" / "shapes_model"
@@ -529,7 +529,9 @@ def test_remote_out_on_s3_through_the_cli(s3_env, tmp_path):
 def test_big_images_are_drawn_at_a_bounded_size(tmp_path):
     """A photo above OVERLAY_MAX_PX is drawn at that size (JPEG draft decode, the map resized by
     nearest neighbour), and looks like the full-size drawing scaled down."""
-    from m2f_cli.tools.report import OVERLAY_MAX_PX, _Palette, _result_from_card, card_of, record_of
+    from m2f_cli.tools.report.draw import OVERLAY_MAX_PX, _Palette, _result_from_card
+    from m2f_cli.tools.report.records import record_of
+    from m2f_cli.tools.report.sample import card_of
     from m2f_cli.outputs.writers.overlay import render_overlay
     out = tmp_path / "out"
     synthesise(str(out), 3, seed=7, size=(2400, 1800), empty_every=100)

@@ -15,14 +15,10 @@ import math
 from typing import TYPE_CHECKING, Optional
 from urllib.parse import quote
 
-if TYPE_CHECKING:
-    from m2f_cli.tools.report import Stats
+from m2f_cli.tools.report.stats import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS, SCORE_BINS
 
-# The histograms' bins: the plots are drawn for them and report.py counts into them.
-SCORE_BINS = 20            # score histograms: 0.05 wide
-COUNT_BINS = 21            # instances per image: 0..19, then "20+"
-AREA_DECADES = 6           # mask area / image area from 1e-6 to 1 ...
-AREA_PER_DECADE = 4        # ... in bins a quarter decade wide
+if TYPE_CHECKING:
+    from m2f_cli.tools.report.stats import Candidates, Stats
 
 PAGE_SIZE = 48          # gallery cards per page
 SMALL_MULTIPLES = 24    # classes with their own score histogram (the most frequent)
@@ -330,7 +326,7 @@ def gallery_section(cards: list, stats: Stats, failed: int, sample_sizes: dict, 
             f'<div id="gallery">{"".join(figs)}</div></section>')
 
 
-def plots_section(stats: Stats, candidates=None) -> str:
+def plots_section(stats: Stats, candidates: Optional[Candidates] = None) -> str:
     by_count = sorted(stats.classes.items(), key=lambda kv: (-kv[1].count, kv[0]))
     parts = []
     if by_count:
@@ -399,7 +395,7 @@ def failures_section(failed: int, stages: dict, rows: list, files: list) -> str:
 
 def render_page(out: str, source: str, stats: Stats, manifest: Optional[dict], settings: dict, cards: list,
                 failed: int, failed_stages: dict, failure_rows: list, sample_sizes: dict,
-                failure_files: list = (), candidates=None) -> str:
+                failure_files: list = (), candidates: Optional[Candidates] = None) -> str:
     """The whole index.html."""
     from m2f_cli.version import __version__
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
