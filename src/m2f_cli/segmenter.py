@@ -26,8 +26,9 @@ from m2f_cli.model.categories import COCO_NAMES, CategoryTable, canonical_name
 from m2f_cli.config import DEFAULT_MODEL
 from m2f_cli.inputs.decode import _to_rgb
 from m2f_cli.model.loading import ModelSource, Predictor, load, resolve_device, resolve_dtype, resolve_model
-from m2f_cli.postprocess.core import (PostprocessOptions, panoptic_from_logits, segment_instances,
-    semantic_from_logits)
+from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
+from m2f_cli.postprocess.panoptic import panoptic_from_logits
+from m2f_cli.postprocess.semantic import semantic_from_logits
 from m2f_cli.postprocess.device import launch_batch
 from m2f_cli.inputs.preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
 from m2f_cli.records import ImageRef, ImageResult

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.postprocess.core import PostprocessOptions, _crop_to_valid, window_rle
+from m2f_cli.postprocess.instance import PostprocessOptions
+from m2f_cli.postprocess.masks import window_rle
+from m2f_cli.postprocess.upsample import _crop_to_valid
 from m2f_cli.records import Instance
 
 # float32 full-resolution logits upsampled at once on the device (bounds the device memory)

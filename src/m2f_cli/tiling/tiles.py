@@ -44,7 +44,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.postprocess.core import PostprocessOptions, _Sampler, _crop_to_valid, top_candidates, window_rle
+from m2f_cli.postprocess.instance import PostprocessOptions, top_candidates
+from m2f_cli.postprocess.masks import window_rle
+from m2f_cli.postprocess.sampling import _Sampler
+from m2f_cli.postprocess.upsample import _crop_to_valid
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.records import Failure, ImageRef, ImageResult, Instance
 
