@@ -11,14 +11,14 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 
-def _c(rle: dict) -> dict:
-    """Our str-counts RLE -> the bytes-counts form pycocotools' C functions take."""
+def rle_with_bytes_counts(rle: dict) -> dict:
+    """Our RLE, counts a str -> the same RLE with counts as bytes, the form pycocotools' C functions take."""
     return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
 
 
 def _bbox(rle: dict) -> tuple[int, int, int, int]:
     """Tight [x, y, w, h] of an RLE mask (integers; zeros when empty), straight from the runs."""
-    x, y, w, h = mask_utils.toBbox(_c(rle)).tolist()
+    x, y, w, h = mask_utils.toBbox(rle_with_bytes_counts(rle)).tolist()
     return (int(x), int(y), int(w), int(h))
 
 
