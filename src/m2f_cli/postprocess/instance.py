@@ -90,6 +90,10 @@ class _Packed:
         return np.unpackbits(self.bits, count=self.shape[0] * self.shape[1]).view(np.bool_).reshape(self.shape)
 
 
+# query -> (tight [x, y, w, h] box, area, RLE) of its mask at the original size
+Geometry = dict[int, tuple[tuple[int, int, int, int], int, dict]]
+
+
 def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
                       padded: tuple[int, int], valid: tuple[int, int], original: tuple[int, int],
                       categories: CategoryTable, options: PostprocessOptions
@@ -108,11 +112,34 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     best_p: dict[int, float] = {}
     for p, q in zip(p_list, queries):
         best_p[q] = max(best_p.get(q, 0.0), p)
-    uniq = sorted(best_p)
+    mask_score, geometry, windows = _measure_queries(mask_logits, padded, valid, original, best_p,
+                                                     options.map_threshold)
+    cand = []
+    for rank, (p, lab, q) in enumerate(zip(p_list, labels, queries)):
+        s = p * mask_score[q]
+        if s >= options.threshold:
+            cand.append((-s, rank, s, lab, q))
+    cand.sort()
+    out: list[Instance] = []
+    for n, (_, _, s, lab, q) in enumerate(cand, start=1):
+        cat = categories[lab]
+        bbox, area, rle = geometry[q]
+        out.append(Instance(id=n, label=cat.name, category_id=cat.id, label_index=lab, score=float(s),
+                            bbox=bbox, area=area, rle=rle))
+    return out, _paint(out, cand, windows, original, options.map_threshold)
 
+
+def _measure_queries(mask_logits: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int],
+                     original: tuple[int, int], best_p: dict[int, float], map_threshold: float
+                     ) -> tuple[dict[int, float], Geometry, dict[int, _Packed]]:
+    """Every query of best_p (query -> its best class probability) measured at the original
+    (H0, W0) size, in chunks of CHUNK_BYTES of valid-area logits. mask_logits, padded, valid: as
+    segment_instances. Returns query -> mask score, query -> Geometry, and the packed windows of
+    the queries whose best instance reaches map_threshold (the ones the map may draw)."""
+    uniq = sorted(best_p)
     sampler = _Sampler(valid, original, mask_logits.device)
     mask_score: dict[int, float] = {}
-    geometry: dict[int, tuple[tuple[int, int, int, int], int, dict]] = {}
+    geometry: Geometry = {}
     windows: dict[int, _Packed] = {}
     empty = window_rle(np.zeros((0, 0), np.bool_), 0, 0, original)
     per_chunk = max(1, CHUNK_BYTES // max(1, valid[0] * valid[1] * 4))
@@ -127,34 +154,28 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
             mask_score[q] = m.score
             rle = window_rle(m.binary, m.r0, m.c0, original)
             geometry[q] = (_bbox(rle), m.area, rle)
-            if m.area and best_p[q] * m.score >= options.map_threshold:
+            if m.area and best_p[q] * m.score >= map_threshold:
                 windows[q] = _Packed.of(m)
+    return mask_score, geometry, windows
 
-    cand = []
-    for rank, (p, lab, q) in enumerate(zip(p_list, labels, queries)):
-        s = p * mask_score[q]
-        if s >= options.threshold:
-            cand.append((-s, rank, s, lab, q))
-    cand.sort()
-    out: list[Instance] = []
-    imap = np.zeros((h0, w0), np.uint16)
-    for n, (_, _, s, lab, q) in enumerate(cand, start=1):
-        cat = categories[lab]
-        bbox, area, rle = geometry[q]
-        out.append(Instance(id=n, label=cat.name, category_id=cat.id, label_index=lab, score=float(s),
-                            bbox=bbox, area=area, rle=rle))
+
+def _paint(out: list[Instance], cand: list[tuple], windows: dict[int, _Packed], original: tuple[int, int],
+           map_threshold: float) -> np.ndarray:
+    """The (H0, W0) uint16 instance map: out[i] (id i + 1) is candidate cand[i], (-score, rank,
+    score, label, query), in descending score; windows (emptied here): query -> its packed window."""
+    imap = np.zeros(original, np.uint16)
     # Paint in ascending score so the best instance owns each pixel; a query listed with several
     # classes is drawn once, as its best-scoring instance (its first in this order).
     first: dict[int, int] = {}                             # query -> id of its best instance
     for inst, (_, _, s, _, q) in zip(out, cand):
-        if s >= options.map_threshold and q in windows:
+        if s >= map_threshold and q in windows:
             first.setdefault(q, inst.id)
     for inst, (_, _, s, _, q) in zip(reversed(out), reversed(cand)):
         if first.get(q) == inst.id:
             w = windows.pop(q)
             region = imap[w.r0:w.r0 + w.shape[0], w.c0:w.c0 + w.shape[1]]
             np.copyto(region, np.uint16(inst.id), where=w.binary())
-    return out, imap
+    return imap
 
 
 def instances_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor,
