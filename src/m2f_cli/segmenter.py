@@ -256,8 +256,8 @@ class Segmenter:
         return self.source.spec if self.source else type(self.predictor).__name__
 
     def uses_device_postprocess(self) -> bool:
-        """Whether instance post-processing runs batched on the model's device (postprocess_device.py):
-        "auto" on CUDA and MPS (on CPU the per-query windowed path of postprocess.py is ~40x faster:
+        """Whether instance post-processing runs batched on the model's device (postprocess/device.py):
+        "auto" on CUDA and MPS (on CPU the per-query windowed path of postprocess/instance.py is ~40x faster:
         benchmarks/postprocess_speed.py), or when asked for ("device"); never for panoptic/semantic."""
         if self.task != "instance":
             return False
