@@ -6,7 +6,7 @@
 
 --masks scattered: every query confident and its positive logits scattered over the whole image
 (the crowded-photos worst case: each window is the photo, the mask a fraction of it); the host
-path then takes postprocess._Cells where the image is >= 4x the model input. ``window`` is the
+path then takes postprocess.sampling._Cells where the image is >= 4x the model input. ``window`` is the
 host path with the cells turned off (CELL_SHARE = 0), ``cells`` with them always on.
 
 The logits look like the benchmark checkpoint's (benchmarks/README.md): 100 queries, masks at 1/4 of a
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 from m2f_cli.model.categories import CategoryTable  # noqa: E402
-from m2f_cli.postprocess.core import PostprocessOptions, segment_instances  # noqa: E402
+from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances  # noqa: E402
 
 
 def synthetic_logits(batch: int, q: int = 100, low: int = 96, seed: int = 0):
@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     cls, masks = (synthetic_logits if args.masks == "blobs" else scattered_logits)(args.images)
     cls, masks = cls.to(dev), masks.to(dev)
     coco = CategoryTable.coco()
-    import m2f_cli.postprocess.core as pp
-    share = pp.CELL_SHARE
+    import m2f_cli.postprocess.sampling as sampling
+    share = sampling.CELL_SHARE
     padded = valid = (384, 384)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {dev}, "
           f"{args.images} images of {h0}x{w0}, 100 queries")
@@ -92,8 +92,7 @@ def main(argv=None) -> int:
                     return segment_batch(cls, masks, padded, [valid] * args.images, [(h0, w0)] * args.images,
                                          coco, opts)
             else:
-                import m2f_cli.postprocess.core as pp
-                pp.CELL_SHARE = {"window": 0.0, "cells": 1.01}.get(path, share)
+                sampling.CELL_SHARE = {"window": 0.0, "cells": 1.01}.get(path, share)
                 def once():
                     return [segment_instances(cls[b], masks[b], padded, valid, (h0, w0), coco, opts)
                             for b in range(args.images)]
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
                 out = once()
                 best = min(best, time.perf_counter() - t0)
             n = sum(len(r[0]) for r in out)
-            pp.CELL_SHARE = share
+            sampling.CELL_SHARE = share
             print(f"threshold {thr}: {path:6s} {1000 * best / args.images:8.1f} ms/image "
                   f"({n / args.images:.1f} instances/image)")
     return 0

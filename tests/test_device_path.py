@@ -17,7 +17,7 @@ from m2f_cli.postprocess import device as pdev
 from m2f_cli.inputs.batch import Sample
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.engines.local import infer_batch, segment_samples
-from m2f_cli.postprocess.core import PostprocessOptions, segment_instances
+from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
 from m2f_cli.postprocess.device import host_syncs_per_batch, segment_batch
 from m2f_cli.inputs.preprocess import preprocess
 from m2f_cli.records import ImageRef

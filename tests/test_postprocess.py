@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.postprocess.core import PostprocessOptions, instances_from_logits, segment_instances
+from m2f_cli.postprocess.instance import PostprocessOptions, instances_from_logits, segment_instances
 
 COCO = CategoryTable.coco()
 
@@ -139,7 +139,7 @@ def test_agrees_with_straightforward_reference(padded, valid, original):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_window_rle_equals_pycocotools_on_the_full_mask(seed):
-    from m2f_cli.postprocess.core import window_rle
+    from m2f_cli.postprocess.masks import window_rle
     rng = np.random.default_rng(seed)
     h0, w0 = int(rng.integers(1, 60)), int(rng.integers(1, 60))
     R, C = int(rng.integers(0, h0 + 1)), int(rng.integers(0, w0 + 1))
@@ -163,7 +163,7 @@ def test_window_rle_equals_pycocotools_on_the_full_mask(seed):
 def test_window_upsampling_equals_full_image_upsampling(valid, original):
     """Both window paths (separable over a small window; torch's kernel over the whole image for a
     large one) give the full-image bilinear logits on the window, and nothing positive outside it."""
-    from m2f_cli.postprocess.core import FULL_WINDOW, _Sampler
+    from m2f_cli.postprocess.sampling import FULL_WINDOW, _Sampler
     g = torch.Generator().manual_seed(sum(original))
     vh, vw = valid
     sampler = _Sampler(valid, original, torch.device("cpu"))
@@ -197,7 +197,7 @@ def test_cells_equal_full_image_upsampling_on_scattered_masks(valid, original):
     """The cell path (_Cells: only the output cells that sample a positive logit) gives the mask,
     its area and its mask score of the full-image bilinear upsampling, on masks scattered enough
     to take it, at sizes whose cells are uneven (clamped edges, a last partial column)."""
-    from m2f_cli.postprocess.core import CELL_SHARE, _Sampler, _positive_box, _scattered
+    from m2f_cli.postprocess.sampling import CELL_SHARE, _Sampler, _positive_box, _scattered
     g = torch.Generator().manual_seed(sum(original))
     sampler = _Sampler(valid, original, torch.device("cpu"))
     assert sampler.cells is not None
@@ -247,7 +247,7 @@ _MEMORY_PROBE = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_postprocess import COCO, _scattered_low
-from m2f_cli.postprocess.core import PostprocessOptions, segment_instances
+from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
 g = torch.Generator().manual_seed(3)
 q, padded, original = 40, (96, 128), (3000, 4000)
 cls = torch.randn(q, 81, generator=g)

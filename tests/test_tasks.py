@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from m2f_cli import RunConfig, run
 from m2f_cli.model.categories import COCO_NAMES, CategoryTable
 from m2f_cli.cli import app
-from m2f_cli.postprocess.core import panoptic_from_logits, semantic_from_logits
+from m2f_cli.postprocess.panoptic import panoptic_from_logits
+from m2f_cli.postprocess.semantic import semantic_from_logits
 from m2f_cli.segmenter import resolve_task
 
 from tiny import make_tiny_model

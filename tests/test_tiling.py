@@ -23,7 +23,8 @@ from m2f_cli import RunConfig, run
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.cli import app
 from m2f_cli.errors import UsageError
-from m2f_cli.postprocess.core import PostprocessOptions, _Sampler, segment_instances
+from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
+from m2f_cli.postprocess.sampling import _Sampler
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.segmenter import Segmenter
 from m2f_cli.tiling.tiles import (PART_FLOOR, Box, Part, TileError, TileOptions, cut_tiles, instances_of,

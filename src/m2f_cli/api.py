@@ -30,7 +30,7 @@ from m2f_cli.config import DEFAULT_MODEL, RunConfig
 from m2f_cli.engines.local import segment_samples
 from m2f_cli.errors import UsageError
 from m2f_cli.choices import auto_settings, map_threshold, segmenter_options, tile_of, validate, writer_thresholds
-from m2f_cli.postprocess.core import PostprocessOptions
+from m2f_cli.postprocess.instance import PostprocessOptions
 from m2f_cli.inputs.preprocess import PreprocessSpec
 from m2f_cli.records import Failure, ImageRef
 from m2f_cli.result import Result, Views

@@ -26,8 +26,9 @@ from m2f_cli.model.categories import COCO_NAMES, CategoryTable, canonical_name
 from m2f_cli.config import DEFAULT_MODEL
 from m2f_cli.inputs.decode import _to_rgb
 from m2f_cli.model.loading import ModelSource, Predictor, load, resolve_device, resolve_dtype, resolve_model
-from m2f_cli.postprocess.core import (PostprocessOptions, panoptic_from_logits, segment_instances,
-    semantic_from_logits)
+from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
+from m2f_cli.postprocess.panoptic import panoptic_from_logits
+from m2f_cli.postprocess.semantic import semantic_from_logits
 from m2f_cli.postprocess.device import launch_batch
 from m2f_cli.inputs.preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
 from m2f_cli.records import ImageRef, ImageResult
@@ -255,8 +256,8 @@ class Segmenter:
         return self.source.spec if self.source else type(self.predictor).__name__
 
     def uses_device_postprocess(self) -> bool:
-        """Whether instance post-processing runs batched on the model's device (postprocess_device.py):
-        "auto" on CUDA and MPS (on CPU the per-query windowed path of postprocess.py is ~40x faster:
+        """Whether instance post-processing runs batched on the model's device (postprocess/device.py):
+        "auto" on CUDA and MPS (on CPU the per-query windowed path of postprocess/instance.py is ~40x faster:
         benchmarks/postprocess_speed.py), or when asked for ("device"); never for panoptic/semantic."""
         if self.task != "instance":
             return False

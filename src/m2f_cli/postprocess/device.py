@@ -1,18 +1,18 @@
-"""Stage 5 on the accelerator: the instance inference of postprocess.py for a whole batch, on the
+"""Stage 5 on the accelerator: the instance inference of instance.py for a whole batch, on the
 device the logits are on, with a fixed number of device-to-host transfers per group of images.
 
-postprocess.segment_instances (the CPU path) reads the top-k candidates, then every window of every
+instance.segment_instances (the CPU path) reads the top-k candidates, then every window of every
 surviving query back to the host, query by query: several host syncs per instance. Here, per group of
 images (all of a batch unless their packed masks would pass PACK_BYTES):
 
 1. on the device, nothing read back: class softmax and top-k for every image at once; every query
-   upsampled to the original size (bilinear, as postprocess.py) in chunks of DEVICE_CHUNK_BYTES, its
+   upsampled to the original size (bilinear, as instance.py) in chunks of DEVICE_CHUNK_BYTES, its
    mask area, sum of sigmoid inside the mask and tight box; the binary masks packed 8 pixels a byte;
 2. transfer 1: one int32 tensor with all of those numbers (score bits viewed as int32);
-3. the host picks the candidates that pass the threshold (exactly as postprocess.py), and the device
+3. the host picks the candidates that pass the threshold (exactly as instance.py), and the device
    gathers the packed bytes of their boxes into one buffer;
-4. transfer 2: that buffer. The host unpacks each box, encodes its RLE (postprocess.window_rle) and
-   paints the instance map as postprocess.py does.
+4. transfer 2: that buffer. The host unpacks each box, encodes its RLE (masks.window_rle) and
+   paints the instance map as instance.py does.
 
 Two transfers per group whatever the number of queries and instances (tests/test_device_path.py
 counts them). On CUDA the transfers go to pinned buffers with non_blocking copies and an event, so
@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.postprocess.core import PostprocessOptions, _crop_to_valid, window_rle
+from m2f_cli.postprocess.instance import PostprocessOptions
+from m2f_cli.postprocess.masks import window_rle
+from m2f_cli.postprocess.upsample import _crop_to_valid
 from m2f_cli.records import Instance
 
 # float32 full-resolution logits upsampled at once on the device (bounds the device memory)
@@ -249,7 +251,7 @@ class _Plan:
 
 def _plan(s: np.ndarray, k: int, q: int, num_c: int, options: PostprocessOptions) -> _Plan:
     """Decode one image's stats row (int32, the layout _launch writes) and pick its instances
-    exactly as postprocess.segment_instances does."""
+    exactly as instance.segment_instances does."""
     top_p = s[0:k].view(np.float32)
     top_i = s[k:2 * k]
     alive = s[2 * k:3 * k].astype(bool)
@@ -271,7 +273,7 @@ def _plan(s: np.ndarray, k: int, q: int, num_c: int, options: PostprocessOptions
 
 def _assemble(plan: _Plan, windows: dict, original: tuple[int, int], categories: CategoryTable,
               options: PostprocessOptions) -> tuple[list[Instance], np.ndarray]:
-    """Instances (ids 1..N by descending score) and the instance map, painted as postprocess.py does."""
+    """Instances (ids 1..N by descending score) and the instance map, painted as instance.py does."""
     h0, w0 = original
     empty = window_rle(np.zeros((0, 0), np.bool_), 0, 0, original)
     rles = {qi: window_rle(windows[qi], int(plan.box[qi][1]), int(plan.box[qi][0]), original) for qi in windows}
@@ -306,7 +308,7 @@ def segment_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded:
                   valids: Sequence[tuple[int, int]], originals: Sequence[tuple[int, int]],
                   categories: CategoryTable, options: PostprocessOptions,
                   ) -> list[tuple[list[Instance], np.ndarray]]:
-    """postprocess.segment_instances for every image of a batch, on the logits' device."""
+    """instance.segment_instances for every image of a batch, on the logits' device."""
     return launch_batch(class_logits, mask_logits, padded, valids, originals, categories, options).finish()
 
 

@@ -44,7 +44,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.postprocess.core import PostprocessOptions, _Sampler, _crop_to_valid, top_candidates, window_rle
+from m2f_cli.postprocess.instance import PostprocessOptions, top_candidates
+from m2f_cli.postprocess.masks import rle_with_bytes_counts, window_rle
+from m2f_cli.postprocess.sampling import _Sampler
+from m2f_cli.postprocess.upsample import _crop_to_valid
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.records import Failure, ImageRef, ImageResult, Instance
 
@@ -434,11 +437,7 @@ def _objects(groups: Sequence[Sequence[Union[Part, _Object]]], complete: bool) -
 
 def _full_rle(x: Union[Part, _Object], size: tuple[int, int]) -> dict:
     """x's mask as a full-size RLE (bytes counts, for pycocotools' iou), built from its crop."""
-    return _c(window_rle(mask_utils.decode(x.rle).astype(bool), x.r0, x.c0, size))
-
-
-def _c(rle: dict) -> dict:
-    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return rle_with_bytes_counts(window_rle(mask_utils.decode(x.rle).astype(bool), x.r0, x.c0, size))
 
 
 def _with_full_pass(objects: list[_Object], full: list[Part], size: tuple[int, int]) -> list[_Object]:

@@ -101,7 +101,7 @@ class PanopticCocoWriter(Writer):
 
     def categories(self) -> list[dict]:
         """The categories of panoptic.json, each with isthing (the file's own where it says)."""
-        from m2f_cli.postprocess.core import is_thing
+        from m2f_cli.postprocess.panoptic import is_thing
         if self.index is None or not self.index.categories:
             return [{"id": c.id, "name": c.name, "supercategory": "", "isthing": int(is_thing(c.name))}
                     for c in self.ctx.categories.categories]
