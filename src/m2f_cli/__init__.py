@@ -7,7 +7,7 @@ Heavy modules (torch, transformers) are imported on first use, so importing m2f_
 
 from __future__ import annotations
 
-from m2f_cli.version import __version__
+from m2f_cli.version import __version__ as __version__  # re-exported: m2f_cli.__version__
 __all__ = ["segment", "Result", "Failure", "Cutout", "Segmenter", "RunConfig", "run", "ImageResult", "Instance",
            "CategoryTable"]
 
