@@ -95,7 +95,7 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    outputs = dict(formats=("png", "jsonl"), rle=True, workers=0)
+    outputs = {"formats": ("png", "jsonl"), "rle": True, "workers": 0}
     s = run(RunConfig(inputs=[str(image_dir)], out=str(tmp_path / "out"), model=tiny_model, compile=choice,
                       **outputs))
     assert s.images == 4

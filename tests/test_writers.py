@@ -66,7 +66,7 @@ def _check_instances(insts: list, h, w, want: dict, where):
 
 
 def _box_mask(box, h, w):
-    x, y, bw, bh = (int(round(v)) for v in box)
+    x, y, bw, bh = (round(v) for v in box)
     m = np.zeros((h, w), bool)
     m[y:y + bh, x:x + bw] = True
     return m
@@ -90,7 +90,8 @@ def _check_coco(out: Path, truth):
         assert all(p["segmentation"]["size"] == [h, w] for p in mine)
         sure = [p for p in mine if p["score"] >= 0.5]
         names = {cid: label for label, (_, _, cid) in PLANTED.items()}
-        _check_masks({names.get(p["category_id"], p["category_id"]): decode(p["segmentation"]) for p in sure}, want, name)
+        _check_masks({names.get(p["category_id"], p["category_id"]): decode(p["segmentation"]) for p in sure},
+                     want, name)
         assert len(sure) == len(want)
         sure_boxes = [b for b in boxes if b["image_id"] == image_id and b["score"] >= 0.5]
         _check_masks({names.get(b["category_id"], b["category_id"]): _box_mask(b["bbox"], h, w) for b in sure_boxes},
@@ -131,7 +132,7 @@ def _check_format(out: Path, fmt: str, truth) -> set:
         for n, stem in zip(names, stems):
             h, w, want = _image(truth, n)
             for line in (out / "labels" / f"{stem}.txt").read_text().splitlines():
-                cls, *xy = line.split()
+                _, *xy = line.split()
                 assert len(xy) >= 6 and len(xy) % 2 == 0 and all(0 <= float(v) <= 1 for v in xy)
             rows = yolo_masks(out / "labels" / f"{stem}.txt", h, w)
             assert len(rows) == len(want)
