@@ -1,7 +1,9 @@
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,17 +142,47 @@ def test_installed_entry_point_reads_stdin_without_a_terminal(tmp_path, image_di
     assert p2.returncode == 0 and "4 skipped" in p2.stderr
 
 
-def test_every_segment_option_is_documented_in_the_readme():
-    import glob
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _documentation() -> str:
+    """README.md and every docs/*.md page: an option or a variable may be documented in any of them."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return "\n".join(p.read_text(encoding="utf-8") for p in pages)
+
+
+def _mentioned(name: str, text: str) -> bool:
+    """name as a whole token: `--ray` is not satisfied by `--ray-actors`, nor M2F_CACHE by M2F_CACHE_DIR."""
+    return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
+
+
+def _commands(cmd, path: tuple[str, ...] = ("m2f",)):
+    """(command path, click command) of the app and every visible (sub)command, groups included."""
+    yield path, cmd
+    for name, sub in sorted((getattr(cmd, "commands", None) or {}).items()):
+        if not sub.hidden:
+            yield from _commands(sub, (*path, name))
+
+
+def test_every_option_of_every_command_is_documented():
     import typer.main
-    root = os.path.join(os.path.dirname(__file__), "..")
-    pages = [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md")))
-    readme = "\n".join(open(p, encoding="utf-8").read() for p in pages)  # the README and docs/*.md
-    cmd = typer.main.get_command(app).commands["segment"]
-    opts = [o for p in cmd.params for o in p.opts if o.startswith("--")]
-    assert len(opts) > 20
-    missing = [o for o in opts if o != "--help" and f"`{o}" not in readme]
-    assert not missing, f"undocumented options: {missing}"
+    docs = _documentation()
+    options = [(" ".join(path), name) for path, cmd in _commands(typer.main.get_command(app))
+               for p in cmd.params if p.param_type_name == "option" and not p.hidden
+               for name in (*p.opts, *p.secondary_opts)]
+    assert len(options) > 60 and ("m2f segment", "--ray") in options and ("m2f cache build", "--trace") in options
+    missing = [f"{path} {name}" for path, name in options if not _mentioned(name, docs)]
+    assert not missing, f"undocumented options (README.md or docs/*.md): {missing}"
+
+
+def test_every_environment_variable_m2f_reads_is_documented():
+    """Every M2F_* name in the package's source (the tests' own variables live in tests/)."""
+    names = {m for p in (ROOT / "src" / "m2f_cli").rglob("*.py")
+             for m in re.findall(r"M2F_[A-Z0-9_]*[A-Z0-9]", p.read_text(encoding="utf-8"))}
+    assert {"M2F_CACHE_DIR", "M2F_STARTUP_CACHE", "M2F_NO_LOCK"} <= names  # the search finds them
+    docs = _documentation()
+    missing = sorted(n for n in names if not _mentioned(n, docs))
+    assert not missing, f"undocumented environment variables (README.md or docs/*.md): {missing}"
 
 
 def test_no_image_found_is_said_with_exit_5(tmp_path, tiny_model):

@@ -230,19 +230,37 @@ def test_stack_pixels_stacks_the_batch():
         assert out.is_pinned() == (pin and torch.cuda.is_available())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU-only torch: pinned memory needs a CUDA driver")
 def test_batches_for_cuda_are_pinned(monkeypatch):
-    seen = []
-    real = accel.stack_pixels
+    """A model on CUDA gets each batch stacked into pinned memory (the copy to the card is then
+    asynchronous), a model on the CPU does not. Runs without a card: the CUDA device is faked as in
+    test_segment_samples_gives_every_result_once_with_a_batch_in_flight, and the pinned allocation
+    of accel.stack_pixels (torch.empty(pin_memory=True), which a CPU-only torch cannot do) is spied
+    on: recorded, then made in ordinary memory."""
+    pinned = []
+    real_empty = torch.empty
 
-    def spy(pixels, pin=False):
-        out = real(pixels, pin)
-        seen.append(out.is_pinned())
+    def empty(*args, pin_memory=False, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if pin_memory:
+            pinned.append(tuple(out.shape))
         return out
-    monkeypatch.setattr("m2f_cli.engines.local.stack_pixels", spy)
-    seg = Segmenter(PlantedPredictor(device="cuda"))
-    infer_batch(seg, _samples(2))
-    assert seen == [True]
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(accel, "pin_available", lambda: True)  # a CUDA driver
+    seg = Segmenter(PlantedPredictor())
+    monkeypatch.setattr(seg, "uses_device_postprocess", lambda: False)
+    on_cpu = infer_batch(seg, _samples(2))
+    assert pinned == [] and len(on_cpu) == 2  # a CPU model: no pinning
+
+    monkeypatch.setattr(type(seg), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no card here: stay on the CPU
+    monkeypatch.setattr(accel.DeviceTimer, "start", lambda self: self)
+    monkeypatch.setattr(accel.DeviceTimer, "stop", lambda self: self)
+    monkeypatch.setattr(accel.DeviceTimer, "elapsed", lambda self: 0.0)
+    on_cuda = infer_batch(seg, _samples(2))
+    assert pinned == [(2, 3, *_samples(1)[0].pixel_values.shape[-2:])]  # the batch, once, pinned
+    for (_, a), (_, b) in zip(on_cuda, on_cpu):  # the same results from the pinned batch
+        assert [(i.label, i.bbox) for i in a.instances] == [(i.label, i.bbox) for i in b.instances]
+        assert a.instances
 
 
 # --- out of memory -----------------------------------------------------------------------------

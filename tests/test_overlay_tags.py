@@ -44,6 +44,7 @@ def _crowded(w: int, h: int, cols: int, rows: int, seed: int = 0):
 
 
 def _check(result: ImageResult, tags):
+    assert tags, "no tag placed"  # every case below has room for at least one
     h, w = result.label_map.shape
     for t in tags:
         x0, y0, x1, y1 = t.box
@@ -97,6 +98,7 @@ def test_scores_can_be_hidden():
     result = _result(m, boxes)
     with_scores = overlay_tags(result)
     without = overlay_tags(result, show_scores=False)
+    assert len(with_scores) == len(without) == len(boxes)  # six blobs with room for all six tags
     assert all(t.text.rsplit(" ", 1)[-1].replace(".", "").isdigit() for t in with_scores)
     labels = {i.id: i.label for i in result.instances}
     assert [t.text for t in without] == [labels[t.value] for t in without]
@@ -115,7 +117,9 @@ def test_tags_are_drawn_where_placed():
     result = _result(m, boxes)
     rgb = np.full((480, 640, 3), 128, np.uint8)
     img = np.asarray(render_overlay(rgb, result, COCO, alpha=0.5))
-    for t in overlay_tags(result):
+    tags = overlay_tags(result)
+    assert len(tags) == len(boxes)  # room for all thirty here
+    for t in tags:
         x0, y0, x1, y1 = t.box
         colour = np.array(COCO.by_id(result.instances[t.value - 1].category_id).color)
         corner = img[y0, x0].astype(int)  # the tag's background at its corner is the class colour
