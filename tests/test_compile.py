@@ -105,7 +105,7 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
         assert counters["stats"]["unique_graphs"] >= 1  # dynamo really traced and ran the model
         assert set(batches) == {1}  # compiled on CPU: one input shape, never a partial batch
         plain = run(RunConfig(inputs=[str(image_dir)], out=str(tmp_path / "plain"), model=tiny_model,
-                              workers=0, compile=False, startup_cache="off", **outputs))
+                              compile=False, startup_cache="off", **outputs))
         assert plain.instances == s.instances
         # the compiled graph computes what the model does
         assert assert_same_outputs(tmp_path / "out", tmp_path / "plain", image_dir) == s.instances > 0
