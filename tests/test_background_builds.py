@@ -222,6 +222,7 @@ def test_the_builder_holds_the_lock_from_the_start_idles_and_imports_nothing_hea
     try:
         assert builds.take_lock(path) is None and m2f_cache.being_built(path)  # held from the start
         assert builds.spawn(plan, said.append) is False and len(said) == 1  # one builder per key
+        wait_until(lambda: len(builders(model_dir)) == 1, 30, "the builder to start")  # fork, then exec
         (pid,) = builders(model_dir)
         wait_until(lambda: int(_stat(pid)[16]) == 19 and int(_stat(pid)[38]) == os.SCHED_IDLE, 30,
                    "nice 19 and SCHED_IDLE")
