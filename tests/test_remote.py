@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from m2f_cli import RunConfig, Segmenter, run
+from m2f_cli import urls
 from m2f_cli.outputs import remote as storage
 from m2f_cli.tools.merge import merge
 from m2f_cli.errors import UsageError
@@ -86,9 +87,9 @@ def _normalise(tree, location):
 
 
 def test_url_detection():
-    assert storage.is_url("s3://b/k") and storage.is_url("memory://x") and storage.is_url("gs://b")
-    assert not storage.is_url("/data/imgs") and not storage.is_url("file:///data") and not storage.is_url("a:b")
-    assert storage.local_path("file:///data/x.jpg") == "/data/x.jpg"
+    assert urls.is_url("s3://b/k") and urls.is_url("memory://x") and urls.is_url("gs://b")
+    assert not urls.is_url("/data/imgs") and not urls.is_url("file:///data") and not urls.is_url("a:b")
+    assert urls.local_path("file:///data/x.jpg") == "/data/x.jpg"
 
 
 def test_walk_remote_folder_glob_and_object(mem):

@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from m2f_cli.config import DEFAULT_MAX_PIXELS
-from m2f_cli.outputs.remote import is_url, local_path, one_line, read_bytes
+from m2f_cli.inputs.remote import read_bytes
+from m2f_cli.urls import is_url, local_path
+from m2f_cli.errors import one_line
 from m2f_cli.errors import DecodeError  # noqa: F401  (defined there; raised and re-exported here)
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}

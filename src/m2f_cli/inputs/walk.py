@@ -28,7 +28,9 @@ from pathlib import PurePosixPath
 from typing import Iterator, Optional, Sequence
 
 from m2f_cli.records import Failure, ImageRef
-from m2f_cli.outputs.remote import RemoteError, is_url, local_path, walk_url
+from m2f_cli.inputs.remote import walk_url
+from m2f_cli.urls import is_url, local_path
+from m2f_cli.errors import RemoteError
 from m2f_cli.errors import InputError  # noqa: F401  (defined there; raised and re-exported here)
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,7 @@
-"""Remote inputs and outputs through fsspec: ``s3://``, ``gs://``, ``memory://``, ...
+"""Outputs on object storage through fsspec: ``s3://``, ``gs://``, ``memory://``, ...
 
-Any argument with a ``protocol://`` prefix (other than ``file://``) goes through fsspec; everything
-else is a local path handled by walk.py and state.py directly. S3 needs ``pip install 'm2f[s3]'``
-(s3fs), GCS ``'m2f[gcs]'`` (gcsfs). Credentials and endpoints come from the usual places (AWS_* and
-GOOGLE_* variables, ~/.aws, instance roles) or from fsspec's own configuration, e.g.
-``FSSPEC_S3_ENDPOINT_URL=http://127.0.0.1:9000`` for a MinIO or moto server.
+Which paths are URLs, and where backends and credentials come from: urls.py; remote inputs:
+inputs/remote.py.
 
 What "atomic" means on object storage (README: Remote paths):
 - every output object is written whole by one upload (staged in a local temporary file first);
@@ -56,6 +53,7 @@ from typing import Callable, Iterator, Optional
 from m2f_cli.outputs.folder import (LeaseLostError, OutputError, OutputFolder, OutputLockedError, part_suffix,
     state_dir)
 from m2f_cli.errors import RemoteError, one_line  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.urls import filesystem, is_url, local_path, url_for
 
 JOURNAL_FLUSH_RECORDS = 256
 JOURNAL_FLUSH_S = 10.0
@@ -63,86 +61,6 @@ LEASE_RENEW_S = 20.0   # the holder renews its lease this often
 LEASE_VALID_S = 60.0   # the holder stops writing this long after its last successful renewal
 LEASE_STALE_S = 90.0   # another run takes over a lease the store saw last written this long ago
 UNSAFE_REMOTE_ENV = "M2F_UNSAFE_REMOTE"  # "1": best-effort lease on backends without conditional writes
-
-
-def is_url(path: str) -> bool:
-    """True for fsspec URLs (s3://b/k, memory://x); False for local paths and file:// URLs."""
-    head, sep, _ = path.partition("://")
-    return bool(sep) and head.isidentifier() and head.lower() not in ("file", "local")
-
-
-def local_path(path: str) -> str:
-    """file:///a/b -> /a/b; other strings unchanged."""
-    return path[len("file://"):] if path.startswith("file://") else path
-
-
-def filesystem(url: str):
-    """(fsspec filesystem, path without protocol) for url. Raises RemoteError naming the URL."""
-    import fsspec
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as e:
-        proto = url.partition("://")[0]
-        extra = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}.get(proto)
-        hint = f": pip install 'm2f[{extra}]'" if extra else f" ({e})"
-        raise RemoteError(f"{url}: no fsspec backend for {proto}://{hint}") from None
-    except (ValueError, OSError) as e:
-        raise RemoteError(f"{url}: {e}") from None
-
-
-def url_for(url: str, path: str) -> str:
-    """The URL of fs path `path` on the same filesystem as `url`."""
-    return f"{url.partition('://')[0]}://{path}"
-
-
-def read_bytes(path: str) -> bytes:
-    """A whole input file, local or remote (DataLoader workers call this; fsspec makes a fresh
-    filesystem object per process)."""
-    if not is_url(path):
-        with open(local_path(path), "rb") as f:
-            return f.read()
-    fs, p = filesystem(path)
-    return fs.cat_file(p)
-
-
-def walk_url(url: str, is_image: Callable[[str], bool], exclude: Optional[str] = None
-             ) -> Iterator[tuple[str, str, Optional[str]]]:
-    """(url, name, error) for the images at url: a folder (listed recursively, hidden names skipped,
-    sorted like a local walk), a single object, or a glob pattern. Names follow walk.py's rule:
-    relative to a folder argument, otherwise the path without the protocol."""
-    fs, root = filesystem(url)
-    root = root.rstrip("/")
-    skip = filesystem(exclude)[1].rstrip("/") + "/" if exclude and is_url(exclude) else None
-    if any(c in root for c in "*?["):
-        matches = fs.glob(root, detail=True)  # one listing, with each match's type
-        if not matches:
-            raise FileNotFoundError(f"{url}: no object matches this pattern")
-        for m in sorted(matches):
-            if matches[m]["type"] == "directory":
-                yield from _walk_dir(fs, url, m, is_image, skip)
-            elif is_image(m):
-                yield url_for(url, m), m.lstrip("/"), None
-        return
-    if fs.isdir(root):
-        yield from _walk_dir(fs, url, root, is_image, skip)
-    elif fs.isfile(root):
-        yield url_for(url, root), root.lstrip("/"), None
-    else:
-        raise FileNotFoundError(f"{url}: no such object or folder")
-
-
-def _walk_dir(fs, url: str, root: str, is_image, skip: Optional[str]):
-    found = []
-    for key in fs.find(root):
-        if skip and (key + "/").startswith(skip):
-            continue
-        rel = key[len(root):].lstrip("/")
-        parts = rel.split("/")
-        if not rel or any(p.startswith(".") for p in parts) or not is_image(parts[-1]):
-            continue
-        found.append((tuple(parts), key, rel))
-    for _, key, rel in sorted(found):
-        yield url_for(url, key), rel, None
 
 
 class RemoteOutputFolder(OutputFolder):

@@ -49,7 +49,7 @@ import torch
 from m2f_cli.model.startup import cache, traced
 from m2f_cli.model import deformable
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.outputs.remote import one_line
+from m2f_cli.errors import one_line
 
 log = logging.getLogger(__name__)
 

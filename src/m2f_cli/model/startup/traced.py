@@ -70,7 +70,7 @@ from m2f_cli.model.startup import cache
 from m2f_cli.model import deformable
 from m2f_cli.model.categories import CategoryTable, categories_of
 from m2f_cli.model.startup.fingerprint import model_fingerprint
-from m2f_cli.outputs.remote import one_line
+from m2f_cli.errors import one_line
 
 log = logging.getLogger(__name__)
 
