@@ -16,7 +16,7 @@ from PIL import Image
 
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli import urls
-from m2f_cli.outputs import lease, remote as storage
+from m2f_cli.outputs import lease, remote as storage, staging
 from m2f_cli.tools.merge import merge
 from m2f_cli.errors import LeaseLostError, UsageError
 from m2f_cli.outputs.folder import OutputLockedError
@@ -286,7 +286,7 @@ def test_s3_end_to_end_through_the_cli(s3_server, tiny_model, tmp_path):
 def test_staging_folders_of_dead_runs_are_swept(mem, tmp_path, monkeypatch):
     """A SIGKILLed remote run leaves <tmp>/m2f-stage-<pid>-*; the next remote run removes those
     whose process is gone and leaves live ones alone."""
-    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(staging.tempfile, "tempdir", str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f"m2f-stage-{dead.pid}-abc"

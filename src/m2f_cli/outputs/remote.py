@@ -30,6 +30,7 @@ from m2f_cli.outputs.folder import (LeaseLostError, OutputError, OutputFolder, O
     state_dir)
 from m2f_cli.errors import RemoteError, one_line  # noqa: F401  (defined there; raised and re-exported here)
 from m2f_cli.outputs.lease import Lease, lease_store
+from m2f_cli.outputs.staging import new_stage, sweep_stale_stages
 from m2f_cli.urls import filesystem, is_url, local_path, url_for
 
 JOURNAL_FLUSH_RECORDS = 256
@@ -89,7 +90,7 @@ class RemoteOutputFolder(OutputFolder):
             self._lease = None
             raise _output_error(f"{self.out}: cannot take the output lease", e) from None
         sweep_stale_stages()
-        self.tmp = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-")
+        self.tmp = new_stage()
 
     def unlock(self) -> None:
         if self._lease is not None:
@@ -291,37 +292,6 @@ class ChunkedJournal:
                 os.remove(self._mirror)
             except OSError:
                 pass
-
-
-STAGE_PREFIX = "m2f-stage-"
-
-
-def sweep_stale_stages(root: Optional[str] = None) -> list[str]:
-    """Remove staging folders (<tmp>/m2f-stage-<pid>-*) of this user's runs whose process is gone
-    (a SIGKILLed run cannot clean up; what it staged was never uploaded). Returns those removed."""
-    root = root or tempfile.gettempdir()
-    removed = []
-    try:
-        entries = os.listdir(root)
-    except OSError:
-        return removed
-    for name in entries:
-        if not name.startswith(STAGE_PREFIX):
-            continue
-        pid_text = name[len(STAGE_PREFIX):].split("-", 1)[0]
-        path = os.path.join(root, name)
-        try:
-            if not pid_text.isdigit() or os.stat(path).st_uid != os.getuid():
-                continue
-            os.kill(int(pid_text), 0)
-            continue  # alive (or a reused pid): leave it
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OSError):
-            continue  # another user's process, or unreadable: not ours to remove
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
 
 
 def open_output(out: str, shard: Optional[tuple[int, int]] = None) -> OutputFolder:
