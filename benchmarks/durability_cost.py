@@ -13,8 +13,8 @@ import shutil
 import tempfile
 import time
 
-from m2f_cli.outputs import folder as state
-from m2f_cli.outputs.folder import OutputFolder, file_is_whole, mount_of
+from m2f_cli.outputs import local as state
+from m2f_cli.outputs.local import OutputFolder, file_is_whole, mount_of
 
 
 def _write(root: str, n: int, durable: bool) -> float:

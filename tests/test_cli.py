@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from m2f_cli.cli import SEGMENT_PANELS, app
 from m2f_cli.outputs.formats import FORMATS
 from m2f_cli.config import ExitCode
-from m2f_cli.outputs.folder import OutputFolder
+from m2f_cli.outputs.local import OutputFolder
 from m2f_cli.outputs.writers import REGISTRY
 
 runner = CliRunner()

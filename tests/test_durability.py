@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.outputs import folder as state
+from m2f_cli.outputs import local as state
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
-from m2f_cli.outputs.folder import Journal, OutputError, OutputFolder, file_is_whole
+from m2f_cli.outputs.local import Journal, OutputError, OutputFolder, file_is_whole
 
 from planted import PlantedPredictor
 

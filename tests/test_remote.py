@@ -19,7 +19,7 @@ from m2f_cli import urls
 from m2f_cli.outputs import lease, remote as storage, staging
 from m2f_cli.tools.merge import merge
 from m2f_cli.errors import LeaseLostError, UsageError
-from m2f_cli.outputs.folder import OutputLockedError
+from m2f_cli.outputs.local import OutputLockedError
 from m2f_cli.inputs.walk import InputError, walk
 
 from planted import PlantedPredictor, planted_image

@@ -151,7 +151,7 @@ def test_every_worker_failing_to_load_the_model_exits_1(tmp_path, folder, tiny_m
 
 
 def test_merge_refuses_while_a_shard_holds_its_lock(tmp_path, folder, tiny_model):
-    from m2f_cli.outputs.folder import OutputFolder
+    from m2f_cli.outputs.local import OutputFolder
     out = tmp_path / "out"
     for i in range(2):
         runner.invoke(app, ["segment", str(folder), "--out", str(out), "--model", tiny_model, "-f", "jsonl",

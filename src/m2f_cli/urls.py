@@ -1,7 +1,7 @@
 """Which paths are fsspec URLs (``s3://``, ``gs://``, ``memory://``, ...), and their filesystems.
 
 Any argument with a ``protocol://`` prefix (other than ``file://``) goes through fsspec; everything
-else is a local path, handled by inputs/walk.py and outputs/folder.py directly. S3 needs
+else is a local path, handled by inputs/walk.py and outputs/local.py directly. S3 needs
 ``pip install 'm2f[s3]'`` (s3fs), GCS ``'m2f[gcs]'`` (gcsfs). Credentials and endpoints come from the
 usual places (AWS_* and GOOGLE_* variables, ~/.aws, instance roles) or from fsspec's own
 configuration, e.g. ``FSSPEC_S3_ENDPOINT_URL=http://127.0.0.1:9000`` for a MinIO or moto server.

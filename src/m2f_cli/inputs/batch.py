@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from m2f_cli.inputs.decode import DecodeError, decode
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.records import ImageRef
-from m2f_cli.outputs.folder import HELD_LOCK_FDS
+from m2f_cli.outputs.local import HELD_LOCK_FDS
 
 if TYPE_CHECKING:
     from m2f_cli.tiling.tiles import TiledImage, TileOptions

@@ -8,7 +8,7 @@ import json
 from m2f_cli.config import RunConfig
 from m2f_cli.progress import RunSummary
 from m2f_cli.records import Failure
-from m2f_cli.outputs.folder import OutputFolder
+from m2f_cli.outputs.local import OutputFolder
 
 
 def write_manifest(folder: OutputFolder, config: RunConfig, summary: RunSummary, complete: bool) -> None:

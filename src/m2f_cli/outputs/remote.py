@@ -26,7 +26,7 @@ import time
 import uuid
 from typing import Callable, Iterator, Optional
 
-from m2f_cli.outputs.folder import (LeaseLostError, OutputError, OutputFolder, OutputLockedError, part_suffix,
+from m2f_cli.outputs.local import (LeaseLostError, OutputError, OutputFolder, OutputLockedError, part_suffix,
     state_dir)
 from m2f_cli.errors import RemoteError, one_line  # noqa: F401  (defined there; raised and re-exported here)
 from m2f_cli.outputs.lease import Lease, lease_store

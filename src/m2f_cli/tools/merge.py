@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from m2f_cli.outputs.folder import OutputFolder, OutputLockedError
+from m2f_cli.outputs.local import OutputFolder, OutputLockedError
 from m2f_cli.outputs.remote import open_output
 from m2f_cli.errors import RemoteError
 from m2f_cli.inputs.walk import order_key
