@@ -18,8 +18,8 @@ from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli import urls
 from m2f_cli.outputs import lease, remote as storage, staging
 from m2f_cli.tools.merge import merge
-from m2f_cli.errors import LeaseLostError, UsageError
-from m2f_cli.outputs.local import OutputLockedError
+from m2f_cli.errors import LeaseLostError, OutputLockedError, UsageError
+from m2f_cli.outputs.folder import open_output
 from m2f_cli.inputs.walk import InputError, walk
 
 from planted import PlantedPredictor, planted_image
@@ -193,7 +193,7 @@ def test_remote_lease_lock(mem, monkeypatch):
 
 def test_memory_lease_is_exact_between_folders_of_one_process(mem):
     fs, root = mem
-    a, b = storage.open_output(f"memory://{root}/out"), storage.open_output(f"memory://{root}/out")
+    a, b = open_output(f"memory://{root}/out"), open_output(f"memory://{root}/out")
     a.lock()
     try:
         with pytest.raises(OutputLockedError, match="in use by another m2f run"):
@@ -333,7 +333,7 @@ def test_two_drivers_racing_for_s3_exactly_one_wins(s3_out):
     an upload slower than any sleep, then B's create arrives. If-None-Match makes B lose, and B's
     run writes nothing. Then the same race with both creates released at once, a few times."""
     fs, url = s3_out
-    a, b = storage.open_output(url), storage.open_output(url)
+    a, b = open_output(url), open_output(url)
     real_create = b.store.create
 
     def slow_create(key, body):
@@ -349,7 +349,7 @@ def test_two_drivers_racing_for_s3_exactly_one_wins(s3_out):
 
     import threading
     for round_ in range(3):
-        folders = [storage.open_output(url) for _ in range(2)]
+        folders = [open_output(url) for _ in range(2)]
         barrier = threading.Barrier(2)
         won, lost = [], []
 
@@ -375,7 +375,7 @@ def test_the_loser_of_an_s3_race_writes_nothing(s3_out, tmp_path):
     img = tmp_path / "in"
     img.mkdir()
     (img / "a.png").write_bytes(_image_bytes(0, 64, 48))
-    holder = storage.open_output(url)
+    holder = open_output(url)
     holder.lock()
     try:
         before = set(fs.find(url[5:]))
@@ -396,7 +396,7 @@ def test_a_renewal_after_a_takeover_fails_and_the_old_holder_stops_writing(s3_ou
     monkeypatch.setattr(lease, "LEASE_RENEW_S", 3600.0)   # A's renewal thread stays asleep
     monkeypatch.setattr(lease, "LEASE_STALE_S", 2.0)
     monkeypatch.setattr(lease, "LEASE_VALID_S", 3600.0)  # only the failed condition can stop A here
-    a, b = storage.open_output(url), storage.open_output(url)
+    a, b = open_output(url), open_output(url)
     a.lock()
     journal = a.journal("coco")
     journal.append({"rel": "x", "image": {"id": 1}, "dets": []})
@@ -431,7 +431,7 @@ def test_a_takeover_loses_to_a_renewal_in_between(s3_out, monkeypatch):
     fs, url = s3_out
     monkeypatch.setattr(lease, "LEASE_RENEW_S", 3600.0)
     monkeypatch.setattr(lease, "LEASE_STALE_S", 1.0)
-    a, b = storage.open_output(url), storage.open_output(url)
+    a, b = open_output(url), open_output(url)
     a.lock()
     time.sleep(2.2)
     real_read = b.store.read
@@ -450,7 +450,7 @@ def test_a_takeover_loses_to_a_renewal_in_between(s3_out, monkeypatch):
 
 def test_a_holder_that_cannot_renew_stops_before_a_takeover_is_possible(mem, monkeypatch):
     fs, root = mem
-    folder = storage.open_output(f"memory://{root}/out")
+    folder = open_output(f"memory://{root}/out")
     folder.lock()
     clock = [time.monotonic()]
     monkeypatch.setattr(lease.time, "monotonic", lambda: clock[0])

@@ -32,8 +32,7 @@ from m2f_cli.records import Failure, ImageRef
 from m2f_cli.segmenter import Segmenter, resolve_classes, resolve_task
 from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsConflict, check as check_settings,
     common_settings, model_identity, writer_record)
-from m2f_cli.outputs.local import OutputFolder
-from m2f_cli.outputs.remote import open_output
+from m2f_cli.outputs.folder import OutputFolder, open_output
 from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order

@@ -1,4 +1,5 @@
-"""Never lose work: atomic file writes, the output-folder lock, and append-only journals.
+"""The output folder on a local filesystem (folder.py's interface): never lose work through atomic
+file writes, the output-folder lock, and append-only journals.
 
 Everything we keep for ourselves lives in ``<out>/.m2f/``:
 - ``lock``: held with flock while a run writes into ``<out>``; the kernel drops it when the
@@ -33,8 +34,8 @@ import uuid
 from typing import Callable, Iterator, Optional
 
 from m2f_cli.errors import OutputLockedError, OutputError, LeaseLostError  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.outputs.folder import OutputFolder
 
-STATE_DIR = ".m2f"  # our bookkeeping folder inside --out; hidden, so never walked as input
 DIR_SYNC_S = 2.0    # touched directories and journals are fsynced at most this often during a run
 # errnos of a filesystem that has no flock (some NFS, SMB/CIFS, FUSE and 9p mounts)
 NO_FLOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
@@ -128,46 +129,24 @@ def file_is_whole(path: str) -> bool:
     return looks_whole(path, head, tail)
 
 
-def state_dir(out: str) -> str:
-    return os.path.join(out, STATE_DIR)
-
-
-def part_suffix(shard: Optional[tuple[int, int]]) -> str:
-    """The infix of a shard's run-level files: predictions.shard-2-of-8.json; "" without shards."""
-    return f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
-
-
-class OutputFolder:
-    """The run's output folder: lock, temporary area and atomic writes.
-
-    shard: (index, count) when this run is one shard of several writing into the same folder:
-    each shard has its own lock, temporary area, journals and run-level part files.
-    """
+class LocalOutputFolder(OutputFolder):
+    """The output folder on a local filesystem: lock, temporary area and atomic writes."""
 
     def __init__(self, out: str, shard: Optional[tuple[int, int]] = None):
-        self.out = out
-        self.part = part_suffix(shard)
-        self.state = state_dir(out)
+        super().__init__(out, shard)
         self.tmp = os.path.join(self.state, "tmp" + self.part)
         self._lock_fd: Optional[int] = None
         self._created: list[str] = []  # folders check_writable made, outermost first
-        self.read_only = False  # a dry run's look at the folder: journals are read, never repaired
-        self.wrote = False  # any output file or journal line written by this process
         # durability (module docstring): directories renamed into since the last sync, open journals
         self._dirty: set[str] = set()
         self._journals: list[Journal] = []
         self._last_sync = time.monotonic()
         self._sync_lock = threading.Lock()  # the writer thread writes, the main thread closes
 
-    def run_file(self, stem: str, ext: str) -> str:
-        """A run-level output: <out>/<stem><part><ext>, e.g. predictions.shard-0-of-2.json."""
-        return os.path.join(self.out, f"{stem}{self.part}{ext}")
-
     def journal_path(self, writer: str) -> str:
         return os.path.join(self.state, f"{writer}{self.part}.journal.jsonl")
 
     def check_writable(self) -> None:
-        """Create the folders and prove we can write there, before any model is loaded."""
         try:
             self._created = _missing_dirs(self.tmp)
             self._makedirs(self.tmp)  # a new <out> is itself an entry to sync in its parent
@@ -281,14 +260,13 @@ class OutputFolder:
         return os.path.join(self.out, *rel.split("/")) + suffix
 
     def join(self, name: str) -> str:
-        """A file directly in the output folder."""
         return os.path.join(self.out, name)
 
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
 
     def complete(self, path: str) -> bool:
-        """True when path is a whole output (not empty, not cut off: file_is_whole); what resume asks."""
+        """Not empty, not cut off: file_is_whole."""
         return file_is_whole(path)
 
     def read_bytes(self, path: str) -> bytes:
@@ -296,7 +274,6 @@ class OutputFolder:
             return f.read()
 
     def names(self) -> list[str]:
-        """The names of the files directly in the output folder."""
         try:
             return sorted(e.name for e in os.scandir(self.out) if e.is_file())
         except OSError:
@@ -333,9 +310,6 @@ class OutputFolder:
             raise OutputError(e.errno, f"{final}: cannot write ({e.strerror or e})") from None
         self._touched(directory)
 
-    def write_bytes(self, final: str, data: bytes) -> None:
-        self.write_atomic(final, lambda f: f.write(data))
-
 
 class Journal:
     """An append-only JSON Lines file of finished images, robust to being killed mid-line.
@@ -345,7 +319,7 @@ class Journal:
     filesystems extend the file before its data lands). Opening the journal keeps the longest
     prefix of whole lines (each starts with '{' and ends with '}\\n') and cuts the rest: those
     images are redone. sync() makes the lines written so far durable, after the folder's directories
-    (OutputFolder.sync and close call it). The file is opened (and, when fresh, emptied) at the
+    (LocalOutputFolder.sync and close call it). The file is opened (and, when fresh, emptied) at the
     first append: a run that fails before its first image changes nothing.
     """
 

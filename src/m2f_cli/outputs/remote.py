@@ -26,34 +26,29 @@ import time
 import uuid
 from typing import Callable, Iterator, Optional
 
-from m2f_cli.outputs.local import (LeaseLostError, OutputError, OutputFolder, OutputLockedError, part_suffix,
-    state_dir)
-from m2f_cli.errors import RemoteError, one_line  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.errors import LeaseLostError, OutputError, OutputLockedError, RemoteError, one_line
+from m2f_cli.outputs.folder import OutputFolder
 from m2f_cli.outputs.lease import Lease, lease_store
 from m2f_cli.outputs.staging import new_stage, sweep_stale_stages
-from m2f_cli.urls import filesystem, is_url, local_path, url_for
+from m2f_cli.urls import filesystem, url_for
 
 JOURNAL_FLUSH_RECORDS = 256
 JOURNAL_FLUSH_S = 10.0
 
 
 class RemoteOutputFolder(OutputFolder):
-    """OutputFolder on an fsspec filesystem: the same interface, object-store semantics (above)."""
+    """OutputFolder on an fsspec filesystem: the same interface, object-store semantics (above).
+    tmp is a local staging folder for uploads (staging.py), made by lock()."""
 
     def __init__(self, out: str, shard: Optional[tuple[int, int]] = None):
         self.fs, root = filesystem(out)
         self.root = root.rstrip("/")
-        self.out = url_for(out, self.root)
-        self.store = lease_store(self.out, self.fs)  # RemoteError where there is no safe lease
-        self.part = part_suffix(shard)
-        self.state = state_dir(self.out)
-        self.tmp = ""  # local staging folder for uploads, made by lock()
-        self._lock_fd = None
+        url = url_for(out, self.root)
+        self.store = lease_store(url, self.fs)  # RemoteError where there is no safe lease
+        super().__init__(url, shard)
         self._lease: Optional[Lease] = None
         self._listing: Optional[dict[str, int]] = None  # fs path -> size
         self._listing_lock = threading.Lock()
-        self._created: list[str] = []  # object stores have no folders to make or remove
-        self.wrote = False
 
     def _p(self, url: str) -> str:
         """fs path of one of our URLs."""
@@ -64,9 +59,6 @@ class RemoteOutputFolder(OutputFolder):
 
     def join(self, name: str) -> str:
         return f"{self.out}/{name}"
-
-    def run_file(self, stem: str, ext: str) -> str:
-        return self.join(f"{stem}{self.part}{ext}")
 
     def journal_path(self, writer: str) -> str:
         return f"{self.state}/{writer}{self.part}.journal"
@@ -292,11 +284,6 @@ class ChunkedJournal:
                 os.remove(self._mirror)
             except OSError:
                 pass
-
-
-def open_output(out: str, shard: Optional[tuple[int, int]] = None) -> OutputFolder:
-    """The OutputFolder for --out: remote for fsspec URLs, local otherwise."""
-    return RemoteOutputFolder(out, shard) if is_url(out) else OutputFolder(local_path(out), shard)
 
 
 def _output_error(what: str, e: BaseException) -> OutputError:

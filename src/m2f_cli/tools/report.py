@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from m2f_cli.tools.report_html import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS, SCORE_BINS, render_page
-from m2f_cli.outputs.local import OutputFolder
-from m2f_cli.outputs.remote import RemoteOutputFolder, open_output
+from m2f_cli.outputs.folder import OutputFolder, open_output
+from m2f_cli.outputs.remote import RemoteOutputFolder
 from m2f_cli.urls import is_url, local_path
 from m2f_cli.errors import RemoteError, one_line
 from m2f_cli.errors import ReportError  # noqa: F401  (defined there; raised and re-exported here)

@@ -7,7 +7,7 @@ from typing import IO, Callable, ClassVar, Iterable, Iterator, Optional
 
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.records import ImageRef, ImageResult
-from m2f_cli.outputs.local import OutputFolder
+from m2f_cli.outputs.folder import OutputFolder
 
 
 @dataclass
