@@ -18,9 +18,9 @@ from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli import urls
 from m2f_cli.outputs import lease, remote as storage, staging
 from m2f_cli.tools.merge import merge
-from m2f_cli.errors import LeaseLostError, OutputLockedError, UsageError
+from m2f_cli.errors import InputError, LeaseLostError, OutputLockedError, UsageError
 from m2f_cli.outputs.folder import open_output
-from m2f_cli.inputs.walk import InputError, walk
+from m2f_cli.inputs.walk import walk
 
 from planted import PlantedPredictor, planted_image
 

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from m2f_cli import RunConfig, run
 from m2f_cli.cli import app
 from m2f_cli.config import ExitCode
-from m2f_cli.tools.report import ReportError, Sampler, build_report, name_hash
+from m2f_cli.errors import ReportError
+from m2f_cli.tools.report import Sampler, build_report, name_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "fixtures" / "shapes_model"

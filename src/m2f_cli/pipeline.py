@@ -20,8 +20,8 @@ from m2f_cli.model.categories import CategoryTable
 from m2f_cli.config import RunConfig
 from m2f_cli.engines import Engine
 from m2f_cli.engines.local import LocalEngine
-from m2f_cli.errors import (EngineError, NoImagesError, OutputError, RemoteError, StdoutClosed, UsageError,
-    WriterError)
+from m2f_cli.errors import (EngineError, InputError, NoImagesError, OutputError, RemoteError, StdoutClosed,
+    UsageError, WriterError)
 from m2f_cli.outputs.manifest import write_failures, write_manifest
 from m2f_cli.model.loading import ModelSource, read_categories, resolve_model
 from m2f_cli.choices import (auto_settings, device_and_dtype, map_threshold, resolve_compile, segmenter_options,
@@ -33,7 +33,7 @@ from m2f_cli.segmenter import Segmenter, resolve_classes, resolve_task
 from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsConflict, check as check_settings,
     common_settings, model_identity, writer_record)
 from m2f_cli.outputs.folder import OutputFolder, open_output
-from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
+from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, WalkResult, shard_of, walk
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 

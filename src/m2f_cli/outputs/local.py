@@ -33,7 +33,7 @@ import time
 import uuid
 from typing import Callable, Iterator, Optional
 
-from m2f_cli.errors import OutputLockedError, OutputError, LeaseLostError  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.errors import OutputError, OutputLockedError
 from m2f_cli.outputs.folder import OutputFolder
 
 DIR_SYNC_S = 2.0    # touched directories and journals are fsynced at most this often during a run

@@ -13,10 +13,9 @@ import re
 from dataclasses import dataclass, field
 
 from m2f_cli.outputs.folder import OutputFolder, open_output
-from m2f_cli.errors import OutputLockedError, RemoteError
+from m2f_cli.errors import MergeError, OutputLockedError, RemoteError
 from m2f_cli.inputs.walk import order_key
 from m2f_cli.outputs.writers.cvat import read_document, write_document
-from m2f_cli.errors import MergeError  # noqa: F401  (defined there; raised and re-exported here)
 
 _PART = re.compile(r"\.shard-(\d+)-of-(\d+)\.")
 

@@ -44,8 +44,7 @@ from m2f_cli.tools.report_html import AREA_DECADES, AREA_PER_DECADE, COUNT_BINS,
 from m2f_cli.outputs.folder import OutputFolder, open_output
 from m2f_cli.outputs.remote import RemoteOutputFolder
 from m2f_cli.urls import is_url, local_path
-from m2f_cli.errors import RemoteError, one_line
-from m2f_cli.errors import ReportError  # noqa: F401  (defined there; raised and re-exported here)
+from m2f_cli.errors import RemoteError, ReportError, one_line
 
 REPORT_DIR = "report"
 FAILURE_ROWS = 1000        # failures listed in the page; all of them stay in failures.jsonl
@@ -598,7 +597,8 @@ def _input_rgb(card: dict, size: tuple[int, int]):
     """The input image at size (w, h), or None when it moved, cannot be read, or is not the image
     of the record any more (another size)."""
     from PIL import Image
-    from m2f_cli.inputs.decode import DecodeError, decode
+    from m2f_cli.errors import DecodeError
+    from m2f_cli.inputs.decode import decode
     full = (card["width"], card["height"])
     try:
         img = decode(card["path"], max_pixels=None, draft=None if size == full else _Draft(*size))
