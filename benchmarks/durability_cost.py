@@ -1,6 +1,7 @@
-"""What durability costs (README: Durability): writing N small outputs through LocalOutputFolder with
-fsync (data before each rename, directories in batches) and without, and resume's whole-file check
-(state.file_is_whole) against a bare existence check over the same files.
+"""What durability costs (docs/reruns.md: Durability): writing N small outputs through
+LocalOutputFolder with fsync (data before each rename, directories in batches) and without, and
+resume's whole-file check (outputs/local.py: file_is_whole) against a bare existence check over the
+same files.
 
     python benchmarks/durability_cost.py [--n 500] [--dir /path/on/the/disk/to/measure]
 """

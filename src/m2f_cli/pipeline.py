@@ -68,7 +68,7 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
         folder.check_writable()
         try:
             folder.lock()
-        except RemoteError as e:  # a store that does not enforce conditional writes (storage.py)
+        except RemoteError as e:  # a store that does not enforce conditional writes (outputs/lease.py)
             raise UsageError(f"--out {e}") from None
     try:
         return _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine)

@@ -9,7 +9,7 @@ Everything we keep for ourselves lives in ``<out>/.m2f/``:
 - ``<writer>.journal.jsonl``: one line per finished image for the writers that build one file
   for the whole run (COCO, JSON Lines); their final files are rebuilt from it atomically.
 
-Durability (README: Durability). Atomic renames alone survive a killed process, not a power cut: the
+Durability (docs/reruns.md: Durability). Atomic renames alone survive a killed process, not a power cut: the
 kernel may write the rename to disk before the file's data, leaving a renamed but empty file.
 So every output's data is fsynced before its rename, and each directory an output was renamed
 into (or created in) is fsynced after it, in batches: at most every ``DIR_SYNC_S`` seconds, and
@@ -39,7 +39,7 @@ from m2f_cli.outputs.folder import OutputFolder
 DIR_SYNC_S = 2.0    # touched directories and journals are fsynced at most this often during a run
 # errnos of a filesystem that has no flock (some NFS, SMB/CIFS, FUSE and 9p mounts)
 NO_FLOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-# run without the output-folder lock where flock is unsupported (README: Exit codes, Durability)
+# run without the output-folder lock where flock is unsupported (README: Exit codes; docs/reruns.md: Durability)
 NO_LOCK_ENV = "M2F_NO_LOCK"
 
 

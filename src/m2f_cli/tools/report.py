@@ -740,7 +740,7 @@ def build_report(out: str, *, gallery: int = 240, per_stratum: int = 12, thumb_p
     manifest = read_manifest(reader)
     settings = read_settings(reader)
 
-    # Our own staging area: a run starting meanwhile empties .m2f/tmp (state.py), never this.
+    # Our own staging area: a run starting meanwhile empties .m2f/tmp (outputs/local.py), never this.
     staging = tempfile.mkdtemp(prefix="m2f-report-")
     folder.tmp = staging if reader.remote else os.path.join(folder.out, REPORT_DIR,
                                                               f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
