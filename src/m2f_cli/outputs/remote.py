@@ -4,7 +4,7 @@ Which paths are URLs, and where backends and credentials come from: urls.py; rem
 inputs/remote.py.
 
 What "atomic" means on object storage (docs/object-storage.md):
-- every output object is written whole by one upload (staged in a local temporary file first);
+- every output object is written whole by one upload (staged in a local file first: staging.py);
   object stores make an object visible only when its upload completes, so a reader or a resumed
   run never sees half an object. There is no rename: a failed upload leaves nothing.
 - the COCO/JSON Lines journals cannot be appended to, so they are a folder of chunk objects, one
