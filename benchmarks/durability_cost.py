@@ -1,6 +1,7 @@
-"""What durability costs (README: Durability): writing N small outputs through OutputFolder with
-fsync (data before each rename, directories in batches) and without, and resume's whole-file check
-(state.file_is_whole) against a bare existence check over the same files.
+"""What durability costs (docs/reruns.md: Durability): writing N small outputs through
+LocalOutputFolder with fsync (data before each rename, directories in batches) and without, and
+resume's whole-file check (outputs/local.py: file_is_whole) against a bare existence check over the
+same files.
 
     python benchmarks/durability_cost.py [--n 500] [--dir /path/on/the/disk/to/measure]
 """
@@ -13,8 +14,8 @@ import shutil
 import tempfile
 import time
 
-from m2f_cli.outputs import folder as state
-from m2f_cli.outputs.folder import OutputFolder, file_is_whole, mount_of
+from m2f_cli.outputs import local as state
+from m2f_cli.outputs.local import LocalOutputFolder, file_is_whole, mount_of
 
 
 def _write(root: str, n: int, durable: bool) -> float:
@@ -23,7 +24,7 @@ def _write(root: str, n: int, durable: bool) -> float:
         state.os.fsync = lambda fd: None
         state.fsync_dir = lambda d: None
     try:
-        folder = OutputFolder(root)
+        folder = LocalOutputFolder(root)
         folder.check_writable()
         folder.lock()
         png = b"\x89PNG\r\n\x1a\n" + os.urandom(3000) + b"\x00\x00\x00\x00IEND\xaeB`\x82"

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from m2f_cli.cli import SEGMENT_PANELS, app
 from m2f_cli.outputs.formats import FORMATS
 from m2f_cli.errors import ExitCode
-from m2f_cli.outputs.folder import OutputFolder
+from m2f_cli.outputs.local import LocalOutputFolder
 from m2f_cli.outputs.writers import REGISTRY
 
 runner = CliRunner()
@@ -91,7 +91,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, image_dir, tiny_model):
 
 def test_locked_output_folder_exit_4(tmp_path, image_dir, tiny_model):
     out = tmp_path / "out"
-    other = OutputFolder(str(out))
+    other = LocalOutputFolder(str(out))
     other.check_writable()
     other.lock()
     try:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from m2f_cli.inputs.decode import decode
 from m2f_cli.errors import DecodeError
+from m2f_cli.inputs.decode import decode
 from m2f_cli.inputs.preprocess import PreprocessSpec
 
 

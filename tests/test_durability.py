@@ -12,11 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.outputs import folder as state
+from m2f_cli.outputs import local as state
 from m2f_cli.cli import app
 from m2f_cli.errors import ExitCode
-from m2f_cli.outputs.folder import Journal, OutputFolder, file_is_whole
 from m2f_cli.errors import OutputError
+from m2f_cli.outputs.local import Journal, LocalOutputFolder, file_is_whole
 
 from planted import PlantedPredictor
 
@@ -98,7 +98,7 @@ def test_directories_are_synced_every_dir_sync_s(tmp_path, monkeypatch):
     monkeypatch.setattr(state, "fsync_dir", lambda d: synced.append(d))
     clock = [0.0]
     monkeypatch.setattr(state.time, "monotonic", lambda: clock[0])
-    folder = OutputFolder(str(tmp_path / "out"))
+    folder = LocalOutputFolder(str(tmp_path / "out"))
     folder.check_writable()
     folder.lock()
     folder.write_bytes(folder.join("a.json"), b"{}")

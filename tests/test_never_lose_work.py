@@ -13,7 +13,7 @@ from PIL import Image
 
 from m2f_cli import RunConfig, Segmenter, run
 from m2f_cli.errors import ExitCode
-from m2f_cli.outputs.folder import Journal
+from m2f_cli.outputs.local import Journal
 
 from planted import PlantedPredictor, iou, planted_image
 

@@ -15,11 +15,12 @@ import pytest
 from PIL import Image
 
 from m2f_cli import RunConfig, Segmenter, run
-from m2f_cli.outputs import remote as storage
+from m2f_cli import urls
+from m2f_cli.outputs import lease, remote as storage, staging
 from m2f_cli.tools.merge import merge
-from m2f_cli.errors import UsageError
-from m2f_cli.errors import OutputLockedError
-from m2f_cli.inputs.walk import InputError, walk
+from m2f_cli.errors import InputError, LeaseLostError, OutputLockedError, UsageError
+from m2f_cli.outputs.open import open_output
+from m2f_cli.inputs.walk import walk
 
 from planted import PlantedPredictor, planted_image
 
@@ -86,9 +87,9 @@ def _normalise(tree, location):
 
 
 def test_url_detection():
-    assert storage.is_url("s3://b/k") and storage.is_url("memory://x") and storage.is_url("gs://b")
-    assert not storage.is_url("/data/imgs") and not storage.is_url("file:///data") and not storage.is_url("a:b")
-    assert storage.local_path("file:///data/x.jpg") == "/data/x.jpg"
+    assert urls.is_url("s3://b/k") and urls.is_url("memory://x") and urls.is_url("gs://b")
+    assert not urls.is_url("/data/imgs") and not urls.is_url("file:///data") and not urls.is_url("a:b")
+    assert urls.local_path("file:///data/x.jpg") == "/data/x.jpg"
 
 
 def test_walk_remote_folder_glob_and_object(mem):
@@ -184,7 +185,7 @@ def test_remote_lease_lock(mem, monkeypatch):
         run(cfg, segmenter=Segmenter(PlantedPredictor()))
     assert not fs.exists(f"{root}-out/a.png")
     # nobody renewed it for LEASE_STALE_S (by the store's clock: here this process's): a dead run's
-    monkeypatch.setattr(storage, "LEASE_STALE_S", 0.3)
+    monkeypatch.setattr(lease, "LEASE_STALE_S", 0.3)
     time.sleep(0.4)
     assert run(cfg, segmenter=Segmenter(PlantedPredictor())).images == 1
     assert not fs.exists(lock)  # released at the end
@@ -192,7 +193,7 @@ def test_remote_lease_lock(mem, monkeypatch):
 
 def test_memory_lease_is_exact_between_folders_of_one_process(mem):
     fs, root = mem
-    a, b = storage.open_output(f"memory://{root}/out"), storage.open_output(f"memory://{root}/out")
+    a, b = open_output(f"memory://{root}/out"), open_output(f"memory://{root}/out")
     a.lock()
     try:
         with pytest.raises(OutputLockedError, match="in use by another m2f run"):
@@ -286,7 +287,7 @@ def test_s3_end_to_end_through_the_cli(s3_server, tiny_model, tmp_path):
 def test_staging_folders_of_dead_runs_are_swept(mem, tmp_path, monkeypatch):
     """A SIGKILLed remote run leaves <tmp>/m2f-stage-<pid>-*; the next remote run removes those
     whose process is gone and leaves live ones alone."""
-    monkeypatch.setattr(storage.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(staging.tempfile, "tempdir", str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f"m2f-stage-{dead.pid}-abc"
@@ -333,7 +334,7 @@ def test_two_drivers_racing_for_s3_exactly_one_wins(s3_out):
     an upload slower than any sleep, then B's create arrives. If-None-Match makes B lose, and B's
     run writes nothing. Then the same race with both creates released at once, a few times."""
     fs, url = s3_out
-    a, b = storage.open_output(url), storage.open_output(url)
+    a, b = open_output(url), open_output(url)
     real_create = b.store.create
 
     def slow_create(key, body):
@@ -349,7 +350,7 @@ def test_two_drivers_racing_for_s3_exactly_one_wins(s3_out):
 
     import threading
     for round_ in range(3):
-        folders = [storage.open_output(url) for _ in range(2)]
+        folders = [open_output(url) for _ in range(2)]
         barrier = threading.Barrier(2)
         won, lost = [], []
 
@@ -375,7 +376,7 @@ def test_the_loser_of_an_s3_race_writes_nothing(s3_out, tmp_path):
     img = tmp_path / "in"
     img.mkdir()
     (img / "a.png").write_bytes(_image_bytes(0, 64, 48))
-    holder = storage.open_output(url)
+    holder = open_output(url)
     holder.lock()
     try:
         before = set(fs.find(url[5:]))
@@ -393,10 +394,10 @@ def test_a_renewal_after_a_takeover_fails_and_the_old_holder_stops_writing(s3_ou
     over with If-Match on the version it read. A's next renewal fails on its condition: A stops,
     its journal chunk and outputs are refused, its release leaves B's lease alone."""
     fs, url = s3_out
-    monkeypatch.setattr(storage, "LEASE_RENEW_S", 3600.0)   # A's renewal thread stays asleep
-    monkeypatch.setattr(storage, "LEASE_STALE_S", 2.0)
-    monkeypatch.setattr(storage, "LEASE_VALID_S", 3600.0)  # only the failed condition can stop A here
-    a, b = storage.open_output(url), storage.open_output(url)
+    monkeypatch.setattr(lease, "LEASE_RENEW_S", 3600.0)   # A's renewal thread stays asleep
+    monkeypatch.setattr(lease, "LEASE_STALE_S", 2.0)
+    monkeypatch.setattr(lease, "LEASE_VALID_S", 3600.0)  # only the failed condition can stop A here
+    a, b = open_output(url), open_output(url)
     a.lock()
     journal = a.journal("coco")
     journal.append({"rel": "x", "image": {"id": 1}, "dets": []})
@@ -409,12 +410,12 @@ def test_a_renewal_after_a_takeover_fails_and_the_old_holder_stops_writing(s3_ou
     chunks = sorted(fs.find(f"{url[5:]}/.m2f/coco.journal"))
     assert len(chunks) == 1
 
-    with pytest.raises(storage.LeaseLostError, match="taken over by " + b._lease.holder):
+    with pytest.raises(LeaseLostError, match="taken over by " + b._lease.holder):
         a._lease.renew()
     journal.append({"rel": "y", "image": {"id": 2}, "dets": []})
-    with pytest.raises(storage.LeaseLostError):
+    with pytest.raises(LeaseLostError):
         journal.flush()
-    with pytest.raises(storage.LeaseLostError):
+    with pytest.raises(LeaseLostError):
         a.write_bytes(a.join("late.json"), b"{}")
     a.unlock()
     fs.invalidate_cache()
@@ -429,16 +430,16 @@ def test_a_renewal_after_a_takeover_fails_and_the_old_holder_stops_writing(s3_ou
 def test_a_takeover_loses_to_a_renewal_in_between(s3_out, monkeypatch):
     """B reads a stale lease, A renews before B writes: B's If-Match fails, B refuses."""
     fs, url = s3_out
-    monkeypatch.setattr(storage, "LEASE_RENEW_S", 3600.0)
-    monkeypatch.setattr(storage, "LEASE_STALE_S", 1.0)
-    a, b = storage.open_output(url), storage.open_output(url)
+    monkeypatch.setattr(lease, "LEASE_RENEW_S", 3600.0)
+    monkeypatch.setattr(lease, "LEASE_STALE_S", 1.0)
+    a, b = open_output(url), open_output(url)
     a.lock()
     time.sleep(2.2)
     real_read = b.store.read
 
     def read_then_a_renews(key):
         seen = real_read(key)
-        assert seen.age_s >= storage.LEASE_STALE_S
+        assert seen.age_s >= lease.LEASE_STALE_S
         assert a._lease.renew()
         return seen
     b.store.read = read_then_a_renews
@@ -450,27 +451,27 @@ def test_a_takeover_loses_to_a_renewal_in_between(s3_out, monkeypatch):
 
 def test_a_holder_that_cannot_renew_stops_before_a_takeover_is_possible(mem, monkeypatch):
     fs, root = mem
-    folder = storage.open_output(f"memory://{root}/out")
+    folder = open_output(f"memory://{root}/out")
     folder.lock()
     clock = [time.monotonic()]
-    monkeypatch.setattr(storage.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(lease.time, "monotonic", lambda: clock[0])
     folder.write_bytes(folder.join("a.json"), b"{}")
-    clock[0] += storage.LEASE_VALID_S + 1  # renewals failed all that time (store unreachable)
-    with pytest.raises(storage.LeaseLostError, match="not renewed"):
+    clock[0] += lease.LEASE_VALID_S + 1  # renewals failed all that time (store unreachable)
+    with pytest.raises(LeaseLostError, match="not renewed"):
         folder.write_bytes(folder.join("b.json"), b"{}")
-    assert storage.LEASE_VALID_S < storage.LEASE_STALE_S
+    assert lease.LEASE_VALID_S < lease.LEASE_STALE_S
     folder.unlock()
 
 
 def test_an_s3_store_that_ignores_conditions_is_refused(s3_out, monkeypatch, tmp_path):
     fs, url = s3_out
     (tmp_path / "a.png").write_bytes(_image_bytes(0, 64, 48))
-    real_call = storage._S3Store._call
+    real_call = lease._S3Store._call
 
     def ignoring(self, method, key, **kw):
         kw.pop("IfNoneMatch", None), kw.pop("IfMatch", None)
         return real_call(self, method, key, **kw)
-    monkeypatch.setattr(storage._S3Store, "_call", ignoring)
+    monkeypatch.setattr(lease._S3Store, "_call", ignoring)
     with pytest.raises(UsageError, match="does not enforce conditional writes.*M2F_UNSAFE_REMOTE=1"):
         run(RunConfig(inputs=[str(tmp_path)], out=url, workers=0), segmenter=Segmenter(PlantedPredictor()))
     fs.invalidate_cache()
@@ -556,17 +557,17 @@ class _FakeGcs:
 
 def test_gcs_lease_speaks_generation_preconditions(monkeypatch):
     fake = _FakeGcs()
-    a, b = storage._GcsStore(fake), storage._GcsStore(fake)
+    a, b = lease._GcsStore(fake), lease._GcsStore(fake)
     v1 = a.create("bkt/out/.m2f/lock", b'{"holder": "a"}')
-    with pytest.raises(storage._Conflict):
+    with pytest.raises(lease._Conflict):
         b.create("bkt/out/.m2f/lock", b'{"holder": "b"}')
     seen = b.read("bkt/out/.m2f/lock")
     assert seen.holder == {"holder": "a"} and seen.version == v1 and 0 <= seen.age_s < 5
     v2 = a.replace("bkt/out/.m2f/lock", b'{"holder": "a", "renewals": 1}', v1)
-    with pytest.raises(storage._Conflict):  # a takeover from a stale read loses to the renewal
+    with pytest.raises(lease._Conflict):  # a takeover from a stale read loses to the renewal
         b.replace("bkt/out/.m2f/lock", b'{"holder": "b"}', v1)
     b.delete("bkt/out/.m2f/lock", v1)  # not the current generation: left alone
     assert b.read("bkt/out/.m2f/lock").version == v2
     a.delete("bkt/out/.m2f/lock", v2)
     assert a.read("bkt/out/.m2f/lock") is None
-    assert storage.LEASE_STORES["gs"] is storage._GcsStore
+    assert lease.LEASE_STORES["gs"] is lease._GcsStore

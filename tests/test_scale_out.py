@@ -151,12 +151,12 @@ def test_every_worker_failing_to_load_the_model_exits_1(tmp_path, folder, tiny_m
 
 
 def test_merge_refuses_while_a_shard_holds_its_lock(tmp_path, folder, tiny_model):
-    from m2f_cli.outputs.folder import OutputFolder
+    from m2f_cli.outputs.local import LocalOutputFolder
     out = tmp_path / "out"
     for i in range(2):
         runner.invoke(app, ["segment", str(folder), "--out", str(out), "--model", tiny_model, "-f", "jsonl",
                             "--shard", f"{i}/2", "-q", "--workers", "0"])
-    running = OutputFolder(str(out), (1, 2))
+    running = LocalOutputFolder(str(out), (1, 2))
     running.lock()  # shard 1 is "still running"
     try:
         r = runner.invoke(app, ["merge", str(out)])

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from m2f_cli.inputs.walk import read_path_list, walk
 from m2f_cli.errors import InputError
+from m2f_cli.inputs.walk import read_path_list, walk
 
 
 def _touch(p):

@@ -35,7 +35,7 @@ from m2f_cli.inputs.preprocess import PreprocessSpec
 from m2f_cli.records import Failure, ImageRef
 from m2f_cli.result import Result, Views
 from m2f_cli.segmenter import Segmenter, resolve_classes
-from m2f_cli.outputs.remote import is_url
+from m2f_cli.urls import is_url
 from m2f_cli.outputs.writers.cutout import pad_option
 from m2f_cli.outputs.writer_thread import in_order
 

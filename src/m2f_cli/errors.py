@@ -1,7 +1,7 @@
 """Every error m2f raises on purpose, the exit code each one ends the CLI with, and its one line.
 
-Library code raises these (the modules that raise them also export them under their old names);
-``cli.py`` turns any of them into ``m2f: error: <one line>`` and its code (``exit_code_for``).
+Library code raises these and imports them from here (a few modules still re-export the ones they
+raise); ``cli.py`` turns any of them into ``m2f: error: <one line>`` and its code (``exit_code_for``).
 Per-image problems are never errors: they are ``records.Failure`` records and the run goes on.
 """
 
@@ -73,8 +73,8 @@ class OutputError(OSError):
 
 
 class LeaseLostError(OutputError):
-    """This run's lease on a remote output location was taken over by another run (storage.py):
-    it must not write there any more. Reported like OutputLockedError (exit 4); it is an
+    """This run's lease on a remote output location was taken over by another run
+    (outputs/lease.py): it must not write there any more. Reported like OutputLockedError (exit 4); it is an
     OutputError so that it stops the writers as a failing disk does."""
 
 

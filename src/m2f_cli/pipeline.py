@@ -20,8 +20,8 @@ from m2f_cli.model.categories import CategoryTable
 from m2f_cli.config import RunConfig
 from m2f_cli.engines import Engine
 from m2f_cli.engines.local import LocalEngine
-from m2f_cli.errors import (EngineError, NoImagesError, OutputError, RemoteError, StdoutClosed, UsageError,
-    WriterError)
+from m2f_cli.errors import (EngineError, InputError, NoImagesError, OutputError, RemoteError, StdoutClosed,
+    UsageError, WriterError)
 from m2f_cli.outputs.manifest import write_failures, write_manifest
 from m2f_cli.model.loading import ModelSource, read_categories, resolve_model
 from m2f_cli.choices import (auto_settings, device_and_dtype, map_threshold, resolve_compile, segmenter_options,
@@ -30,12 +30,11 @@ from m2f_cli.inputs.preprocess import load_checkpoint_spec, spec_for_resize
 from m2f_cli.progress import QuietReporter, Reporter, RunSummary
 from m2f_cli.records import Failure, ImageRef
 from m2f_cli.segmenter import Segmenter, resolve_classes, resolve_task
-from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, check as check_settings, common_settings, model_identity, writer_record)
-from m2f_cli.errors import SettingsConflict
+from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsConflict, check as check_settings,
+    common_settings, model_identity, writer_record)
 from m2f_cli.outputs.folder import OutputFolder
-from m2f_cli.outputs.remote import open_output
+from m2f_cli.outputs.open import open_output
 from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, WalkResult, shard_of, walk
-from m2f_cli.errors import InputError
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
@@ -70,7 +69,7 @@ def run(config: RunConfig, reporter: Optional[Reporter] = None, segmenter: Optio
         folder.check_writable()
         try:
             folder.lock()
-        except RemoteError as e:  # a store that does not enforce conditional writes (storage.py)
+        except RemoteError as e:  # a store that does not enforce conditional writes (outputs/lease.py)
             raise UsageError(f"--out {e}") from None
     try:
         return _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtype, t_start, engine)

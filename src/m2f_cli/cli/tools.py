@@ -130,7 +130,7 @@ def report(
     if open_page:
         import os
         import webbrowser
-        from m2f_cli.outputs.remote import is_url
+        from m2f_cli.urls import is_url
         if is_url(summary.index):
             typer.echo(f"m2f: note: {summary.index} is remote; copy report/ (and the overlays) to open it", err=True)
         elif not webbrowser.open("file://" + os.path.abspath(summary.index)):

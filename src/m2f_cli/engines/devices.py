@@ -142,8 +142,8 @@ def run_devices(config: RunConfig, devices: list[str], reporter: Reporter):
     finalises its shard files, then the shards are merged); a second one is sent on too and this process
     exits at once (128 + signal). Raises WorkerError (with its exit code) when workers fail.
     """
-    from m2f_cli.tools.merge import merge
     from m2f_cli.errors import MergeError
+    from m2f_cli.tools.merge import merge
     _check(config)
     t0 = time.perf_counter()
     workers = _Workers(config, devices, reporter)

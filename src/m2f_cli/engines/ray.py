@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 from m2f_cli.inputs.batch import load_sample
 from m2f_cli.config import RunConfig
-from m2f_cli.errors import EngineError
+from m2f_cli.errors import EngineError, one_line
 from m2f_cli.choices import segmenter_options
 from m2f_cli.progress import Stages
 from m2f_cli.records import Failure, ImageRef, ImageResult
@@ -141,12 +141,13 @@ def gpu_actor_cpus(nodes: list[dict], total_cpus: int, gpus: int) -> int:
     return max(1, min(GPU_ACTOR_MAX_CPUS, min(shares)))
 
 
-def _one_line(e: BaseException) -> str:
-    """Ray errors carry tracebacks: keep the line that says what happened."""
+def _ray_line(e: BaseException) -> str:
+    """Ray errors carry tracebacks: keep the line that says what happened (errors.one_line), but
+    for an actor whose constructor failed the last one, the exception the constructor raised."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     if getattr(e, "actor_init_failed", False) and lines:
-        return lines[-1][:300]  # the exception the constructor raised
-    return (lines[0] if lines else type(e).__name__)[:300]
+        return lines[-1][:300]
+    return one_line(e)[:300]
 
 
 @contextlib.contextmanager
@@ -194,7 +195,7 @@ class RayEngine:
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise EngineError(f"--ray {self.config.ray}: cannot connect to a Ray cluster: {_one_line(e)}") \
+            raise EngineError(f"--ray {self.config.ray}: cannot connect to a Ray cluster: {_ray_line(e)}") \
                 from None
         finally:
             for s, h in handlers.items():
@@ -362,7 +363,7 @@ class _Schedule:
         except self.RayError as e:
             error = e
             if isinstance(e, self.ActorDiedError):
-                self._retire(slot, _one_line(e))  # notes the chunk it was running (the queue's head)
+                self._retire(slot, _ray_line(e))  # notes the chunk it was running (the queue's head)
         del slot.queue[i]
         if i == 0:
             slot.head_since = time.monotonic()
@@ -381,11 +382,11 @@ class _Schedule:
             slot.ready = self.any_ready = True
         except self.RayError as e:
             if getattr(e, "actor_init_failed", False) and not self.any_ready:
-                raise EngineError(f"the Ray actors cannot load the model: {_one_line(e)}") from None
-            self._retire(slot, _one_line(e))
+                raise EngineError(f"the Ray actors cannot load the model: {_ray_line(e)}") from None
+            self._retire(slot, _ray_line(e))
 
     def _chunk_failed(self, slot: _Slot, chunk: _Chunk, error) -> Iterator[tuple[int, Failure]]:
-        reason = _one_line(error)
+        reason = _ray_line(error)
         if not isinstance(error, self.RayActorError):
             log.warning("ray: chunk failed: %s", reason)
         if slot.dead and chunk is not slot.culprit:

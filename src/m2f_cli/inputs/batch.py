@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from m2f_cli.inputs.decode import decode
 from m2f_cli.errors import DecodeError
+from m2f_cli.inputs.decode import decode
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.records import ImageRef
-from m2f_cli.outputs.folder import HELD_LOCK_FDS
+from m2f_cli.outputs.local import HELD_LOCK_FDS
 
 if TYPE_CHECKING:
     from m2f_cli.tiling.tiles import TiledImage, TileOptions

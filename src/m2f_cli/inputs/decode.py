@@ -21,9 +21,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from m2f_cli.config import DEFAULT_MAX_PIXELS
-from m2f_cli.outputs.remote import is_url, local_path, read_bytes
-from m2f_cli.errors import one_line
-from m2f_cli.errors import DecodeError
+from m2f_cli.inputs.remote import read_bytes
+from m2f_cli.urls import is_url, local_path
+from m2f_cli.errors import DecodeError, one_line
 
 _ROTATING_ORIENTATIONS = {5, 6, 7, 8}
 

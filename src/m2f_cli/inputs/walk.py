@@ -28,9 +28,9 @@ from pathlib import PurePosixPath
 from typing import Iterator, Optional, Sequence
 
 from m2f_cli.records import Failure, ImageRef
-from m2f_cli.outputs.remote import is_url, local_path, walk_url
-from m2f_cli.errors import RemoteError
-from m2f_cli.errors import InputError
+from m2f_cli.inputs.remote import walk_url
+from m2f_cli.urls import is_url, local_path
+from m2f_cli.errors import InputError, RemoteError
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from m2f_cli.config import RunConfig
 from m2f_cli.progress import RunSummary
 from m2f_cli.records import Failure
 from m2f_cli.outputs.folder import OutputFolder
+from m2f_cli.outputs.open import open_output
 
 
 def write_manifest(folder: OutputFolder, config: RunConfig, summary: RunSummary, complete: bool) -> None:
@@ -29,11 +30,10 @@ def write_failures(folder: OutputFolder, failures: list[Failure]) -> None:
 
 def read_info(out: str) -> dict:
     """What ``m2f info OUT`` shows of an output folder (local or URL), read only: each format's
-    settings record (settings.py) and the last run of each shard (m2f-run*.json).
+    settings record (settings_record.py) and the last run of each shard (m2f-run*.json).
     Raises UsageError when out holds no m2f outputs."""
     from m2f_cli.errors import UsageError
     from m2f_cli.outputs.settings_record import read_record
-    from m2f_cli.outputs.remote import open_output
     from m2f_cli.outputs.writers import REGISTRY
     folder = open_output(out)
     records = {name: rec for name in REGISTRY if (rec := read_record(folder, name)) is not None}
@@ -51,7 +51,7 @@ def read_info(out: str) -> dict:
 def _run_files(folder) -> list[str]:
     """m2f-run.json and every shard's m2f-run.shard-I-of-N.json in folder."""
     fs = getattr(folder, "fs", None)
-    if fs is not None:  # a remote folder (storage.RemoteOutputFolder)
+    if fs is not None:  # a remote folder (remote.RemoteOutputFolder)
         return sorted(folder.join(p.rsplit("/", 1)[-1]) for p in fs.glob(folder._p(folder.join("m2f-run*.json"))))
     import glob
     import os

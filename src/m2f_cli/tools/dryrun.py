@@ -13,7 +13,7 @@ from m2f_cli.config import RunConfig
 from m2f_cli.errors import RemoteError, UsageError
 from m2f_cli.choices import device_and_dtype, validate
 from m2f_cli.pipeline import find_inputs, model_facts, open_writers, plan_outputs, settings_check
-from m2f_cli.outputs.remote import open_output
+from m2f_cli.outputs.open import open_output
 
 
 @dataclass

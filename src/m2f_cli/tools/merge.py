@@ -13,12 +13,10 @@ import re
 from dataclasses import dataclass, field
 
 from m2f_cli.outputs.folder import OutputFolder
-from m2f_cli.errors import OutputLockedError
-from m2f_cli.outputs.remote import open_output
-from m2f_cli.errors import RemoteError
+from m2f_cli.outputs.open import open_output
+from m2f_cli.errors import MergeError, OutputLockedError, RemoteError
 from m2f_cli.inputs.walk import order_key
 from m2f_cli.outputs.writers.cvat import read_document, write_document
-from m2f_cli.errors import MergeError
 
 _PART = re.compile(r"\.shard-(\d+)-of-(\d+)\.")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from m2f_cli.model.startup.fingerprint import cache_root
-from m2f_cli.outputs.folder import NO_FLOCK_ERRNOS, no_flock_message
+from m2f_cli.outputs.local import NO_FLOCK_ERRNOS, no_flock_message
 from m2f_cli.errors import CacheLockError
 
 DEFAULT_MAX_BYTES = 2 * 1024 ** 3

@@ -68,7 +68,7 @@ def unique_records(records: Iterable[dict], id_of: Optional[Callable[[dict], obj
     """A journal's records, one per image (the first; "rel" names the image) and, with id_of, one
     per id: a record whose id an earlier record already has is dropped, and its image is then not
     done, so it is redone under a fresh id. Journals hold such records only after two runs wrote
-    into one folder at once (a lease lost on an object store: storage.py); the files built from them
+    into one folder at once (a lease lost on an object store: outputs/lease.py); the files built from them
     must still name each image once and never give two images one id."""
     seen_rel: set = set()
     seen_id: set = set()

@@ -22,7 +22,7 @@ import warnings
 from typing import Optional
 
 from m2f_cli.records import ImageResult
-from m2f_cli.outputs.remote import local_path
+from m2f_cli.urls import local_path
 from m2f_cli.outputs.writers.base import register
 from m2f_cli.outputs.writers.vector import PerImagePolygonWriter, number
 

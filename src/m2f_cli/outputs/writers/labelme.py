@@ -21,7 +21,7 @@ import os
 
 from m2f_cli.outputs.polygons import seamed
 from m2f_cli.records import ImageRef, ImageResult
-from m2f_cli.outputs.remote import is_url, local_path
+from m2f_cli.urls import is_url, local_path
 from m2f_cli.outputs.writers.base import register
 from m2f_cli.outputs.writers.vector import PerImagePolygonWriter, number
 

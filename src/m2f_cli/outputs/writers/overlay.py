@@ -248,7 +248,7 @@ class OverlayWriter(Writer):
         return self.ctx.folder.path(ref.rel, f".overlay.{self.fmt}")
 
     def done(self, ref: ImageRef) -> bool:
-        return self.ctx.folder.complete(self._path(ref))  # whole files only (state.looks_whole)
+        return self.ctx.folder.complete(self._path(ref))  # whole files only (local.looks_whole)
 
     def write(self, result: ImageResult) -> None:
         rgb: Optional[np.ndarray] = result.image

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from m2f_cli.errors import ReportError
+from m2f_cli.errors import RemoteError
 from m2f_cli.outputs.folder import OutputFolder
-from m2f_cli.outputs.remote import RemoteError, open_output
+from m2f_cli.outputs.open import open_output
 from m2f_cli.tools.report.draw import Drawer, draw_cards, prune
 from m2f_cli.tools.report.page import render_page
 from m2f_cli.tools.report.reader import (REPORT_DIR, Reader, iter_records, read_candidates, read_failures,

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 from m2f_cli.outputs.folder import OutputFolder
-from m2f_cli.outputs.remote import is_url, local_path, one_line
+from m2f_cli.errors import one_line
+from m2f_cli.urls import is_url, local_path
 from m2f_cli.tools.report.reader import REPORT_DIR, Reader
 
 OVERLAY_MAX_PX = 1600      # longest side of the overlays the report draws itself (drawn_size)
