@@ -1,0 +1,453 @@
+"""Stage 2 for videos: PyAV (FFmpeg's libraries) reads a video frame by frame, picks the frames
+asked for and gives each its identity. Every PyAV quirk of m2f is handled here.
+
+Identity. Frame k is the k-th frame the decoder gives from the start of the stream (zero-based);
+its time is its own timestamp in seconds from the stream's start, so variable frame rates keep
+each frame's time. Frame k of a video named ``v/clip`` is ``v/clip/000123`` (6 digits or more).
+
+Selection (FrameSelection): ``--start``/``--end`` keep frames with start <= time < end;
+``--every N`` the frames whose index is a multiple of N; ``--fps R`` the frame nearest (by
+timestamp) to each of the times start, start + 1/R, start + 2/R, ... (each frame once). Each rule
+is a function of a frame's index and of its own and its neighbours' timestamps, so a run that
+starts mid-video picks exactly the frames a run from the start picks.
+
+Seeking. Decoding starts at an anchor (a frame whose index is known) instead of the stream's start
+when there is one: a resumed run's frame from the frames journal (video_resume.py), or --start's
+first frame, whose index is the number of packets before it (demuxed, not decoded; only when
+every packet has a timestamp). The decoder seeks to the keyframe before the anchor, decodes up to
+it (the frame before it is --fps's neighbour) and numbers frames from it. If the anchor is not
+where it was (no frame before it, another timestamp), it decodes from the stream's start instead:
+slower, never wrong. Nothing is ever decoded only to be skipped otherwise.
+
+Rotation. The display matrix (portrait phone videos) is applied to every frame: rotations by
+multiples of 90 degrees and mirroring, as EXIF orientation is for photos.
+
+Failures (FrameError, one line, ``.frame`` naming the frame): no video stream, an unreadable
+container, a frame that does not decode (the frames before it are yielded first), and a stream
+that ends well before the duration its header declares (a cut file that decodes without error).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .errors import DecodeError
+from .records import FrameInfo, ImageRef
+from .storage import filesystem, is_url, local_path
+from .walk import VIDEO_EXTENSIONS, is_video_name  # noqa: F401  (re-exported: what a video is)
+
+log = logging.getLogger(__name__)
+
+FRAME_DIGITS = 6
+# A stream whose last frame ends this much before the duration its header declares is cut short.
+TRUNCATED_SLACK_S = 0.25
+TRUNCATED_SLACK_FRAMES = 3
+
+
+class FrameError(DecodeError):
+    """A video that cannot be read on from frame ``frame`` (None: it cannot be opened at all)."""
+
+    def __init__(self, message: str, frame: Optional[int] = None):
+        super().__init__(message)
+        self.frame = frame
+
+
+def frame_ref(video: ImageRef, index: int, time: Optional[float] = None, pts: Optional[int] = None) -> ImageRef:
+    """The ImageRef of frame `index` of a video: name ``<video name>/<k>``, rel ``<video rel>/<k>``."""
+    k = f"{index:0{FRAME_DIGITS}d}"
+    return ImageRef(video.path, f"{video.name}/{k}", f"{video.rel}/{k}", video.index,
+                    frame=FrameInfo(index, time, pts, video.rel))
+
+
+_CLOCK = re.compile(r"(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)")
+
+
+def parse_time(value) -> float:
+    """Seconds from 12.5, '12.5', 'mm:ss[.f]' or 'hh:mm:ss[.f]'. Raises ValueError."""
+    if isinstance(value, (int, float)):
+        t = float(value)
+    else:
+        text = str(value).strip()
+        m = _CLOCK.fullmatch(text)
+        if m:
+            hours, minutes, seconds = m.groups()
+            if float(seconds) >= 60 or (hours is not None and int(minutes) >= 60):
+                raise ValueError(f"{text!r}: not a time (seconds or hh:mm:ss)")
+            t = int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
+        else:
+            try:
+                t = float(text)
+            except ValueError:
+                raise ValueError(f"{text!r}: not a time (seconds or hh:mm:ss)") from None
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"{value!r}: expected a time >= 0")
+    return t
+
+
+@dataclass(frozen=True)
+class FrameSelection:
+    """Which frames of each video are segmented (module docstring). start, end: seconds from the
+    stream's start (end exclusive, None = to the end); every: keep indices that are multiples;
+    fps: keep the frame nearest to each 1/fps s step from start (excludes every > 1)."""
+
+    every: int = 1
+    fps: Optional[float] = None
+    start: float = 0.0
+    end: Optional[float] = None
+
+    @classmethod
+    def parse(cls, every: Optional[int] = None, fps: Optional[float] = None, start=None, end=None
+              ) -> "FrameSelection":
+        """From the CLI's values; ValueError naming the option for a bad one."""
+        if every is not None and every < 1:
+            raise ValueError(f"--every {every}: expected 1 or more")
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"--fps {fps}: expected a rate > 0 frames per second")
+        if fps is not None and every not in (None, 1):
+            raise ValueError("--every and --fps both pick frames: give one of them")
+        try:
+            s = parse_time(start) if start is not None else 0.0
+        except ValueError as e:
+            raise ValueError(f"--start {e}") from None
+        try:
+            e_ = parse_time(end) if end is not None else None
+        except ValueError as e:
+            raise ValueError(f"--end {e}") from None
+        if e_ is not None and e_ <= s:
+            raise ValueError(f"--end {end}: expected a time after --start ({s:g} s)")
+        return cls(every or 1, fps, s, e_)
+
+    def record(self) -> Optional[dict]:
+        """What the settings record keeps (None for every frame of the whole video)."""
+        if self == FrameSelection():
+            return None
+        return {"every": self.every, "fps": self.fps, "start": self.start, "end": self.end}
+
+    def in_range(self, t: float) -> bool:
+        return t >= self.start and (self.end is None or t < self.end)
+
+    def keeps(self, index: int, t: Optional[float], t_prev: Optional[float], t_next: Optional[float]) -> bool:
+        """Whether frame `index` at time t is selected; t_prev, t_next: the times of the frames
+        decoded just before and after it (None at the stream's ends)."""
+        if t is None:
+            return self.start == 0 and self.end is None and self.fps is None and index % self.every == 0
+        if not self.in_range(t):
+            return False
+        if self.fps is None:
+            return index % self.every == 0
+        return self._nearest(t, t_prev, t_next)
+
+    def _nearest(self, t: float, t_prev: Optional[float], t_next: Optional[float]) -> bool:
+        """Whether a step start + j/fps lies in the frame's share of the time line: from halfway
+        to the frame before to halfway to the frame after (frames out of range do not compete;
+        the last frame's share ends half its predecessor's interval after it)."""
+        lo = self.start if t_prev is None or t_prev < self.start else (t_prev + t) / 2
+        if t_next is not None and self.end is not None and t_next >= self.end:
+            hi = self.end
+        elif t_next is not None:
+            hi = (t + t_next) / 2
+        else:
+            hi = t + (t - t_prev) / 2 if t_prev is not None else math.inf
+        if self.end is not None:
+            hi = min(hi, self.end)
+        j = math.ceil((lo - self.start) * self.fps - 1e-6)
+        return j < (hi - self.start) * self.fps - 1e-6
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A frame whose index is known, where decoding starts (module docstring). pts: its
+    timestamp (None: decode from the stream's start, taking frames before index as known);
+    skip: the anchor frame itself is done (a resumed run goes on after it)."""
+
+    index: int
+    pts: Optional[int]
+    skip: bool = False
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """One selected frame: index, pts (stream time base) and time (seconds) as in FrameInfo;
+    rgb: (H, W, 3) uint8, upright (display matrix applied)."""
+
+    index: int
+    pts: Optional[int]
+    time: Optional[float]
+    rgb: np.ndarray
+
+
+@dataclass
+class ReadStats:
+    """What a read_frames call did: frames decoded (context frames before an anchor included),
+    frames yielded, and whether it reached the end of the stream or of --end."""
+
+    decoded: int = 0
+    selected: int = 0
+    finished: bool = False
+
+
+class _Moved(Exception):
+    """The anchor is not where it was: decode from the stream's start instead."""
+
+
+_PAST_END = Anchor(-1, None)  # --start is after the stream's last frame: nothing to decode
+
+
+def _message(e: BaseException) -> str:
+    """One line: FFmpeg's own text (strerror) where there is one."""
+    text = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return str(text)
+
+
+@contextmanager
+def open_video(path: str):
+    """The PyAV container of a local path or an fsspec URL (read through a seekable file)."""
+    import av
+    handle = None
+    try:
+        if is_url(path):
+            fs, p = filesystem(path)
+            handle = fs.open(p, "rb")
+            container = av.open(handle, "r")
+        else:
+            container = av.open(local_path(path), "r")
+    except FileNotFoundError:
+        raise FrameError("file not found") from None
+    except Exception as e:  # FFmpeg's and the storage backend's errors: one line
+        if handle is not None:
+            handle.close()
+        raise FrameError(f"cannot open video ({_message(e)})") from None
+    try:
+        yield container
+    finally:
+        container.close()
+        if handle is not None:
+            handle.close()
+
+
+def _video_stream(container, max_pixels: Optional[int]):
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise FrameError(f"no video stream (streams: {', '.join(kinds)})")
+    stream = container.streams.video[0]
+    w, h = stream.codec_context.width, stream.codec_context.height
+    if max_pixels is not None and w * h > max_pixels:
+        raise FrameError(f"frames too large: {w}x{h} = {w * h} pixels > --max-pixels {max_pixels}")
+    stream.thread_type = "AUTO"  # FFmpeg's own frame/slice threads
+    return stream
+
+
+def display_transform(frame) -> Optional[tuple[bool, bool, bool]]:
+    """(transpose, flip rows, flip columns) that make a decoded frame upright from its display
+    matrix (16.16 fixed point, row vectors: x' = a x + c y, y' = b x + d y); None: as decoded."""
+    sd = frame.side_data.get("DISPLAYMATRIX") if frame.side_data is not None else None
+    if sd is None:
+        return None
+    m = np.frombuffer(bytes(sd), dtype="=i4")
+    a, b, c, d = (int(np.sign(round(v / 65536))) for v in (m[0], m[1], m[3], m[4]))
+    if b == 0 and c == 0 and a and d:
+        return (False, d < 0, a < 0) if (a < 0 or d < 0) else None
+    if a == 0 and d == 0 and b and c:
+        return True, b < 0, c < 0
+    log.warning("a display matrix that is not a multiple of 90 degrees is not applied")
+    return None
+
+
+def upright(rgb: np.ndarray, transform: Optional[tuple[bool, bool, bool]]) -> np.ndarray:
+    if transform is None:
+        return rgb
+    transpose, flip_rows, flip_cols = transform
+    if transpose:
+        rgb = rgb.transpose(1, 0, 2)
+    if flip_rows:
+        rgb = rgb[::-1]
+    if flip_cols:
+        rgb = rgb[:, ::-1]
+    return np.ascontiguousarray(rgb)
+
+
+def _start_anchor(path: str, selection: FrameSelection) -> Optional[Anchor]:
+    """--start's first frame: its index is the number of packets with an earlier timestamp,
+    counted by demuxing (no decoding) until no later packet can be earlier (its dts passed the
+    best candidate). None when a packet has no timestamp: decode from the stream's start."""
+    with open_video(path) as container:
+        stream = _video_stream(container, None)
+        origin, tb = stream.start_time or 0, stream.time_base
+        before, best = 0, None
+        for pkt in container.demux(stream):
+            if pkt.size == 0:
+                continue
+            if pkt.pts is None:
+                return None
+            if float((pkt.pts - origin) * tb) < selection.start:
+                before += 1
+            elif best is None or pkt.pts < best:
+                best = pkt.pts
+            if best is not None and pkt.dts is not None and pkt.dts >= best:
+                break
+    return Anchor(before, best) if best is not None else _PAST_END
+
+
+def _numbered(container, stream, anchor: Optional[Anchor]) -> Iterator[tuple[Optional[int], object]]:
+    """(index, av frame) in decoded order from the anchor on; index None for the frames decoded
+    before it after a seek. Raises _Moved when the anchor is not where it was."""
+    if anchor is None or anchor.pts is None or anchor.index == 0:
+        for k, f in enumerate(container.decode(stream)):
+            yield k, f
+        return
+    container.seek(anchor.pts - 1, backward=True, stream=stream)  # the keyframe before: its predecessor too
+    k, before = None, 0
+    for f in container.decode(stream):
+        if k is None:
+            if f.pts is not None and f.pts < anchor.pts:
+                before += 1
+                yield None, f
+                continue
+            if f.pts != anchor.pts or before == 0:
+                raise _Moved()
+            k = anchor.index
+        yield k, f
+        k += 1
+
+
+def read_frames(path: str, selection: FrameSelection = FrameSelection(), anchor: Optional[Anchor] = None,
+                max_pixels: Optional[int] = None, stats: Optional[ReadStats] = None) -> Iterator[DecodedFrame]:
+    """The selected frames of a video, in order, one at a time (memory: a frame or two).
+
+    anchor: where to start (module docstring); None: the stream's start, or --start's first frame.
+    Raises FrameError (with .frame) after yielding every frame before the one that failed.
+    """
+    stats = stats if stats is not None else ReadStats()
+    try:
+        yield from _read(path, selection, anchor, max_pixels, stats)
+    except _Moved:
+        log.warning("%s: frame %d is not where it was; decoding from the start of the video",
+                    path, anchor.index if anchor else 0)
+        stats.decoded = 0
+        fallback = Anchor(anchor.index, None, anchor.skip) if anchor is not None else None
+        yield from _read(path, selection, fallback, max_pixels, stats, count_start=False)
+
+
+def _read(path, selection, anchor, max_pixels, stats, count_start: bool = True) -> Iterator[DecodedFrame]:
+    if anchor is None and selection.start > 0 and count_start:
+        anchor = _start_anchor(path, selection)
+        if anchor is _PAST_END:
+            stats.finished = True
+            return
+    with open_video(path) as container:
+        stream = _video_stream(container, max_pixels)
+        origin, tb = stream.start_time or 0, stream.time_base
+        rate = float(stream.guessed_rate or stream.average_rate or 0) or None
+
+        def time_of(f, k):
+            if f.pts is not None:
+                return float((f.pts - origin) * tb)
+            return k / rate if k is not None and rate else None
+
+        pending = None    # (index, frame, time, time before it): waits for the next frame's time
+        t_last = last = None
+        transform = []
+        next_k = anchor.index if anchor is not None and anchor.pts is not None else 0
+        frames = _numbered(container, stream, anchor)
+        while True:
+            try:
+                k, f = next(frames)
+            except StopIteration:
+                break
+            except _Moved:
+                raise
+            except Exception as e:  # FFmpeg's errors while demuxing or decoding
+                if pending is not None:
+                    out = _decide(pending, None, selection, anchor, transform, stats)
+                    if out is not None:
+                        yield out
+                raise FrameError(f"frame {next_k}: {_message(e)}", next_k) from None
+            stats.decoded += 1
+            t = time_of(f, k)
+            if k is not None:
+                next_k = k + 1
+                if pending is not None:
+                    out = _decide(pending, t, selection, anchor, transform, stats)
+                    if out is not None:
+                        yield out
+                pending = None
+                if selection.end is not None and t is not None and t >= selection.end:
+                    stats.finished = True
+                    return
+                pending, last = (k, f, t, t_last), (k, t)
+            t_last = t
+        if pending is not None:
+            out = _decide(pending, None, selection, anchor, transform, stats)
+            if out is not None:
+                yield out
+        _check_whole(container, stream, last, rate)
+        stats.finished = True
+
+
+def _decide(pending, t_next, selection: FrameSelection, anchor: Optional[Anchor], transform: list,
+            stats: ReadStats) -> Optional[DecodedFrame]:
+    """The frame waiting in pending, now that the next frame's time is known, if it is selected."""
+    k, f, t, t_prev = pending
+    if anchor is not None and (k < anchor.index or (k == anchor.index and anchor.skip)):
+        return None  # done by an earlier run, or before the anchor
+    if not selection.keeps(k, t, t_prev, t_next):
+        return None
+    if not transform:
+        transform.append(display_transform(f))
+    rgb = upright(f.to_ndarray(format="rgb24"), transform[0])
+    stats.selected += 1
+    return DecodedFrame(k, f.pts, t, rgb)
+
+
+def declared_seconds(container, stream) -> Optional[float]:
+    """The video stream's duration as its header declares it: the stream's, Matroska's DURATION
+    tag, or the container's when the video is its only stream; None when nothing says."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if tag:
+        try:
+            return parse_time(tag[:tag.index(".") + 7] if "." in tag else tag)
+        except ValueError:
+            pass
+    if len(container.streams) == 1 and container.duration:
+        return container.duration / 1e6
+    return None
+
+
+def _check_whole(container, stream, last: Optional[tuple[int, Optional[float]]], rate: Optional[float]) -> None:
+    """A stream that ended without an error but well before its declared duration was cut short."""
+    declared = declared_seconds(container, stream)
+    if declared is None or last is None or last[1] is None:
+        return
+    step = 1 / rate if rate else 0.0
+    if declared - (last[1] + step) > max(TRUNCATED_SLACK_S, TRUNCATED_SLACK_FRAMES * step):
+        raise FrameError(f"frame {last[0] + 1}: the stream ends at {last[1] + step:.3f} s, before the "
+                         f"{declared:.3f} s its header declares (truncated or corrupt)", last[0] + 1)
+
+
+def estimate_frames(path: str, selection: FrameSelection) -> int:
+    """About how many frames the selection keeps, from the header alone (progress); 0 if unknown."""
+    if is_url(path):
+        return 0
+    try:
+        with open_video(path) as container:
+            stream = _video_stream(container, None)
+            seconds = declared_seconds(container, stream)
+            rate = float(stream.guessed_rate or stream.average_rate or 0)
+            count = stream.frames or (round(seconds * rate) if seconds and rate else 0)
+    except Exception:  # progress only: a video that cannot be read fails where it is decoded
+        return 0
+    if not seconds or not count:
+        return count
+    span = max(0.0, min(seconds, selection.end or seconds) - selection.start)
+    if selection.fps is not None:
+        return max(1, round(span * selection.fps))
+    return max(1, round(count * span / seconds / selection.every))
