@@ -32,7 +32,8 @@ from .settings import (ModelIdentity, Recorder, SettingsConflict, check as check
                        model_identity, writer_record)
 from .state import OutputFolder
 from .storage import open_output
-from .walk import IMAGE_EXTENSIONS, InputError, WalkResult, shard_of, walk
+from .video_resume import plan_videos, selection_of, work_count
+from .walk import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, InputError, WalkResult, is_video_name, shard_of, walk
 from .writers import Writer, WriterContext, writer_class
 from .writing import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
@@ -90,7 +91,7 @@ def find_inputs(config: RunConfig, folder: Optional[OutputFolder]) -> WalkResult
     if not found.refs and not found.failures:
         raise NoImagesError(f"no images found in {', '.join(config.inputs)}" + (
             f" ({found.not_images_line()})" if found.not_images else "")
-            + f"; m2f reads {', '.join(sorted(IMAGE_EXTENSIONS))}")
+            + f"; m2f reads {', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}")
     if config.shard is not None:
         i, n = config.shard
         found = dataclasses.replace(found, refs=[r for r in found.refs if shard_of(r.rel, n) == i],
@@ -152,7 +153,7 @@ def _check_settings(config: RunConfig, folder: Optional[OutputFolder], writers: 
     classes = None if m.keep is None else [m.categories[i].name for i in sorted(m.keep)]
     tile = tile_of(config)
     common = common_settings(m.identity, m.task, config.resize, config.fast_decode, dtype, config.top_k,
-                             classes, tile.record() if tile is not None else None)
+                             classes, tile.record() if tile is not None else None, selection_of(config).record())
     records = {w.name: writer_record(w, common) for w in writers}
     try:
         adopted = check_settings(folder, writers, records, lambda w: w.has_outputs(found.refs),
@@ -186,7 +187,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         engine = RayEngine(config, m.task)
 
     summary = RunSummary(total=len(found.refs) + len(found.failures), not_images=dict(found.not_images))
-    plan, todo = _plan(config, writers, found.refs)
+    plan, todo = _plan(config, writers, [r for r in found.refs if not is_video_name(r.name)])
+    plan, todo = plan_videos(config, folder, writers, plan, todo, found.refs)  # videos: video_resume.py
     summary.skipped = len(found.refs) - len(todo)
 
     compiled = False
@@ -221,7 +223,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     if threads:
         torch.set_num_threads(threads)
 
-    reporter.start(len(todo) + len(found.failures), summary.skipped)
+    reporter.start(work_count(todo) + len(found.failures), summary.skipped)
     if config.tile is not None and todo:
         reporter.message(f"--tile {tile_of(config)}: images larger than a tile are cut into tiles; "
                          "progress counts images")
@@ -236,7 +238,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         if todo:
             fatal = _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers,
                              summary, reporter, interrupt)
-        for w in writers:
+        for w in writers + ([plan] if hasattr(plan, "close") else []):  # + the frames journal
             try:
                 w.close()
             except OutputError as e:
@@ -303,6 +305,8 @@ def _consume(results: Iterator[tuple[int, object]], writer: WriterThread, summar
     for item in in_order(results):
         if isinstance(item, Failure):
             _fail(summary, reporter, item)
+        elif getattr(item, "ends_unit", False):  # a video's end, after its frames (video_jobs.VideoEnd)
+            writer.put(item, abandon)
         elif writer.put(item, abandon):
             summary.images += 1
             summary.instances += len(item.regions())

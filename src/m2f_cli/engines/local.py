@@ -17,6 +17,7 @@ from ..progress import Stages
 from ..records import Failure, ImageRef, ImageResult
 from ..segmenter import InFlight, Segmenter, StageError, describe_error
 from ..tiling import infer_tiled
+from ..video_jobs import VideoJob, local_results_with_videos
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
     """The local engine: decode + preprocess in DataLoader workers, the model in this process.
     The loader does not pin (it yields Samples, which torch's pin_memory leaves as they are): each
     batch is stacked into pinned memory instead (start_batch)."""
+    if any(isinstance(r, VideoJob) for r in todo):  # videos: read frame by frame (video_jobs.py)
+        return local_results_with_videos(local_results, config, segmenter, todo, batch_size, workers, stages,
+                                         stopping, notify)
     dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode,
                            tile=getattr(segmenter, "tiling", None))
     loader = make_loader(dataset, workers)
