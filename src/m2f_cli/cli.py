@@ -28,9 +28,9 @@ _D = RunConfig(inputs=[], out="")  # the defaults, from their one place
 # `m2f segment --help` in panels, in the order a user needs them (by parameter name), with
 # readable placeholders. A test checks that every option of segment has a panel.
 SEGMENT_PANELS: dict[str, tuple[str, ...]] = {
-    "Inputs": ("inputs", "null", "max_pixels"),
-    "Outputs": ("out", "formats", "overlay_format", "overlay_alpha", "overlay_scores", "rle", "simplify",
-                "cutout_pad", "cutout_visible", "coco_annotations"),
+    "Inputs": ("inputs", "null", "max_pixels", "every", "fps", "start", "end"),
+    "Outputs": ("out", "formats", "overlay_format", "overlay_alpha", "overlay_scores", "overlay_video", "rle",
+                "simplify", "cutout_pad", "cutout_visible", "coco_annotations"),
     "Model": ("model", "revision", "allow_pickle", "task"),
     "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full"),
     "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "trace_cache", "fast_decode"),
@@ -43,7 +43,8 @@ METAVARS = {
     "threshold": "SCORE", "top_k": "K", "classes": "NAMES", "resize": "MODE", "task": "TASK",
     "max_pixels": "N", "max_failures": "N", "coco_annotations": "FILE", "overlay_format": "jpg|png",
     "overlay_alpha": "0..1", "simplify": "PX", "shard": "I/N", "devices": "LIST", "summary_json": "FILE",
-    "tile": "SIZE[,OVERLAP]|auto", "ray_cpus_per_actor": "N",
+    "tile": "SIZE[,OVERLAP]|auto", "ray_cpus_per_actor": "N", "every": "N", "fps": "RATE", "start": "TIME",
+    "end": "TIME",
 }
 SEGMENT_EXAMPLES = (
     "m2f segment photos --out masks",
@@ -134,7 +135,7 @@ def _setup_logging(quiet: bool) -> None:
 
 @app.command(cls=_PanelledCommand)
 def segment(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (walked recursively), glob "
+    inputs: List[str] = typer.Argument(..., help="Image and video files, folders (walked recursively), glob "
                                        "patterns, fsspec URLs (s3://bucket/imgs, gs://..., memory://...), "
                                        "or - to read paths from stdin."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (created) or fsspec URL (s3://bucket/masks), "
@@ -176,6 +177,14 @@ def segment(
                                    "and merge its instances in (objects larger than a tile)."),
     max_pixels: int = typer.Option(_D.max_pixels, help="Refuse images with more pixels (decompression bombs); "
                                    "raise it deliberately for large images with --tile."),
+    every: Optional[int] = typer.Option(_D.every, "--every", help="Videos: segment frames 0, N, 2N, ... "
+                                        "(frame indices)."),
+    fps: Optional[float] = typer.Option(_D.fps, "--fps", help="Videos: segment the frame nearest to each "
+                                        "1/RATE s step from --start, by timestamp."),
+    start: Optional[str] = typer.Option(_D.start, "--start", help="Videos: from this time (seconds or "
+                                        "hh:mm:ss[.f]); seeks there."),
+    end: Optional[str] = typer.Option(_D.end, "--end", help="Videos: up to this time, exclusive (seconds "
+                                      "or hh:mm:ss[.f])."),
     overwrite: bool = typer.Option(_D.overwrite, "--overwrite", help="Redo images whose outputs exist."),
     max_failures: Optional[int] = typer.Option(_D.max_failures, help="Stop after this many failed inputs."),
     coco_annotations: Optional[str] = typer.Option(_D.coco_annotations, help="COCO annotation file: take "
@@ -184,6 +193,9 @@ def segment(
     overlay_alpha: float = typer.Option(_D.overlay_alpha, help="Mask opacity in overlays, 0..1."),
     overlay_scores: bool = typer.Option(_D.overlay_scores, "--overlay-scores/--no-overlay-scores",
                                         help="Overlay tags show \"label score\" (or the label only)."),
+    overlay_video: bool = typer.Option(_D.overlay_video, "--overlay-video/--no-overlay-video",
+                                       help="-f overlay on a video also writes the annotated video "
+                                       "(<video>.overlay.mp4, H.264)."),
     rle: bool = typer.Option(_D.rle, "--rle", help="Include RLE masks in JSON Lines records."),
     simplify: float = typer.Option(_D.simplify, "--simplify", metavar="PX",
                                    help="Polygon formats (yolo, labelme, cvat, geojson): simplify outlines "
@@ -223,8 +235,8 @@ def segment(
     null: bool = typer.Option(False, "--null", "-0", help="With -, paths on stdin are NUL-separated."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
 ) -> None:
-    """Segment images and write instance maps, overlays, COCO results, JSON Lines or polygons
-    (YOLO, LabelMe, CVAT, GeoJSON)."""
+    """Segment images (and the frames of videos) and write instance maps, overlays, COCO results,
+    JSON Lines or polygons (YOLO, LabelMe, CVAT, GeoJSON)."""
     _setup_logging(quiet)
     if "-" in inputs:
         from .walk import read_path_list
@@ -251,6 +263,7 @@ def segment(
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, tile=tile, tile_full=tile_full, max_pixels=max_pixels,
+        every=every, fps=fps, start=start, end=end, overlay_video=overlay_video,
         overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
         overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
         simplify=simplify, cutout_pad=cutout_pad, cutout_visible=cutout_visible, compile=compile,

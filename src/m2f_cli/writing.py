@@ -90,8 +90,9 @@ class WriterThread:
     def _write(self, r: ImageResult) -> Optional[BaseException]:
         w = None
         try:
-            writers = self.plan.writers_for(r) if hasattr(self.plan, "writers_for") else self.plan.get(r.ref.rel, ())
-            for w in writers:  # a video's frames: video_resume.FramePlan
+            # a run with videos decides each frame's writers as it comes (video_resume.FramePlan)
+            plan = self.plan
+            for w in (plan.writers_for(r) if hasattr(plan, "writers_for") else plan.get(r.ref.rel, ())):
                 if self.recorder is not None:
                     self.recorder.before_write(w.name)
                 w.write(r)
