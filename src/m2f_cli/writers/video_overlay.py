@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 TIME_BASE = Fraction(1, 90000)
 SUFFIX = ".overlay.mp4"
-X264_OPTIONS = {"crf": "20", "preset": "veryfast"}
+# rc-lookahead 0: with x264's lookahead (mb-tree) this build gave different bytes for the same frames
+# now and then (8 of 20 encodes); without it a resumed run's video is byte for byte an uninterrupted one's
+X264_OPTIONS = {"crf": "20", "preset": "veryfast", "rc-lookahead": "0"}
 
 
 class OverlayVideo:
