@@ -393,3 +393,26 @@ def test_kill_9_mid_video_then_resume_equals_an_uninterrupted_run(tmp_path, tiny
     assert _snapshot(out) == _snapshot(ref)  # the annotated video too, byte for byte
     assert _times(read_frames(str(out / "clip.overlay.mp4"))) == \
         [json.loads(p.read_text())["time"] for p in sorted((ref / "clip").glob("*.json"))]  # --fps 8's frames
+
+
+@pytest.mark.ray
+def test_ray_reads_a_video_in_chunks_equal_to_a_local_run(tmp_path, tiny_model):
+    import logging
+    import ray
+    d = tmp_path / "in"
+    d.mkdir()
+    write_video(d / "clip.mp4", n=9, options={"g": "4"})
+    Image.fromarray(planted_frame(0)[0]).save(d / "a.png")
+
+    def config(out, **kw):  # batch size 1: chunks of 2 frames, each seeking to where the last one stopped
+        return RunConfig(inputs=[str(d)], out=str(out), formats=("png", "coco", "jsonl"), model=tiny_model,
+                         batch_size=1, workers=0, **kw)
+    local = run(config(tmp_path / "local"))
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 ** 2, log_to_driver=False,
+             logging_level=logging.ERROR)
+    try:
+        s = run(config(tmp_path / "ray", ray="auto"))
+    finally:
+        ray.shutdown()
+    assert (s.images, s.failed) == (local.images, 0) == (10, 0)
+    assert _snapshot(tmp_path / "ray") == _snapshot(tmp_path / "local")
