@@ -5,11 +5,8 @@ Identity. Frame k is the k-th frame the decoder gives from the start of the stre
 its time is its own timestamp in seconds from the stream's start, so variable frame rates keep
 each frame's time. Frame k of a video named ``v/clip`` is ``v/clip/000123`` (6 digits or more).
 
-Selection (FrameSelection): ``--start``/``--end`` keep frames with start <= time < end;
-``--every N`` the frames whose index is a multiple of N; ``--fps R`` the frame nearest (by
-timestamp) to each of the times start, start + 1/R, start + 2/R, ... (each frame once). Each rule
-is a function of a frame's index and of its own and its neighbours' timestamps, so a run that
-starts mid-video picks exactly the frames a run from the start picks.
+Selection: frame_selection.FrameSelection (--every, --fps, --start, --end), decided here as frames
+are decoded, each once the next frame's time is known.
 
 Seeking. Decoding starts at an anchor (a frame whose index is known) instead of the stream's start
 when there is one: a resumed run's frame from the frames journal (video_resume.py), or --start's
@@ -17,7 +14,8 @@ first frame, whose index is the number of packets before it (demuxed, not decode
 every packet has a timestamp). The decoder seeks to the keyframe before the anchor, decodes up to
 it (the frame before it is --fps's neighbour) and numbers frames from it. If the anchor is not
 where it was (no frame before it, another timestamp), it decodes from the stream's start instead:
-slower, never wrong. Nothing is ever decoded only to be skipped otherwise.
+slower, never wrong. Apart from that, only the frames between the keyframe and the anchor are
+decoded without being used.
 
 Rotation. The display matrix (portrait phone videos) is applied to every frame: rotations by
 multiples of 90 degrees and mirroring, as EXIF orientation is for photos.
@@ -30,8 +28,6 @@ that ends well before the duration its header declares (a cut file that decodes 
 from __future__ import annotations
 
 import logging
-import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -39,6 +35,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .errors import DecodeError
+from .frame_selection import FrameSelection, parse_time  # noqa: F401  (re-exported)
 from .records import FrameInfo, ImageRef
 from .storage import filesystem, is_url, local_path
 from .walk import VIDEO_EXTENSIONS, is_video_name  # noqa: F401  (re-exported: what a video is)
@@ -64,101 +61,6 @@ def frame_ref(video: ImageRef, index: int, time: Optional[float] = None, pts: Op
     k = f"{index:0{FRAME_DIGITS}d}"
     return ImageRef(video.path, f"{video.name}/{k}", f"{video.rel}/{k}", video.index,
                     frame=FrameInfo(index, time, pts, video.rel))
-
-
-_CLOCK = re.compile(r"(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)")
-
-
-def parse_time(value) -> float:
-    """Seconds from 12.5, '12.5', 'mm:ss[.f]' or 'hh:mm:ss[.f]'. Raises ValueError."""
-    if isinstance(value, (int, float)):
-        t = float(value)
-    else:
-        text = str(value).strip()
-        m = _CLOCK.fullmatch(text)
-        if m:
-            hours, minutes, seconds = m.groups()
-            if float(seconds) >= 60 or (hours is not None and int(minutes) >= 60):
-                raise ValueError(f"{text!r}: not a time (seconds or hh:mm:ss)")
-            t = int(hours or 0) * 3600 + int(minutes) * 60 + float(seconds)
-        else:
-            try:
-                t = float(text)
-            except ValueError:
-                raise ValueError(f"{text!r}: not a time (seconds or hh:mm:ss)") from None
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"{value!r}: expected a time >= 0")
-    return t
-
-
-@dataclass(frozen=True)
-class FrameSelection:
-    """Which frames of each video are segmented (module docstring). start, end: seconds from the
-    stream's start (end exclusive, None = to the end); every: keep indices that are multiples;
-    fps: keep the frame nearest to each 1/fps s step from start (excludes every > 1)."""
-
-    every: int = 1
-    fps: Optional[float] = None
-    start: float = 0.0
-    end: Optional[float] = None
-
-    @classmethod
-    def parse(cls, every: Optional[int] = None, fps: Optional[float] = None, start=None, end=None
-              ) -> "FrameSelection":
-        """From the CLI's values; ValueError naming the option for a bad one."""
-        if every is not None and every < 1:
-            raise ValueError(f"--every {every}: expected 1 or more")
-        if fps is not None and not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"--fps {fps}: expected a rate > 0 frames per second")
-        if fps is not None and every not in (None, 1):
-            raise ValueError("--every and --fps both pick frames: give one of them")
-        try:
-            s = parse_time(start) if start is not None else 0.0
-        except ValueError as e:
-            raise ValueError(f"--start {e}") from None
-        try:
-            e_ = parse_time(end) if end is not None else None
-        except ValueError as e:
-            raise ValueError(f"--end {e}") from None
-        if e_ is not None and e_ <= s:
-            raise ValueError(f"--end {end}: expected a time after --start ({s:g} s)")
-        return cls(every or 1, fps, s, e_)
-
-    def record(self) -> Optional[dict]:
-        """What the settings record keeps (None for every frame of the whole video)."""
-        if self == FrameSelection():
-            return None
-        return {"every": self.every, "fps": self.fps, "start": self.start, "end": self.end}
-
-    def in_range(self, t: float) -> bool:
-        return t >= self.start and (self.end is None or t < self.end)
-
-    def keeps(self, index: int, t: Optional[float], t_prev: Optional[float], t_next: Optional[float]) -> bool:
-        """Whether frame `index` at time t is selected; t_prev, t_next: the times of the frames
-        decoded just before and after it (None at the stream's ends)."""
-        if t is None:
-            return self.start == 0 and self.end is None and self.fps is None and index % self.every == 0
-        if not self.in_range(t):
-            return False
-        if self.fps is None:
-            return index % self.every == 0
-        return self._nearest(t, t_prev, t_next)
-
-    def _nearest(self, t: float, t_prev: Optional[float], t_next: Optional[float]) -> bool:
-        """Whether a step start + j/fps lies in the frame's share of the time line: from halfway
-        to the frame before to halfway to the frame after (frames out of range do not compete;
-        the last frame's share ends half its predecessor's interval after it)."""
-        lo = self.start if t_prev is None or t_prev < self.start else (t_prev + t) / 2
-        if t_next is not None and self.end is not None and t_next >= self.end:
-            hi = self.end
-        elif t_next is not None:
-            hi = (t + t_next) / 2
-        else:
-            hi = t + (t - t_prev) / 2 if t_prev is not None else math.inf
-        if self.end is not None:
-            hi = min(hi, self.end)
-        j = math.ceil((lo - self.start) * self.fps - 1e-6)
-        return j < (hi - self.start) * self.fps - 1e-6
 
 
 @dataclass(frozen=True)
@@ -343,52 +245,72 @@ def _read(path, selection, anchor, max_pixels, stats, count_start: bool = True) 
             return
     with open_video(path) as container:
         stream = _video_stream(container, max_pixels)
-        origin, tb = stream.start_time or 0, stream.time_base
         rate = float(stream.guessed_rate or stream.average_rate or 0) or None
+        frames = _guarded(_numbered(container, stream, anchor), anchor)
+        last = yield from _selected(frames, selection, anchor, _clock(stream, rate), stats)
+        if last is not None:  # the stream's own end (not --end's): was it cut short?
+            _check_whole(container, stream, last, rate)
+        stats.finished = True
 
-        def time_of(f, k):
-            if f.pts is not None:
-                return float((f.pts - origin) * tb)
-            return k / rate if k is not None and rate else None
 
-        pending = None    # (index, frame, time, time before it): waits for the next frame's time
-        t_last = last = None
-        transform = []
-        next_k = anchor.index if anchor is not None and anchor.pts is not None else 0
-        frames = _numbered(container, stream, anchor)
-        while True:
-            try:
-                k, f = next(frames)
-            except StopIteration:
-                break
-            except _Moved:
-                raise
-            except Exception as e:  # FFmpeg's errors while demuxing or decoding
-                if pending is not None:
-                    out = _decide(pending, None, selection, anchor, transform, stats)
-                    if out is not None:
-                        yield out
-                raise FrameError(f"frame {next_k}: {_message(e)}", next_k) from None
+def _clock(stream, rate: Optional[float]):
+    """time_of(frame, index): seconds from the stream's start, from the frame's timestamp (from its
+    index and the frame rate when it has none)."""
+    origin, tb = stream.start_time or 0, stream.time_base
+
+    def time_of(f, k: Optional[int]) -> Optional[float]:
+        if f.pts is not None:
+            return float((f.pts - origin) * tb)
+        return k / rate if k is not None and rate else None
+    return time_of
+
+
+def _guarded(frames, anchor: Optional[Anchor]):
+    """_numbered's frames; FFmpeg's errors while demuxing or decoding become a FrameError naming
+    the frame that could not be read."""
+    next_k = anchor.index if anchor is not None and anchor.pts is not None else 0
+    while True:
+        try:
+            k, f = next(frames)
+        except StopIteration:
+            return
+        except _Moved:
+            raise
+        except Exception as e:
+            raise FrameError(f"frame {next_k}: {_message(e)}", next_k) from None
+        if k is not None:
+            next_k = k + 1
+        yield k, f
+
+
+def _selected(frames, selection: FrameSelection, anchor: Optional[Anchor], time_of, stats: ReadStats):
+    """The selected frames, each decided once the next frame's time is known (--fps needs both
+    neighbours). Returns the last frame's (index, time) at the stream's end, None at --end."""
+    pending, t_last, last, transform = None, None, None, []
+    try:
+        for k, f in frames:
             stats.decoded += 1
             t = time_of(f, k)
             if k is not None:
-                next_k = k + 1
                 if pending is not None:
                     out = _decide(pending, t, selection, anchor, transform, stats)
                     if out is not None:
                         yield out
-                pending = None
                 if selection.end is not None and t is not None and t >= selection.end:
-                    stats.finished = True
-                    return
+                    return None
                 pending, last = (k, f, t, t_last), (k, t)
             t_last = t
-        if pending is not None:
+    except FrameError:
+        if pending is not None:  # the frame before the one that failed is still written
             out = _decide(pending, None, selection, anchor, transform, stats)
             if out is not None:
                 yield out
-        _check_whole(container, stream, last, rate)
-        stats.finished = True
+        raise
+    if pending is not None:
+        out = _decide(pending, None, selection, anchor, transform, stats)
+        if out is not None:
+            yield out
+    return last
 
 
 def _decide(pending, t_next, selection: FrameSelection, anchor: Optional[Anchor], transform: list,
