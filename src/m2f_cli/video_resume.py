@@ -27,6 +27,11 @@ from .video import Anchor, FrameSelection, estimate_frames, frame_ref, is_video_
 from .video_jobs import PIXEL_FORMATS, VideoEnd, VideoJob
 
 
+# The progress bar's total counts the frames each video's header announces (one open per video,
+# a few ms each, before the run starts); with more videos than this each counts as one.
+ESTIMATE_MAX_VIDEOS = 200
+
+
 def selection_of(config: RunConfig) -> FrameSelection:
     """--every/--fps/--start/--end as a FrameSelection; UsageError for a bad value."""
     try:
@@ -123,12 +128,14 @@ def plan_videos(config: RunConfig, folder, writers: list, plan: dict, todo: list
         overlay = OverlayVideo.for_run(folder, writers, bool(config.overlay_video))
         log = FrameLog(folder, fresh=config.overwrite, overlay_video=overlay)
     keep_rgb = bool(PIXEL_FORMATS & {w.name for w in writers})
+    estimate = len(videos) <= ESTIMATE_MAX_VIDEOS
     jobs = []
     for v in videos:
         anchor, done = resume_point(v, log, writers) if log is not None and not config.overwrite else (None, False)
         if done:
             continue
-        expected = estimate_frames(v.path, selection) - (len(log.frames.get(v.rel, {})) if log else 0)
+        expected = estimate_frames(v.path, selection) if estimate else 0
+        expected -= len(log.frames.get(v.rel, {})) if log is not None else 0
         jobs.append(VideoJob(v, selection, anchor, keep_rgb, config.max_pixels, max(1, expected)))
         plan[v.rel] = list(writers)
     return FramePlan(plan, log, config.overwrite), sorted(todo + jobs, key=lambda r: r.index)
