@@ -13,7 +13,7 @@ class CrashOnce:
 
     def __call__(self) -> Segmenter:
         seg = Segmenter(**self.options)
-        start = seg.start  # every engine's per-batch step (engines.local.start_batch)
+        start = seg.start  # every engine's per-batch step (engines.batches.start_batch)
 
         def crashing_start(pixel_values, refs, valids, originals):
             if any(r.name == self.victim for r in refs) and not os.path.exists(self.marker):

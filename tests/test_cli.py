@@ -189,7 +189,7 @@ def test_no_image_found_is_said_with_exit_5(tmp_path, tiny_model):
     d = tmp_path / "phone"
     d.mkdir()
     (d / "notes.txt").write_text("x")
-    (d / "clip.mov").write_bytes(b"x")
+    (d / "song.mp3").write_bytes(b"x")  # (a .mov is a video: an input)
     r = _invoke("segment", d, "--out", tmp_path / "o", "--model", tiny_model)
     assert r.exit_code == ExitCode.NO_IMAGES, r.output
     assert "no images found" in r.stderr and "2 files that are not an image" in r.stderr

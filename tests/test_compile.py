@@ -17,7 +17,7 @@ from pycocotools import mask as mask_utils
 
 from m2f_cli import RunConfig, run
 from m2f_cli import choices
-from m2f_cli.engines import local
+from m2f_cli.engines import batches
 from m2f_cli.choices import resolve_compile
 from m2f_cli.model.startup import compiled
 from planted import planted_image
@@ -89,10 +89,10 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     monkeypatch.setattr(choices, "COMPILE_AUTO_MIN_IMAGES", 2)
-    batches = []
-    real = local.start_batch  # every batch goes through it (engines.local.segment_samples)
-    monkeypatch.setattr(local, "start_batch",
-                        lambda seg, batch, notify=None: batches.append(len(batch)) or real(seg, batch, notify))
+    sizes = []
+    real = batches.start_batch  # every batch goes through it (engines.batches.segment_samples)
+    monkeypatch.setattr(batches, "start_batch",
+                        lambda seg, batch, notify=None: sizes.append(len(batch)) or real(seg, batch, notify))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -103,7 +103,7 @@ def test_pipeline_applies_the_rule(tmp_path, image_dir, tiny_model, monkeypatch,
     assert bool(compiled_models) == expect
     if expect:
         assert counters["stats"]["unique_graphs"] >= 1  # dynamo really traced and ran the model
-        assert set(batches) == {1}  # compiled on CPU: one input shape, never a partial batch
+        assert set(sizes) == {1}  # compiled on CPU: one input shape, never a partial batch
         plain = run(RunConfig(inputs=[str(image_dir)], out=str(tmp_path / "plain"), model=tiny_model,
                               compile=False, startup_cache="off", **outputs))
         assert plain.instances == s.instances

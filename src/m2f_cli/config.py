@@ -51,6 +51,11 @@ class RunConfig:
     fast_decode: bool = False
     tile: Optional[str] = None
     tile_full: bool = False
+    # videos (inputs/video.py): which frames; start/end in seconds or "hh:mm:ss"; fps excludes every
+    every: Optional[int] = None
+    fps: Optional[float] = None
+    start: Optional[str] = None
+    end: Optional[str] = None
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
     overwrite: bool = False
     max_failures: Optional[int] = None
@@ -62,6 +67,7 @@ class RunConfig:
     simplify: float = 0.0  # polygon formats: Douglas-Peucker tolerance in pixels; 0 = exact (polygons.py)
     cutout_pad: int = 0  # cutouts: pixels of margin around each instance's box (writers/cutout.py)
     cutout_visible: bool = False  # cutouts: only the pixels the instance owns in the map, not its whole mask
+    overlay_video: bool = True  # -f overlay on a video also writes <video>.overlay.mp4 (writers/video_overlay.py)
     compile: Optional[bool] = None  # None = auto (options.resolve_compile)
     startup_cache: Optional[str] = None  # auto | trace | off; None: M2F_STARTUP_CACHE, else auto (builds.py)
     # the CLI sets this when a person is at a terminal (stderr is a TTY): a short run that finds no

@@ -34,7 +34,8 @@ from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsCo
     common_settings, model_identity, writer_record)
 from m2f_cli.outputs.folder import OutputFolder
 from m2f_cli.outputs.open import open_output
-from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, WalkResult, shard_of, walk
+from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, WalkResult, is_video_name, shard_of, walk
+from m2f_cli.outputs.video_resume import plan_videos, selection_of, work_count
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
@@ -94,7 +95,7 @@ def find_inputs(config: RunConfig, folder: Optional[OutputFolder]) -> WalkResult
     if not found.refs and not found.failures:
         raise NoImagesError(f"no images found in {', '.join(config.inputs)}" + (
             f" ({found.not_images_line()})" if found.not_images else "")
-            + f"; m2f reads {', '.join(sorted(IMAGE_EXTENSIONS))}")
+            + f"; m2f reads {', '.join(sorted(IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}")
     if config.shard is not None:
         i, n = config.shard
         found = dataclasses.replace(found, refs=[r for r in found.refs if shard_of(r.rel, n) == i],
@@ -167,7 +168,7 @@ def settings_check(config: RunConfig, folder: OutputFolder, writers: list[Writer
     classes = None if m.keep is None else [m.categories[i].name for i in sorted(m.keep)]
     tile = tile_of(config)
     common = common_settings(m.identity, m.task, config.resize, config.fast_decode, dtype, config.top_k,
-                             classes, tile.record() if tile is not None else None)
+                             classes, tile.record() if tile is not None else None, selection_of(config).record())
     records = {w.name: writer_record(w, common) for w in writers}
     try:
         adopted = check_settings(folder, writers, records, lambda w: w.has_outputs(found.refs),
@@ -193,12 +194,13 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         engine = RayEngine(config, m.task)
 
     summary = RunSummary(total=len(found.refs) + len(found.failures), not_images=dict(found.not_images))
-    plan, todo = plan_outputs(config, writers, found.refs)
+    plan, todo = plan_outputs(config, writers, [r for r in found.refs if not is_video_name(r.name)])
+    plan, todo = plan_videos(config, folder, writers, plan, todo, found.refs)  # videos: outputs/video_resume.py
     summary.skipped = len(found.refs) - len(todo)
     segmenter, compiled = _ready_segmenter(config, segmenter, engine, m, device, len(todo), reporter, summary)
     batch_size, workers = _batching(config, segmenter, device, compiled, reporter)
 
-    reporter.start(len(todo) + len(found.failures), summary.skipped)
+    reporter.start(work_count(todo) + len(found.failures), summary.skipped)
     if config.tile is not None and todo:
         reporter.message(f"--tile {tile_of(config)}: images larger than a tile are cut into tiles; "
                          "progress counts images")
@@ -213,7 +215,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         if todo:
             fatal = _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers,
                              summary, reporter, interrupt)
-        fatal = _close(config, folder, writers, segmenter, summary, interrupt.signum, t_start, fatal)
+        fatal = _close(config, folder, writers, plan, segmenter, summary, interrupt.signum, t_start, fatal)
     reporter.finish(summary)
     if fatal is not None:
         raise fatal
@@ -277,12 +279,12 @@ def _batching(config, segmenter, device, compiled: bool, reporter) -> tuple[int,
     return batch_size, workers
 
 
-def _close(config, folder, writers, segmenter, summary, signum, t_start,
+def _close(config, folder, writers, plan, segmenter, summary, signum, t_start,
            fatal: Optional[BaseException]) -> Optional[BaseException]:
     """Close the writers, finish the summary, write failures.jsonl and the manifest (complete when
     nothing was fatal); the run's fatal error: fatal, else the first OutputError met here (everything
     else is still tried), or None."""
-    for w in writers:
+    for w in writers + ([plan] if hasattr(plan, "close") else []):  # + the frames journal (outputs/video_resume.py)
         try:
             w.close()
         except OutputError as e:
@@ -346,6 +348,8 @@ def _consume(results: Iterator[tuple[int, object]], writer: WriterThread, summar
     for item in in_order(results):
         if isinstance(item, Failure):
             _fail(summary, reporter, item)
+        elif getattr(item, "ends_unit", False):  # a video's end, after its frames (engines.video.VideoEnd)
+            writer.put(item, abandon)
         elif writer.put(item, abandon):
             summary.images += 1
             summary.instances += len(item.regions())

@@ -12,6 +12,22 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class FrameInfo:
+    """Where a video frame comes from (inputs/video.py).
+
+    index: zero-based position of the frame in the stream's decoded order (the name's digits).
+    time: seconds from the stream's start, from the frame's own timestamp (None when it has none).
+    pts: that timestamp in the stream's time base (None when it has none): where a resumed run seeks.
+    video_rel: the video's output name; the frame's is ``<video_rel>/<index, 6+ digits>``.
+    """
+
+    index: int
+    time: Optional[float]
+    pts: Optional[int]
+    video_rel: str
+
+
+@dataclass(frozen=True)
 class ImageRef:
     """One input image and its identity, carried through every stage.
 
@@ -21,12 +37,22 @@ class ImageRef:
     rel: the output name: a relative POSIX path *without* extension, unique within a run; every
          output file of this image is ``<out>/<rel><suffix>``.
     index: position in the run's input order (0-based); results are emitted in this order.
+    frame: for a frame of a video, which one (path, name and rel are then the video's path, and
+        ``<video name>/<k>``, ``<video rel>/<k>`` with k the index in 6 or more digits).
     """
 
     path: str
     name: str
     rel: str
     index: int
+    frame: Optional[FrameInfo] = None  # a frame of the video at path (inputs/video.py); None for an image
+
+    def video_fields(self) -> dict:
+        """{"video", "frame", "time"} for a video frame (sidecars, JSON Lines, images.json); {} otherwise."""
+        if self.frame is None:
+            return {}
+        t = self.frame.time
+        return {"video": self.path, "frame": self.frame.index, "time": None if t is None else round(t, 6)}
 
 
 @dataclass(frozen=True)

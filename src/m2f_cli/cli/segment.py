@@ -17,9 +17,9 @@ from m2f_cli.cli.common import DEFAULTS, error, errors_as_exit_codes, setup_logg
 # `m2f segment --help` in panels, in the order a user needs them (by parameter name), with
 # readable placeholders. A test checks that every option of segment has a panel.
 SEGMENT_PANELS: dict[str, tuple[str, ...]] = {
-    "Inputs": ("inputs", "null", "max_pixels"),
-    "Outputs": ("out", "formats", "overlay_format", "overlay_alpha", "overlay_scores", "rle", "simplify",
-                "cutout_pad", "cutout_visible", "coco_annotations"),
+    "Inputs": ("inputs", "null", "max_pixels", "every", "fps", "start", "end"),
+    "Outputs": ("out", "formats", "overlay_format", "overlay_alpha", "overlay_scores", "overlay_video", "rle",
+                "simplify", "cutout_pad", "cutout_visible", "coco_annotations"),
     "Model": ("model", "revision", "allow_pickle", "task"),
     "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full"),
     "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "startup_cache", "fast_decode"),
@@ -32,7 +32,8 @@ METAVARS = {
     "threshold": "SCORE", "top_k": "K", "classes": "NAMES", "resize": "MODE", "task": "TASK",
     "max_pixels": "N", "max_failures": "N", "coco_annotations": "FILE", "overlay_format": "jpg|png",
     "overlay_alpha": "0..1", "simplify": "PX", "shard": "I/N", "devices": "LIST", "summary_json": "FILE",
-    "tile": "SIZE[,OVERLAP]|auto", "ray_cpus_per_actor": "N",
+    "tile": "SIZE[,OVERLAP]|auto", "ray_cpus_per_actor": "N", "every": "N", "fps": "RATE", "start": "TIME",
+    "end": "TIME",
 }
 SEGMENT_EXAMPLES = (
     "m2f segment photos --out masks",
@@ -78,7 +79,7 @@ class _PanelledCommand(typer.core.TyperCommand):
 
 @app.command(cls=_PanelledCommand)
 def segment(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (walked recursively), glob "
+    inputs: List[str] = typer.Argument(..., help="Image and video files, folders (walked recursively), glob "
                                        "patterns, fsspec URLs (s3://bucket/imgs, gs://..., memory://...), "
                                        "or - to read paths from stdin."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (created) or fsspec URL (s3://bucket/masks), "
@@ -120,6 +121,14 @@ def segment(
                                    "and merge its instances in (objects larger than a tile)."),
     max_pixels: int = typer.Option(DEFAULTS.max_pixels, help="Refuse images with more pixels (decompression bombs); "
                                    "raise it deliberately for large images with --tile."),
+    every: Optional[int] = typer.Option(DEFAULTS.every, "--every", help="Videos: segment frames 0, N, 2N, ... "
+                                        "(frame indices)."),
+    fps: Optional[float] = typer.Option(DEFAULTS.fps, "--fps", help="Videos: segment the frame nearest to each "
+                                        "1/RATE s step from --start, by timestamp."),
+    start: Optional[str] = typer.Option(DEFAULTS.start, "--start", help="Videos: from this time (seconds or "
+                                        "hh:mm:ss[.f]); seeks there."),
+    end: Optional[str] = typer.Option(DEFAULTS.end, "--end", help="Videos: up to this time, exclusive (seconds "
+                                      "or hh:mm:ss[.f])."),
     overwrite: bool = typer.Option(DEFAULTS.overwrite, "--overwrite", help="Redo images whose outputs exist."),
     max_failures: Optional[int] = typer.Option(DEFAULTS.max_failures, help="Stop after this many failed inputs."),
     coco_annotations: Optional[str] = typer.Option(DEFAULTS.coco_annotations, help="COCO annotation file: take "
@@ -128,6 +137,9 @@ def segment(
     overlay_alpha: float = typer.Option(DEFAULTS.overlay_alpha, help="Mask opacity in overlays, 0..1."),
     overlay_scores: bool = typer.Option(DEFAULTS.overlay_scores, "--overlay-scores/--no-overlay-scores",
                                         help="Overlay tags show \"label score\" (or the label only)."),
+    overlay_video: bool = typer.Option(DEFAULTS.overlay_video, "--overlay-video/--no-overlay-video",
+                                       help="-f overlay on a video also writes the annotated video "
+                                       "(<video>.overlay.mp4, H.264)."),
     rle: bool = typer.Option(DEFAULTS.rle, "--rle", help="Include RLE masks in JSON Lines records."),
     simplify: float = typer.Option(DEFAULTS.simplify, "--simplify", metavar="PX",
                                    help="Polygon formats (yolo, labelme, cvat, geojson): simplify outlines "
@@ -173,8 +185,8 @@ def segment(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors."),
     verbose: int = verbose_option(),
 ) -> None:
-    """Segment images and write instance maps, overlays, COCO results, JSON Lines or polygons
-    (YOLO, LabelMe, CVAT, GeoJSON)."""
+    """Segment images (and the frames of videos) and write instance maps, overlays, COCO results,
+    JSON Lines or polygons (YOLO, LabelMe, CVAT, GeoJSON)."""
     setup_logging(quiet, verbose)
     inputs, shard_spec = _inputs_and_shard(inputs, null, shard)
     if ray is not None and devices:
@@ -184,6 +196,7 @@ def segment(
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, tile=tile, tile_full=tile_full, max_pixels=max_pixels,
+        every=every, fps=fps, start=start, end=end, overlay_video=overlay_video,
         overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
         overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
         simplify=simplify, cutout_pad=cutout_pad, cutout_visible=cutout_visible, compile=compile,

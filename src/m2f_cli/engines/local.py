@@ -8,116 +8,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
-from m2f_cli.model.accel import free_device_memory, is_out_of_memory, stack_pixels
-from m2f_cli.inputs.batch import ImageDataset, Sample, group_batches, make_loader
+from m2f_cli.inputs.batch import ImageDataset, Sample, make_loader
 from m2f_cli.config import RunConfig
 from m2f_cli.progress import Stages
 from m2f_cli.records import Failure, ImageRef, ImageResult
-from m2f_cli.segmenter import InFlight, Segmenter, StageError, describe_error
-from m2f_cli.tiling.tiles import infer_tiled
+from m2f_cli.segmenter import Segmenter
+from m2f_cli.engines.batches import segment_samples
+from m2f_cli.engines.video import VideoJob, local_results_with_videos
 
 log = logging.getLogger(__name__)
-
-
-def _failures(batch: list[Sample], stage: str, error: str) -> list[tuple[int, Failure]]:
-    return [(s.seq, Failure(s.ref, stage, error)) for s in batch]
-
-
-class StartedBatch:
-    """A batch queued on the segmenter (or already answered): finish() -> (seq, result or failure)
-    for each of its samples."""
-
-    def __init__(self, batch: list[Sample], flight: Optional[InFlight] = None,
-                 done: Optional[list[tuple[int, Union[ImageResult, Failure]]]] = None):
-        self.batch, self.flight, self.done = batch, flight, done
-
-    def finish(self) -> list[tuple[int, Union[ImageResult, Failure]]]:
-        if self.done is None:
-            self.done = [(s.seq, Failure(s.ref, r.stage, str(r)) if isinstance(r, StageError) else r)
-                         for s, r in zip(self.batch, self.flight.finish())]
-            self.flight = None
-        return self.done
-
-
-def start_batch(segmenter: Segmenter, batch: list[Sample], notify: Optional[Callable[[str], None]] = None
-                ) -> StartedBatch:
-    """Queue one batch of samples of equal shape (or answer one failed sample).
-
-    The pixels are stacked into pinned memory when the model is on CUDA (accel.stack_pixels), so the
-    copy to the card is asynchronous. A device out-of-memory error splits the batch in halves, retried
-    one after the other (down to one image at a time), with a one-line notice; later batches are cut
-    to the size that fitted (segmenter.max_batch). Any other failure of the model fails the batch's
-    images (stage "model"); one of the post-processing fails its image (stage "postprocess").
-    """
-    if batch[0].error is not None:
-        return StartedBatch(batch, done=_failures(batch, "decode", batch[0].error))
-    notify = notify or log.warning
-    limit = getattr(segmenter, "max_batch", None)
-    if limit is not None and len(batch) > limit:
-        return StartedBatch(batch, done=_in_parts(segmenter, batch, limit, notify))
-    try:
-        x = stack_pixels([s.pixel_values for s in batch], pin=segmenter.device.type == "cuda")
-        flight = segmenter.start(x, [s.ref for s in batch], [s.valid for s in batch], [s.original for s in batch])
-    except StageError as e:
-        return StartedBatch(batch, done=_failures(batch, e.stage, str(e)))
-    except Exception as e:
-        if not is_out_of_memory(e):
-            return StartedBatch(batch, done=_failures(batch, "model", describe_error(e)))
-        free_device_memory(segmenter.device)
-        if len(batch) == 1:
-            return StartedBatch(batch, done=_failures(batch, "model", f"out of memory on one image ({describe_error(e)})"))
-        half = (len(batch) + 1) // 2
-        segmenter.max_batch = half
-        notify(f"{segmenter.device.type} out of memory on a batch of {len(batch)} images: "
-               f"retrying in batches of {half}")
-        return StartedBatch(batch, done=_in_parts(segmenter, batch, half, notify))
-    return StartedBatch(batch, flight)
-
-
-def _in_parts(segmenter: Segmenter, batch: list[Sample], size: int, notify: Callable[[str], None]
-              ) -> list[tuple[int, Union[ImageResult, Failure]]]:
-    out = []
-    for i in range(0, len(batch), size):
-        out += start_batch(segmenter, batch[i:i + size], notify).finish()
-    return out
-
-
-def infer_batch(segmenter: Segmenter, batch: list[Sample], notify: Optional[Callable[[str], None]] = None
-                ) -> list[tuple[int, Union[ImageResult, Failure]]]:
-    """One batch of samples of equal shape (or one failed sample) -> (seq, result or failure) each."""
-    return start_batch(segmenter, batch, notify).finish()
-
-
-def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int,
-                    notify: Optional[Callable[[str], None]] = None
-                    ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
-    """Samples -> (seq, result or failure), batching samples of equal shape: the per-batch loop of
-    every engine (the local one below, the Ray actors).
-
-    On CUDA one batch stays in flight: batch n+1 is queued (forward and device post-processing) before
-    batch n's host post-processing runs, so the card works while the host encodes masks. Elsewhere
-    each batch is finished before the next starts (a CPU has nothing to overlap; MPS timing syncs).
-    """
-    overlap = segmenter.device.type == "cuda"
-    in_flight: Optional[StartedBatch] = None
-    for batch in group_batches(samples, batch_size):
-        if batch[0].tiles is not None:  # --tile: one image, its tiles batched by tiling.py
-            if in_flight is not None:
-                yield from in_flight.finish()
-                in_flight = None
-            yield from infer_tiled(segmenter, batch[0], batch_size)
-            continue
-        started = start_batch(segmenter, batch, notify)
-        if not overlap:
-            yield from started.finish()
-            continue
-        if in_flight is not None:
-            yield from in_flight.finish()
-        in_flight = started
-    if in_flight is not None:
-        yield from in_flight.finish()
 
 
 def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef], batch_size: int,
@@ -127,6 +28,9 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
     """The local engine: decode + preprocess in DataLoader workers, the model in this process.
     The loader does not pin (it yields Samples, which torch's pin_memory leaves as they are): each
     batch is stacked into pinned memory instead (start_batch)."""
+    if any(isinstance(r, VideoJob) for r in todo):  # videos: read frame by frame (engines/video.py)
+        return local_results_with_videos(local_results, config, segmenter, todo, batch_size, workers, stages,
+                                         stopping, notify)
     dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode,
                            tile=getattr(segmenter, "tiling", None))
     loader = make_loader(dataset, workers)

@@ -26,6 +26,7 @@ IN_FLIGHT chunks, in input order, and watches a per-chunk timeout:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -43,7 +44,8 @@ from m2f_cli.choices import segmenter_options
 from m2f_cli.progress import Stages
 from m2f_cli.records import Failure, ImageRef, ImageResult
 from m2f_cli.segmenter import Segmenter
-from m2f_cli.engines.local import segment_samples
+from m2f_cli.engines.batches import segment_samples
+from m2f_cli.engines.video import VideoJob, VideoMore, chunk_failures, run_chunk
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,11 @@ class _Actor:
 
     def process(self, items: list[tuple[int, ImageRef]]
                 ) -> tuple[list[tuple[int, Union[ImageResult, Failure]]], dict[str, float]]:
-        """A chunk of (seq, ref) -> ((seq, result or failure) per image, stage seconds)."""
+        """A chunk of (seq, ref) -> ((seq, result or failure) per image, stage seconds). A chunk
+        of a video (one VideoJob) -> its frames', its end or where the next chunk starts."""
         seg = self.segmenter
+        if isinstance(items[0][1], VideoJob):
+            return run_chunk(seg, items[0][0], items[0][1], self.batch_size)
         samples = self._load(items)
         f0, p0 = seg.times.forward_s, seg.times.postprocess_s
         out = list(segment_samples(seg, samples, self.batch_size))
@@ -274,6 +279,25 @@ class RayEngine:
             run.close()
 
 
+def _chunks(todo: list, size: int) -> Iterator[_Chunk]:
+    """About `size` images per chunk, in order; each video its own chunks of at most `size` frames
+    (engines/video.py: a chunk hands back where the next one starts, and that one goes first)."""
+    run: list = []
+    for s, item in enumerate(todo):
+        if isinstance(item, VideoJob):
+            if run:
+                yield _Chunk(run)
+                run = []
+            yield _Chunk([(s, dataclasses.replace(item, limit=size))])
+            continue
+        run.append((s, item))
+        if len(run) >= size:
+            yield _Chunk(run)
+            run = []
+    if run:
+        yield _Chunk(run)
+
+
 class _Schedule:
     """One run of RayEngine.results: the chunks to do, the actor slots and what is in flight.
 
@@ -292,8 +316,7 @@ class _Schedule:
         self.plan = engine.plan_used = engine.plan()
         self.timeout = engine.config.ray_timeout
         size = 2 * self.plan.batch_size
-        self.fresh = deque(_Chunk([(s, todo[s]) for s in range(i, min(i + size, len(todo)))])
-                           for i in range(0, len(todo), size))
+        self.fresh = deque(_chunks(todo, size))
         self.retry: "deque[_Chunk]" = deque()
         self.slots = [engine._new_actor(self.plan) for _ in range(self.plan.actors)]
         self.spare = RESTARTS * self.plan.actors  # replacements for actors that died for good
@@ -372,7 +395,11 @@ class _Schedule:
             return
         for k, v in seconds.items():
             setattr(self.stages, k, getattr(self.stages, k) + v)
-        yield from out
+        for key, item in out:
+            if isinstance(item, VideoMore):  # the video goes on from there, before anything new
+                self.retry.appendleft(_Chunk([(key[0], item.job)]))
+            else:
+                yield key, item
 
     def _started(self, ref) -> None:
         """An actor's ready() came back: it loaded its model, or it could not."""
@@ -398,6 +425,12 @@ class _Schedule:
 
     def _failed(self, chunk: _Chunk, reason: str) -> list:
         """After Ray's retries: once more, image by image; then each image is a failure."""
+        if isinstance(chunk.items[0][1], VideoJob):
+            if chunk.retried:
+                return chunk_failures(chunk.items[0][0], chunk.items[0][1], reason)
+            self.retry.appendleft(_Chunk(chunk.items, retried=True))
+            log.warning("ray: a chunk of a video failed (%s); retrying it", reason)
+            return []
         if not chunk.retried:
             self.retry.extendleft(reversed([_Chunk([item], retried=True) for item in chunk.items]))
             log.warning("ray: a chunk of %d images failed (%s); retrying them one by one",

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 class Sample:
     """One preprocessed image, or the reason it could not be.
 
-    seq: position in this run's work list (results are emitted in seq order).
+    seq: position in this run's work list (results are emitted in seq order); a video's frames
+        have (seq, j), j counting the items of its unit (engines/video.py).
     pixel_values: (3, Hp, Wp) float32 tensor, None on error.
     valid: (h, w) unpadded part of pixel_values; original: (H0, W0) upright image size.
     tiles: with --tile (tiling.py), the image cut into tiles; pixel_values is then the whole
@@ -48,6 +50,7 @@ class Sample:
     decode_s: float = 0.0
     preprocess_s: float = 0.0
     tiles: Optional["TiledImage"] = None
+    image: Optional[np.ndarray] = None  # a video frame's upright RGB, for writers that draw on it (engines/video.py)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -14,6 +14,9 @@ Naming rule (documented in the README):
   relative path under two folder arguments, or names equal but for case even with extensions:
   ``IMG.jpg`` and ``img.JPG``) make the later one a failure, never an overwrite.
 - Nothing under ``--out`` is ever an input, whatever form names it (folder, file, glob, stdin).
+- Videos (VIDEO_EXTENSIONS) are inputs like images; frame k of a video named ``v/clip`` is
+  ``v/clip/000123`` (video.frame_ref). A video whose stem is also a folder of inputs (``v/clip.mp4``
+  beside ``v/clip/a.jpg``) keeps its extension (``v/clip.mp4/000123``), so frames never clash.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
                               ".heic", ".heif", ".avif"})
+# Videos (inputs/video.py): each is read frame by frame; frame k of v/clip.mp4 is named v/clip/000123.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v"})
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,15 @@ class WalkResult:
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_video_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def is_input_name(name: str) -> bool:
+    """An image or a video, by extension: what the walk takes as an input."""
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 def read_path_list(stream, null: bool = False) -> list[str]:
@@ -122,7 +136,7 @@ def _walk_folder(root: str, exclude: Optional[str]) -> Iterator[tuple[str, str, 
                 is_dir = False
             if is_dir:
                 yield from visit(e.path, child_rel)
-            elif is_image_name(e.name):
+            elif is_input_name(e.name):
                 if e.is_symlink() and not os.path.exists(e.path):
                     yield e.path, child_rel, "broken symlink"
                 else:
@@ -137,7 +151,7 @@ def _expand(inputs: Sequence[str], exclude: Optional[str]) -> Iterator[tuple[str
     for arg in inputs:
         if is_url(arg):
             try:
-                yield from walk_url(arg, is_image_name, exclude)
+                yield from walk_url(arg, is_input_name, exclude)
             except (OSError, RemoteError) as e:
                 raise InputError(str(e) if str(e).startswith(arg) else f"{arg}: {e}") from None
             continue
@@ -154,7 +168,7 @@ def _expand(inputs: Sequence[str], exclude: Optional[str]) -> Iterator[tuple[str
                 if os.path.isdir(m):
                     yield from _walk_folder(m, exclude)
                 else:
-                    yield m, _source_name_for_path(m), (None if is_image_name(m) else NOT_IMAGE)
+                    yield m, _source_name_for_path(m), (None if is_input_name(m) else NOT_IMAGE)
         else:
             raise InputError(f"{arg}: no such file or folder")
 
@@ -239,11 +253,16 @@ def walk(inputs: Sequence[str], exclude: Optional[str] = None) -> WalkResult:
     for _, name, _ in found:
         k = _strip_ext(name).casefold()
         stems[k] = stems.get(k, 0) + 1
+    # a video's frames are <stem>/<k>: a video whose stem is also a folder of inputs keeps its extension
+    folders = {"/".join(parts[:i]).casefold() for _, name, _ in found
+               for parts in [name.split("/")] for i in range(1, len(parts))} \
+        if any(is_video_name(name) for _, name, _ in found) else set()
     refs: list[ImageRef] = []
     failures: list[Failure] = []
     for path, name, err in found:
         stem = _strip_ext(name)
-        rel = name if stems[stem.casefold()] > 1 else stem
+        clash = stems[stem.casefold()] > 1 or (is_video_name(name) and stem.casefold() in folders)
+        rel = name if clash else stem
         ref = ImageRef(path=path, name=name, rel=rel, index=len(refs) + len(failures))
         if err is None:
             refs.append(ref)

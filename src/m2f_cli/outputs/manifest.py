@@ -21,10 +21,16 @@ def write_manifest(folder: OutputFolder, config: RunConfig, summary: RunSummary,
     folder.write_bytes(folder.run_file("m2f-run", ".json"), json.dumps(doc, indent=1).encode())
 
 
+def _frame(f: Failure) -> dict:
+    frame = getattr(f.ref, "frame", None)
+    return {"frame": frame.index} if frame is not None else {}
+
+
 def write_failures(folder: OutputFolder, failures: list[Failure]) -> None:
-    """<out>/failures.jsonl, rewritten each run: {"path", "stage", "error"} per failed input."""
-    data = "".join(json.dumps({"path": f.ref.path, "stage": f.stage, "error": f.error}, ensure_ascii=False)
-                   + "\n" for f in failures)
+    """<out>/failures.jsonl, rewritten each run: {"path", "stage", "error"} per failed input, and
+    "frame" (its index) for a video that failed at a frame."""
+    data = "".join(json.dumps({"path": f.ref.path, "stage": f.stage, "error": f.error, **_frame(f)},
+                              ensure_ascii=False) + "\n" for f in failures)
     folder.write_bytes(folder.run_file("failures", ".jsonl"), data.encode())
 
 

@@ -3,7 +3,8 @@
 ``<out>/.m2f/<writer>.settings.json`` = ``{"writer", "schema", "m2f", "settings": {...}}``, where
 settings holds what every writer's files depend on (the model's identity: name, revision and a
 content fingerprint of its files; task, resize, fast decode, dtype, top-k, classes, tiling), the writer's
-own threshold, and the options it declares in ``Writer.recorded``. Shards of one run share it.
+own threshold, and the options it declares in ``Writer.recorded``, and the videos' frame selection
+(--every/--fps/--start/--end). Shards of one run share it.
 
 The rule, checked before the model loads (``check``):
 - a writer with a record: the new settings must equal it (the model by fingerprint, the COCO
@@ -59,14 +60,16 @@ def model_identity(name: str, local_dir: Optional[str], revision: Optional[str] 
 
 
 def common_settings(model: ModelIdentity, task: str, resize: str, fast_decode: bool, dtype: str,
-                    top_k: int, classes: Optional[Sequence[str]], tile: Optional[dict] = None) -> dict:
+                    top_k: int, classes: Optional[Sequence[str]], tile: Optional[dict] = None,
+                    frames: Optional[dict] = None) -> dict:
     """What every writer's files depend on. dtype: the resolved name (float32, bfloat16, ...);
     classes: the kept class names, sorted, or None for all; tile: --tile/--tile-full as
     tiling.TileOptions.record() gives them, None without tiles (as in records made before --tile
-    existed, which therefore match an untiled rerun)."""
+    existed, which therefore match an untiled rerun); frames: the videos' frame selection
+    (video.FrameSelection.record(), None for every frame, as in records made before videos)."""
     return {"model": model.as_dict(), "task": task, "resize": resize, "fast_decode": bool(fast_decode),
             "dtype": dtype, "top_k": int(top_k), "classes": sorted(classes) if classes is not None else None,
-            "tile": tile}
+            "tile": tile, "frames": frames}
 
 
 def _option_value(name: str, value: Any) -> Any:
@@ -174,8 +177,8 @@ class Recorder:
         self._lock = threading.Lock()
 
     def before_write(self, writer_name: str) -> None:
-        if writer_name in self._saved or self.folder is None:
-            return
+        if writer_name in self._saved or self.folder is None or writer_name not in self.records:
+            return  # (the frames journal, video_resume.FrameLog, has no record)
         with self._lock:
             if writer_name in self._saved:
                 return

@@ -90,7 +90,9 @@ class WriterThread:
     def _write(self, r: ImageResult) -> Optional[BaseException]:
         w = None
         try:
-            for w in self.plan.get(r.ref.rel, ()):
+            # a run with videos decides each frame's writers as it comes (video_resume.FramePlan)
+            plan = self.plan
+            for w in (plan.writers_for(r) if hasattr(plan, "writers_for") else plan.get(r.ref.rel, ())):
                 if self.recorder is not None:
                     self.recorder.before_write(w.name)
                 w.write(r)
@@ -136,14 +138,21 @@ class WriterThread:
         return True
 
 
-def in_order(items: Iterator[tuple[int, object]], first: int = 0) -> Iterator[object]:
-    """Re-emit (seq, item) pairs in seq order; seqs are 0..n-1, each exactly once."""
+def in_order(items: Iterator[tuple[object, object]], first: int = 0) -> Iterator[object]:
+    """Re-emit (seq, item) pairs in seq order; seqs are 0..n-1, each exactly once. A unit of
+    several items (a video's frames, engines/video.py) comes as ((seq, j), item) pairs, j = 0, 1, ...
+    each once, emitted in j order and closed by an item whose ends_unit is true."""
     heap: list = []
-    nxt = first
+    nxt, sub = first, 0
     for seq, item in items:
-        heapq.heappush(heap, (seq, id(item), item))
-        while heap and heap[0][0] == nxt:
-            yield heapq.heappop(heap)[2]
-            nxt += 1
+        key = seq if isinstance(seq, tuple) else (seq, -1)
+        heapq.heappush(heap, (key, id(item), item))
+        while heap and heap[0][0][0] == nxt and heap[0][0][1] in (-1, sub):
+            (_, j), _, it = heapq.heappop(heap)
+            yield it
+            if j < 0 or getattr(it, "ends_unit", False):
+                nxt, sub = nxt + 1, 0
+            else:
+                sub += 1
     while heap:
         yield heapq.heappop(heap)[2]

@@ -65,20 +65,46 @@ def _run_images(pred_path: str, images_path: Optional[str]) -> Optional[list[dic
 
 def _match_by_name(run_images: list[dict], gt_images: list[dict]) -> dict[int, dict]:
     """Run image id -> ground-truth image, by file name: the relative path first, then the base
-    name where it is unique in the ground truth (the rule --coco-annotations uses)."""
+    name where it is unique in the ground truth (the rule --coco-annotations uses). A video frame
+    (an entry with "video" and "frame") matches the ground-truth image with the same frame index
+    of the same video (by path, else by base name where unique), before any file name."""
     by_path = {str(g["file_name"]).replace("\\", "/"): g for g in gt_images}
+    frames = _frames_index(gt_images)
     base: dict[str, list] = {}
     for g in gt_images:
         base.setdefault(os.path.basename(str(g["file_name"]).replace("\\", "/")), []).append(g)
     out = {}
     for im in run_images:
         name = str(im["file_name"]).replace("\\", "/")
-        g = by_path.get(name)
+        g = _frame_match(im, frames) if frames else None
+        g = g if g is not None else by_path.get(name)
         if g is None and len(base.get(os.path.basename(name), [])) == 1:
             g = base[os.path.basename(name)][0]
         if g is not None:
             out[int(im["id"])] = g
     return out
+
+
+def _frames_index(gt_images: list[dict]) -> dict:
+    """(video path or base name, frame index) -> ground-truth image, for entries with both keys
+    (base names only where unique)."""
+    out: dict = {}
+    bases: dict = {}
+    for g in gt_images:
+        if g.get("video") is None or g.get("frame") is None:
+            continue
+        video = str(g["video"]).replace("\\", "/")
+        out[("path", video, int(g["frame"]))] = g
+        bases.setdefault((os.path.basename(video), int(g["frame"])), []).append(g)
+    out.update({("base", *k): v[0] for k, v in bases.items() if len(v) == 1})
+    return out
+
+
+def _frame_match(im: dict, frames: dict) -> Optional[dict]:
+    if im.get("video") is None or im.get("frame") is None:
+        return None
+    video, k = str(im["video"]).replace("\\", "/"), int(im["frame"])
+    return frames.get(("path", video, k)) or frames.get(("base", os.path.basename(video), k))
 
 
 def evaluate(gt_path: str, pred_path: str, iou_type: str = "segm",

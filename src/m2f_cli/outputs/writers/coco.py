@@ -149,7 +149,8 @@ class CocoWriter(Writer):
                 for i in result.instances_above(self.threshold)
                 if cmap is None or i.category_id in cmap]
         self.journal.append({"rel": ref.rel, "image": {"id": image_id, "file_name": ref.name,
-                                                       "width": result.width, "height": result.height},
+                                                       "width": result.width, "height": result.height,
+                                                       **ref.video_fields()},
                              "dets": dets})
         self._done.add(ref.rel)
 

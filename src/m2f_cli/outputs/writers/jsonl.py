@@ -13,7 +13,8 @@ from m2f_cli.outputs.writers.base import Writer, register, unique_records
 
 
 def image_record(result: ImageResult, threshold: float, with_rle: bool) -> dict:
-    rec = {"image": result.ref.path, "name": result.ref.name, "width": result.width, "height": result.height}
+    rec = {"image": result.ref.path, "name": result.ref.name, "width": result.width, "height": result.height,
+           **result.ref.video_fields()}  # a video frame: "video", "frame", "time"
     if result.task == "instance":
         rec["instances"] = [i.to_json(with_rle=with_rle) for i in result.instances_above(threshold)]
     else:

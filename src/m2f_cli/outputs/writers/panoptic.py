@@ -95,7 +95,8 @@ class PanopticCocoWriter(Writer):
         if ref.rel in self._done:  # journaled by a run killed before its PNG landed: keep its id
             return
         self.journal.append({"rel": ref.rel, "image": {"id": self._image_id(ref), "file_name": ref.name,
-                                                       "width": result.width, "height": result.height},
+                                                       "width": result.width, "height": result.height,
+                                                       **ref.video_fields()},
                              "ann": {"file_name": f"{ref.rel}.png", "segments_info": info}})
         self._done.add(ref.rel)
 

@@ -33,6 +33,7 @@ def sidecar(result: ImageResult, writer: Writer) -> dict:
         "model": ctx.model,
         "revision": ctx.revision,
         "task": result.task,
+        **result.ref.video_fields(),  # a video frame: "video", "frame", "time"
     }
     if result.task == "instance":
         doc.update(threshold=writer.threshold, top_k=ctx.top_k,
