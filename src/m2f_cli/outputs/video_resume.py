@@ -126,7 +126,7 @@ def plan_videos(config: RunConfig, folder, writers: list, plan: dict, todo: list
     selection = selection_of(config)
     log = None
     if folder is not None:
-        from .writers.video_overlay import OverlayVideo
+        from m2f_cli.outputs.writers.video_overlay import OverlayVideo
         overlay = OverlayVideo.for_run(folder, writers, bool(config.overlay_video))
         log = FrameLog(folder, fresh=config.overwrite, overlay_video=overlay)
     keep_rgb = bool(PIXEL_FORMATS & {w.name for w in writers})

@@ -12,6 +12,8 @@ from typing import Optional
 from m2f_cli.config import RunConfig
 from m2f_cli.errors import RemoteError, UsageError
 from m2f_cli.choices import device_and_dtype, validate
+from m2f_cli.inputs.walk import is_video_name
+from m2f_cli.outputs.video_resume import plan_videos
 from m2f_cli.pipeline import find_inputs, model_facts, open_writers, plan_outputs, settings_check
 from m2f_cli.outputs.open import open_output
 
@@ -36,7 +38,8 @@ class RunPlan:
     task: str
     device: str
     dtype: str
-    images: int
+    images: int  # inputs: images and videos
+    videos: int = 0
     not_images: dict = field(default_factory=dict)
     unreadable: list = field(default_factory=list)  # [{"path", "error"}]: failures known before decoding
     todo: int = 0
@@ -55,7 +58,8 @@ class RunPlan:
     def lines(self) -> list[str]:
         """The plan for a person, one fact a line."""
         out = ["dry run: no model loaded, nothing written",
-               f"inputs: {self.images} images" + (f", {len(self.unreadable)} unreadable" if self.unreadable else "")
+               f"inputs: {self.images} images" + (f" (of them {self.videos} videos)" if self.videos else "")
+               + (f", {len(self.unreadable)} unreadable" if self.unreadable else "")
                + ("; not images (skipped): " + ", ".join(f"{n} {ext}" for ext, n in sorted(self.not_images.items()))
                   if self.not_images else ""),
                f"model: {self.model} ({self.task}) on {self.device}, {self.dtype}",
@@ -95,8 +99,11 @@ def plan(config: RunConfig) -> RunPlan:
             settings_check(config, folder, writers, m, dtype, found)
         except UsageError as e:
             result.refused = str(e)
-    outputs, todo = plan_outputs(config, writers, found.refs)
+    images = [r for r in found.refs if not is_video_name(r.name)]
+    outputs, todo = plan_outputs(config, writers, images)
+    outputs, todo = plan_videos(config, folder, writers, outputs, todo, found.refs)  # a video: one input
     result.todo, result.skipped = len(todo), len(found.refs) - len(todo)
+    result.videos = len(found.refs) - len(images)
     for w in writers:
         need = sum(1 for ref in found.refs if w in outputs.get(ref.rel, ()))
         result.formats.append(FormatPlan(w.name, need, len(found.refs) - need))
