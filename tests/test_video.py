@@ -366,6 +366,32 @@ def _m2f(*args):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process under pid, and the forkservers it started (their parent is pid)."""
+    kids, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    continue
+                if ppid == parent:
+                    kids.append(int(d))
+                    todo.append(int(d))
+    return kids
+
+
 def test_kill_9_mid_video_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
     d = tmp_path / "in"
     d.mkdir()
@@ -382,8 +408,13 @@ def test_kill_9_mid_video_then_resume_equals_an_uninterrupted_run(tmp_path, tiny
     while time.time() - t0 < 300 and p.poll() is None and len(list(out.glob("clip/*.png"))) < 4:
         time.sleep(0.02)
     assert p.poll() is None, "the run finished before it could be killed"
+    children = _descendants(p.pid)  # its decode worker, forked by a forkserver (inputs/batch.make_loader)
     p.send_signal(signal.SIGKILL)
     assert p.wait(timeout=60) == -signal.SIGKILL
+    t0 = time.time()  # nothing it started outlives it: the worker and the server leave too
+    while time.time() - t0 < 30 and any(os.path.exists(f"/proc/{c}") and _state(c) != "Z" for c in children):
+        time.sleep(0.1)
+    assert children and all(not os.path.exists(f"/proc/{c}") or _state(c) == "Z" for c in children)
     done = len(list(out.glob("clip/*.png")))
     assert 0 < done < total and not (out / "clip.overlay.mp4").exists()
     _all_valid(out)

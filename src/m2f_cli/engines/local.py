@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef], batch_size: int,
                   workers: int, stages: Stages, stopping: Callable[[], bool],
-                  notify: Optional[Callable[[str], None]] = None
+                  notify: Optional[Callable[[str], None]] = None, mid_run: bool = False
                   ) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
-    """The local engine: decode + preprocess in DataLoader workers, the model in this process.
+    """The local engine: decode + preprocess in DataLoader workers, the model in this process
+    (mid_run: inputs.batch.make_loader's, for the loaders a run with videos makes as it goes).
     The loader does not pin (it yields Samples, which torch's pin_memory leaves as they are): each
     batch is stacked into pinned memory instead (start_batch)."""
     if any(isinstance(r, VideoJob) for r in todo):  # videos: read frame by frame (engines/video.py)
@@ -33,7 +34,7 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
                                          stopping, notify)
     dataset = ImageDataset(todo, segmenter.spec, config.max_pixels, config.fast_decode,
                            tile=getattr(segmenter, "tiling", None))
-    loader = make_loader(dataset, workers)
+    loader = make_loader(dataset, workers, mid_run=mid_run)
 
     def samples() -> Iterator[Sample]:
         it = iter(loader)

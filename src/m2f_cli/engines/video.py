@@ -142,7 +142,7 @@ def video_results(segmenter, job: VideoJob, seq: int, batch_size: int, workers: 
                   stopping: Callable[[], bool], notify=None) -> Iterator[tuple]:
     """One video in this process's engine: read in one DataLoader worker (in-process with 0)."""
     loader = make_loader(VideoFrames(job, seq, segmenter.spec, getattr(segmenter, "tiling", None)),
-                         min(workers, 1))
+                         min(workers, 1), mid_run=True)  # one loader per video, made as the run goes
     ends: list = []
 
     def samples():
@@ -174,7 +174,8 @@ def local_results_with_videos(image_results, config, segmenter, todo: list, batc
             i += 1
             continue
         end = next((n for n in range(i, len(todo)) if isinstance(todo[n], VideoJob)), len(todo))
-        for seq, r in image_results(config, segmenter, todo[i:end], batch_size, workers, stages, stopping, notify):
+        for seq, r in image_results(config, segmenter, todo[i:end], batch_size, workers, stages, stopping, notify,
+                                    mid_run=True):
             yield seq + i, r
         i = end
 

@@ -8,7 +8,9 @@ and latency stay bounded. Batches can come out of input order; the pipeline rest
 
 from __future__ import annotations
 
+import functools
 import os
+import select
 import signal
 import time
 from collections import OrderedDict
@@ -105,10 +107,12 @@ def rgb_sample(seq: int, ref: ImageRef, rgb, original: tuple[int, int], spec: Pr
                   decode_s=decode_s, preprocess_s=time.perf_counter() - t1)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(main_pid: int, _: int) -> None:
     # One intra-op thread per worker: the model's threads own the cores. Ctrl-C is the main
     # process's business; workers must not die with a traceback of their own.
     torch.set_num_threads(1)
+    if os.getppid() != main_pid:  # forked by the forkserver: torch's watchdog watches the server
+        _exit_with(main_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in list(HELD_LOCK_FDS):
         try:
@@ -118,13 +122,54 @@ def _worker_init(_: int) -> None:
     HELD_LOCK_FDS.clear()
 
 
-def make_loader(dataset: Dataset, workers: int, pin_memory: bool = False, sampler: Optional[Iterable] = None
-                ) -> DataLoader:
-    """sampler: the keys the workers get, drawn lazily in this process (default: 0..len-1)."""
+def _exit_with(main_pid: int) -> None:
+    """Leave when the run's process is gone, however it ended (kill -9 included): a worker forked
+    by the forkserver would otherwise wait for its tasks, and keep the server, forever."""
+    import threading
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(main_pid)  # readable once that process has exited (Linux 5.3+)
+            select.select([fd], [], [])
+        except (AttributeError, OSError):
+            while True:  # no pidfd: poll
+                try:
+                    os.kill(main_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:  # that PID is another user's now: ours has gone
+                    break
+                time.sleep(1.0)
+        os._exit(0)
+    threading.Thread(target=watch, name="m2f-main-watch", daemon=True).start()
+
+
+def make_loader(dataset: Dataset, workers: int, pin_memory: bool = False, sampler: Optional[Iterable] = None,
+                mid_run: bool = False) -> DataLoader:
+    """sampler: the keys the workers get, drawn lazily in this process (default: 0..len-1).
+    mid_run: the loader is made while other threads of this process work (the writer thread, a
+    progress bar): its workers are then forked from a forkserver, never from this process, whose
+    threads may hold a lock at that moment (a module import: the forked worker would wait for it
+    forever). The first loader of a run forks at once, before any of them has started work."""
+    context = _fork_server() if mid_run and workers > 0 else None
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, sampler=sampler,
-                      worker_init_fn=_worker_init if workers > 0 else None,
+                      worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
                       pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
-                      persistent_workers=False)
+                      persistent_workers=False, multiprocessing_context=context)
+
+
+_FORK_SERVER = None
+
+
+def _fork_server():
+    """multiprocessing's forkserver context, with the workers' modules imported in the server once
+    (its start costs ~2-3 s of importing torch, once per process)."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        import multiprocessing
+        _FORK_SERVER = multiprocessing.get_context("forkserver")
+        _FORK_SERVER.set_forkserver_preload(["torch", "m2f_cli.inputs.batch", "m2f_cli.inputs.video"])
+    return _FORK_SERVER
 
 
 def group_batches(samples: Iterable[Sample], batch_size: int, max_buffered: Optional[int] = None
