@@ -16,7 +16,7 @@ from m2f_cli.model import accel
 from m2f_cli.postprocess import device as pdev
 from m2f_cli.inputs.batch import Sample
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.engines.local import infer_batch, segment_samples
+from m2f_cli.engines.batches import infer_batch, segment_samples
 from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
 from m2f_cli.postprocess.device import host_syncs_per_batch, segment_batch
 from m2f_cli.inputs.preprocess import preprocess

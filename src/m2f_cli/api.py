@@ -7,7 +7,7 @@ images, in memory, yielding one ``Result`` (result.py) or ``Failure`` per input,
 
 The stages are the run's own: the inputs are drawn lazily from the iterable in this process (the
 DataLoader's sampler) and decoded and preprocessed in its workers (batch.load_sample for paths and
-URLs, batch.rgb_sample for arrays and PIL images); engines.local.segment_samples batches samples of
+URLs, batch.rgb_sample for arrays and PIL images); engines.batches.segment_samples batches samples of
 equal shape, runs the Segmenter and post-processes; writing.in_order restores the input order. At
 most a few batches are in flight (the loader's prefetch, group_batches' buffer), so memory stays
 bounded however long the iterable is. Options and their defaults are RunConfig's (config.py), the
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from m2f_cli.inputs.batch import Sample, load_sample, make_loader, rgb_sample
 from m2f_cli.config import DEFAULT_MODEL, RunConfig
-from m2f_cli.engines.local import segment_samples
+from m2f_cli.engines.batches import segment_samples
 from m2f_cli.errors import UsageError
 from m2f_cli.choices import auto_settings, map_threshold, segmenter_options, tile_of, validate, writer_thresholds
 from m2f_cli.postprocess.instance import PostprocessOptions

@@ -241,7 +241,7 @@ class Segmenter:
         if postprocess not in POSTPROCESS_MODES:
             raise ValueError(f"postprocess {postprocess!r}: expected one of {', '.join(POSTPROCESS_MODES)}")
         self.postprocess = postprocess
-        # largest batch the device held after an out-of-memory split (engines.local.start_batch), or None
+        # largest batch the device held after an out-of-memory split (engines.batches.start_batch), or None
         self.max_batch: Optional[int] = None
         self.notify: Callable[[str], None] = notify or log.info
         self._mps_notices = MpsFallbackNotices(self.notify)  # not a lambda on self: no reference cycle

@@ -95,7 +95,7 @@ def free_device_memory(device: torch.device) -> None:
 
 # Device memory one 384x384 image takes through the Swin-T Mask2Former forward, with margin for the
 # batched post-processing (postprocess/device.py); bf16/fp16 halve the activations. A planning figure:
-# an OOM still splits the batch (engines.local.start_batch), and benchmarks/gpu.py's sweep measures it.
+# an OOM still splits the batch (engines.batches.start_batch), and benchmarks/gpu.py's sweep measures it.
 BYTES_PER_IMAGE_384 = 600 * 1024 ** 2
 MAX_CUDA_BATCH = 32
 

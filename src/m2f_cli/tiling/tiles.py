@@ -601,7 +601,7 @@ def _forward(segmenter, x: torch.Tensor):
 
 
 def infer_tiled(segmenter, sample, batch_size: int) -> list[tuple[int, Union[ImageResult, Failure]]]:
-    """engines.local.segment_samples' step for a Sample cut into tiles (batch.Sample.tiles): one image,
+    """engines.batches.segment_samples' step for a Sample cut into tiles (batch.Sample.tiles): one image,
     all its tiles. A model error fails the image, as infer_batch fails a batch."""
     full = (sample.pixel_values, sample.valid) if sample.pixel_values is not None else None
     try:
