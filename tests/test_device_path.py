@@ -443,7 +443,7 @@ def test_segment_samples_gives_every_result_once_with_a_batch_in_flight(monkeypa
     monkeypatch.setattr(accel.DeviceTimer, "start", lambda self: self)
     monkeypatch.setattr(accel.DeviceTimer, "stop", lambda self: self)
     monkeypatch.setattr(accel.DeviceTimer, "elapsed", lambda self: 0.0)
-    monkeypatch.setattr("m2f_cli.engines.local.stack_pixels", lambda px, pin=False: torch.stack(px))
+    monkeypatch.setattr("m2f_cli.engines.batches.stack_pixels", lambda px, pin=False: torch.stack(px))
     order = []
     real_start = seg.start
 
