@@ -1,4 +1,4 @@
-"""Tiled inference (--tile, --tile-full; src/m2f_cli/tiling/tiles.py): the grid, the exact per-tile
+"""Tiled inference (--tile, --tile-full; src/m2f_cli/tiling/): the grid, the exact per-tile
 preprocessing and post-processing, the merge on planted masks, the pipeline (formats, resume,
 settings, batch invariance, Ray), and accuracy with the trained shapes fixture on large canvases."""
 
@@ -27,8 +27,10 @@ from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
 from m2f_cli.postprocess.sampling import _Sampler
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.segmenter import Segmenter
-from m2f_cli.tiling.tiles import (PART_FLOOR, Box, Part, TileError, TileOptions, cut_tiles, instances_of,
-    merge_parts, parse_tile, tile_grid, tile_parts, tile_pixels)
+from m2f_cli.tiling.grid import Box, cut_tiles, tile_grid, tile_pixels
+from m2f_cli.tiling.merge import instances_of, merge_parts
+from m2f_cli.tiling.options import TileError, TileOptions, parse_tile
+from m2f_cli.tiling.parts import PART_FLOOR, Part, tile_parts
 
 from planted import PlantedPredictor, iou, planted_image
 from test_never_lose_work import _snapshot

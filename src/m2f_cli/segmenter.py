@@ -32,7 +32,9 @@ from m2f_cli.postprocess.semantic import semantic_from_logits
 from m2f_cli.postprocess.device import launch_batch
 from m2f_cli.inputs.preprocess import PreprocessSpec, load_checkpoint_spec, preprocess, spec_for_resize
 from m2f_cli.records import ImageRef, ImageResult
-from m2f_cli.tiling.tiles import TileOptions, cut_tiles, parse_tile, segment_tiled
+from m2f_cli.tiling.driver import segment_tiled
+from m2f_cli.tiling.grid import cut_tiles
+from m2f_cli.tiling.options import TileOptions, parse_tile
 
 # tiles per forward pass in Segmenter.segment (the pipeline uses its --batch-size)
 TILE_BATCH = 4

@@ -11,7 +11,7 @@ from m2f_cli.model.accel import free_device_memory, is_out_of_memory, stack_pixe
 from m2f_cli.inputs.batch import Sample, group_batches
 from m2f_cli.records import Failure, ImageResult
 from m2f_cli.segmenter import InFlight, Segmenter, StageError, describe_error
-from m2f_cli.tiling.tiles import infer_tiled
+from m2f_cli.tiling.driver import infer_tiled
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from m2f_cli.records import ImageRef
 from m2f_cli.outputs.local import HELD_LOCK_FDS
 
 if TYPE_CHECKING:
-    from m2f_cli.tiling.tiles import TiledImage, TileOptions
+    from m2f_cli.tiling.grid import TiledImage
+    from m2f_cli.tiling.options import TileOptions
 
 
 @dataclass
@@ -95,7 +96,7 @@ def rgb_sample(seq: int, ref: ImageRef, rgb, original: tuple[int, int], spec: Pr
     only after a draft decode); cut into tiles with --tile (tiling.py) unless one covers it."""
     t1 = time.perf_counter()
     if tile is not None:  # --tile (issue 17): the whole hook; see tiling.py
-        from m2f_cli.tiling.tiles import cut_tiles
+        from m2f_cli.tiling.grid import cut_tiles
         tiles = cut_tiles(rgb, spec, tile)
         if tiles is not None:
             full = preprocess(rgb, spec) if tile.full else None
