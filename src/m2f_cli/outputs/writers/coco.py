@@ -145,7 +145,8 @@ class CocoWriter(Writer):
             self._next_id += 1
         cmap = self.cat_map
         dets = [{"category_id": i.category_id if cmap is None else cmap[i.category_id],
-                 "score": round(i.score, 6), "segmentation": i.rle, "bbox": list(i.bbox)}
+                 "score": round(i.score, 6), "segmentation": i.rle, "bbox": list(i.bbox),
+                 **({"track_id": i.track_id} if i.track_id is not None else {})}
                 for i in result.instances_above(self.threshold)
                 if cmap is None or i.category_id in cmap]
         self.journal.append({"rel": ref.rel, "image": {"id": image_id, "file_name": ref.name,
