@@ -5,8 +5,10 @@ and a class) and returns each one's track. In order:
 
 1. duplicates: detections at or above ``low`` are taken by descending score; one whose mask has
    IoU >= ``dup_iou`` with a detection already kept is the same object (Mask2Former keeps the top-k
-   (query, class) pairs, so one object can come twice under two classes): it joins that one's track
-   and adds its score to that track's class votes.
+   (query, class) pairs, so one object can come twice under two classes), and one whose mask is
+   ``dup_cover`` or more covered by the kept ones together is no new object (a mask over two objects;
+   Mask2Former's own panoptic inference drops such masks): it joins the track of the kept detection
+   it overlaps most and adds its score to that track's class votes.
 2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
    centroids of its observations, smoothed) times the frames since it was seen.
 3. three Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
@@ -43,6 +45,7 @@ class TrackerConfig:
     low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
     match_iou: float = 0.2  # least mask IoU of a match
     dup_iou: float = 0.7    # two detections of one frame with at least this mask IoU are one object
+    dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
     max_lost: int = 15      # frames a track survives unseen
     smoothing: float = 0.5  # weight of the newest observed velocity (the rest: the previous estimate)
     grid: int = 256         # masks are compared on a grid of at most this many cells per side
@@ -143,19 +146,26 @@ class Tracker:
         return {"step": self.steps, "next_id": self.next_id, "tracks": [t.to_json() for t in self.tracks]}
 
     def duplicates(self, dets: list[Detection]) -> tuple[list[int], dict[int, int]]:
-        """(the detections at or above low that are kept, by descending score; duplicate -> kept).
+        """(the detections at or above low that are kept, by descending score; duplicate -> kept:
+        the same mask (IoU >= dup_iou with a kept one) or mostly covered by the kept ones together
+        (>= dup_cover of its pixels: a mask over two objects), merged into the kept one it overlaps most).
         A detection whose grid mask is empty (smaller than a cell) is left out: nothing to follow."""
         order = sorted((i for i, d in enumerate(dets) if d.score >= self.config.low and d.mask.any()),
                        key=lambda i: (-dets[i].score, i))
         iou = iou_matrix([dets[i].mask for i in order], [dets[i].mask for i in order])
         kept: list[int] = []  # positions in order
         dup: dict[int, int] = {}
+        covered = np.zeros_like(dets[order[0]].mask) if order else None
         for a, i in enumerate(order):
+            m = dets[i].mask
             b = max(kept, key=lambda b: iou[a, b], default=None)  # ties: the higher score
-            if b is not None and iou[a, b] >= self.config.dup_iou:
-                dup[i] = order[b]
+            cover = (m & covered).sum() / m.sum() if m.shape == covered.shape else 0.0
+            if b is not None and (iou[a, b] >= self.config.dup_iou or cover >= self.config.dup_cover):
+                dup[i] = order[b] if iou[a, b] > 0 else order[kept[0]]
             else:
                 kept.append(a)
+                if m.shape == covered.shape:
+                    covered |= m
         return [order[b] for b in kept], dup
 
     def step(self, dets: list[Detection]) -> list[Assignment]:

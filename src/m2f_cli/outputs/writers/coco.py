@@ -168,6 +168,8 @@ class CocoWriter(Writer):
                     for d in r["dets"]:
                         rec = {"image_id": iid, "category_id": d["category_id"]}
                         rec.update({k: d[k] for k in keys})
+                        if "track_id" in d:  # --track
+                            rec["track_id"] = d["track_id"]
                         f.write((b"" if first else b",\n") + json.dumps(rec, separators=(",", ":")).encode())
                         first = False
                 f.write(b"]\n")
