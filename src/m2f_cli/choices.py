@@ -158,6 +158,16 @@ def writer_thresholds(config: RunConfig) -> dict[str, float]:
             for f in config.formats}
 
 
+def segment_threshold(config: RunConfig, thresholds: dict[str, float]) -> float:
+    """The least score the segmenter keeps: the writers' least threshold, and with --track the
+    tracker's low one (weak detections continue tracks; the writers still filter by their own)."""
+    low = min(thresholds.values())
+    if config.track:
+        from m2f_cli.tracking.tracker import TrackerConfig
+        low = min(low, TrackerConfig().low)
+    return low
+
+
 def map_threshold(config: RunConfig, thresholds: dict[str, float]) -> float:
     """The instance map (PNG, overlay) is drawn at the PNG/overlay threshold."""
     drawn = [thresholds[f] for f in ("png", "overlay") if f in thresholds]
@@ -168,7 +178,7 @@ def segmenter_options(config: RunConfig, task: str) -> dict:
     """Segmenter(**options) for this run: what every engine loads, in this process or elsewhere."""
     thresholds = writer_thresholds(config)
     return dict(model=config.model, device=config.device, dtype=config.dtype, revision=config.revision,
-                allow_pickle=config.allow_pickle, resize=config.resize, threshold=min(thresholds.values()),
+                allow_pickle=config.allow_pickle, resize=config.resize, threshold=segment_threshold(config, thresholds),
                 map_threshold=map_threshold(config, thresholds), top_k=config.top_k, classes=config.classes,
                 compile=bool(config.compile), task=task, startup_cache=config.startup_cache,
                 tile=config.tile, tile_full=config.tile_full)

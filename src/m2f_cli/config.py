@@ -67,6 +67,9 @@ class RunConfig:
     simplify: float = 0.0  # polygon formats: Douglas-Peucker tolerance in pixels; 0 = exact (polygons.py)
     cutout_pad: int = 0  # cutouts: pixels of margin around each instance's box (writers/cutout.py)
     cutout_visible: bool = False  # cutouts: only the pixels the instance owns in the map, not its whole mask
+    # link the instances of consecutive frames (a video's, a folder's images in name order) into
+    # tracks (tracking/; the tracker's defaults: tracking.tracker.TrackerConfig, docs/tracking.md)
+    track: bool = False
     overlay_video: bool = True  # -f overlay on a video also writes <video>.overlay.mp4 (writers/video_overlay.py)
     compile: Optional[bool] = None  # None = auto (options.resolve_compile)
     startup_cache: Optional[str] = None  # auto | trace | off; None: M2F_STARTUP_CACHE, else auto (builds.py)

@@ -25,7 +25,7 @@ from m2f_cli.errors import (EngineError, InputError, NoImagesError, OutputError,
 from m2f_cli.outputs.manifest import write_failures, write_manifest
 from m2f_cli.model.loading import ModelSource, read_categories, resolve_model
 from m2f_cli.choices import (auto_settings, device_and_dtype, map_threshold, resolve_compile, segmenter_options,
-    tile_of, build_mode, validate, writer_thresholds)
+    segment_threshold, tile_of, build_mode, validate, writer_thresholds)
 from m2f_cli.inputs.preprocess import load_checkpoint_spec, spec_for_resize
 from m2f_cli.progress import QuietReporter, Reporter, RunSummary
 from m2f_cli.records import Failure, ImageRef
@@ -35,7 +35,7 @@ from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsCo
 from m2f_cli.outputs.folder import OutputFolder
 from m2f_cli.outputs.open import open_output
 from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, WalkResult, is_video_name, shard_of, walk
-from m2f_cli.outputs.video_resume import plan_videos, selection_of, work_count
+from m2f_cli.outputs.video_resume import plan_videos, selection_of, track_states, work_count
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 
@@ -169,6 +169,9 @@ def settings_check(config: RunConfig, folder: OutputFolder, writers: list[Writer
     tile = tile_of(config)
     common = common_settings(m.identity, m.task, config.resize, config.fast_decode, dtype, config.top_k,
                              classes, tile.record() if tile is not None else None, selection_of(config).record())
+    if config.track:  # tracked outputs differ from untracked ones (track ids, duplicates merged)
+        from m2f_cli.tracking.tracker import TrackerConfig
+        common["track"] = TrackerConfig().record()
     records = {w.name: writer_record(w, common) for w in writers}
     try:
         adopted = check_settings(folder, writers, records, lambda w: w.has_outputs(found.refs),
@@ -214,7 +217,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     with interrupt.installed():
         if todo:
             fatal = _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers,
-                             summary, reporter, interrupt)
+                             summary, reporter, interrupt, _tracking(config, plan, todo))
         fatal = _close(config, folder, writers, plan, segmenter, summary, interrupt.signum, t_start, fatal)
     reporter.finish(summary)
     if fatal is not None:
@@ -222,11 +225,22 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     return summary
 
 
+def _tracking(config: RunConfig, plan, todo: list) -> Callable[[Iterator], Iterator]:
+    """The tracking stage between the engine and the writers (--track, tracking/stage.py): resumed
+    videos continue from their journaled tracker state; without --track, the items as they are."""
+    if not config.track:
+        return lambda items: items
+    from m2f_cli.tracking.stage import TrackingStage
+    return TrackingStage(initial=track_states(plan, todo)).apply
+
+
 def _check_task(config: RunConfig, m: ModelFacts) -> None:
     """Formats and options the model's task cannot serve: UsageError."""
     if m.task == "semantic" and "coco" in config.formats:
         raise UsageError("--format coco writes instance or panoptic results; this is a semantic model "
                          "(--task semantic): --format labels writes its label PNGs")
+    if m.task != "instance" and config.track:
+        raise UsageError(f"--track follows instances; this is a {m.task} model (--task {m.task})")
     if m.task != "instance" and config.tile is not None:
         raise UsageError(f"--tile merges instances; this is a {m.task} model (--task {m.task})")
 
@@ -237,7 +251,7 @@ def _ready_segmenter(config, segmenter, engine, m: ModelFacts, device, todo: int
     if segmenter is not None:
         thresholds = writer_thresholds(config)
         segmenter.options = segmenter.options.__class__(
-            threshold=min(thresholds.values()), map_threshold=map_threshold(config, thresholds),
+            threshold=segment_threshold(config, thresholds), map_threshold=map_threshold(config, thresholds),
             top_k=config.top_k, keep=m.keep)
         segmenter.tiling = tile_of(config)
         return segmenter, False
@@ -304,7 +318,8 @@ def _close(config, folder, writers, plan, segmenter, summary, signum, t_start,
 
 
 def _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers, summary, reporter,
-             interrupt: Interrupt) -> Optional[BaseException]:
+             interrupt: Interrupt, track: Callable[[Iterator], Iterator] = lambda items: items
+             ) -> Optional[BaseException]:
     """Run the engine over todo and hand its results to the writer thread. Returns the fatal
     error, if any; a closed stdout is no error (summary.stdout_closed)."""
     writer = WriterThread(plan, recorder, depth=2 * batch_size + 2, stages=summary.stages)
@@ -320,7 +335,7 @@ def _process(config, segmenter, engine, todo, plan, recorder, batch_size, worker
             results = LocalEngine(config, segmenter, batch_size, workers, notify=reporter.message).results(
                 todo, summary.stages, stopping)
         try:
-            _consume(results, writer, summary, reporter, stopping, abandon=interrupt.grace_over)
+            _consume(results, writer, summary, reporter, stopping, abandon=interrupt.grace_over, track=track)
         finally:
             getattr(results, "close", lambda: None)()  # stop the engine's work in flight now
     except (OutputError, EngineError, WriterError) as e:
@@ -342,10 +357,12 @@ def _process(config, segmenter, engine, todo, plan, recorder, batch_size, worker
 
 
 def _consume(results: Iterator[tuple[int, object]], writer: WriterThread, summary: RunSummary,
-             reporter: Reporter, stopping: Callable[[], bool], abandon: Callable[[], bool]) -> None:
-    """Take an engine's (seq, result or failure) pairs, in input order, to the writers and the summary."""
+             reporter: Reporter, stopping: Callable[[], bool], abandon: Callable[[], bool],
+             track: Callable[[Iterator], Iterator] = lambda items: items) -> None:
+    """Take an engine's (seq, result or failure) pairs, in input order, through track (--track)
+    to the writers and the summary."""
     last_tiles = 0
-    for item in in_order(results):
+    for item in track(in_order(results)):
         if isinstance(item, Failure):
             _fail(summary, reporter, item)
         elif getattr(item, "ends_unit", False):  # a video's end, after its frames (engines.video.VideoEnd)
@@ -373,7 +390,7 @@ def open_writers(config: RunConfig, folder: Optional[OutputFolder], categories: 
     options = {"coco_annotations": config.coco_annotations, "overlay_format": config.overlay_format,
                "overlay_alpha": config.overlay_alpha, "overlay_scores": config.overlay_scores,
                "rle": config.rle, "simplify": config.simplify, "cutout_pad": config.cutout_pad,
-               "cutout_visible": config.cutout_visible, **config.options}
+               "cutout_visible": config.cutout_visible, "track": config.track, **config.options}
     for fmt, thr in writer_thresholds(config).items():
         ctx = WriterContext(folder=folder, categories=categories, model=model_id, revision=config.revision,
                             top_k=config.top_k, threshold=thr, overwrite=config.overwrite, stdout=stdout,

@@ -79,6 +79,11 @@ class Instance:
     bbox: [x, y, width, height] in pixels, tight around the mask (COCO box format; zeros if empty).
     area: mask pixel count.
     rle: the full mask as COCO compressed RLE {"size": [H, W], "counts": str}.
+    track_id: (--track, tracking/) the object's track in its video or image sequence, 1, 2, ...;
+        None without --track or when the instance has no track.
+    merged: (--track) the (label, score) of this object's other instances in the frame (the same
+        object under another class), merged into this one. detected_label: (--track) this
+        instance's own class when the track's class (label) differs from it.
     """
 
     id: int
@@ -89,14 +94,29 @@ class Instance:
     bbox: tuple[int, int, int, int]
     area: int
     rle: dict
+    track_id: Optional[int] = None
+    merged: tuple = ()
+    detected_label: Optional[str] = None
 
     def to_json(self, with_rle: bool = True) -> dict:
         d: dict[str, Any] = {
             "id": self.id, "label": self.label, "category_id": self.category_id,
             "score": round(self.score, 6), "bbox": list(self.bbox), "area": self.area,
         }
+        d.update(self.track_fields())
         if with_rle:
             d["segmentation"] = self.rle
+        return d
+
+    def track_fields(self) -> dict:
+        """{"track_id"[, "merged", "detected_label"]} of a tracked instance; {} otherwise."""
+        if self.track_id is None:
+            return {}
+        d: dict[str, Any] = {"track_id": self.track_id}
+        if self.merged:
+            d["merged"] = [{"label": label, "score": round(score, 6)} for label, score in self.merged]
+        if self.detected_label is not None:
+            d["detected_label"] = self.detected_label
         return d
 
 
@@ -141,6 +161,8 @@ class ImageResult:
     map_threshold: the score threshold the map (and the sidecar) were drawn with.
     image: the decoded RGB image (H, W, 3) uint8 when a writer asked for it (overlays), else None.
     tiles: how many tiles the image was cut into (--tile, tiling.py); 0 when it was not.
+    track_state: (--track, a video frame) the tracker's state after this frame, JSON-able: the
+        frames journal keeps it so that a resumed run continues the tracks (tracking/stage.py).
     """
 
     ref: ImageRef
@@ -153,6 +175,7 @@ class ImageResult:
     task: str = "instance"
     segments: list[Segment] = field(default_factory=list)
     tiles: int = 0
+    track_state: Optional[dict] = None
 
     def instances_above(self, threshold: float) -> list[Instance]:
         return [i for i in self.instances if i.score >= threshold]

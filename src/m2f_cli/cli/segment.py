@@ -21,7 +21,7 @@ SEGMENT_PANELS: dict[str, tuple[str, ...]] = {
     "Outputs": ("out", "formats", "overlay_format", "overlay_alpha", "overlay_scores", "overlay_video", "rle",
                 "simplify", "cutout_pad", "cutout_visible", "coco_annotations"),
     "Model": ("model", "revision", "allow_pickle", "task"),
-    "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full"),
+    "Quality": ("threshold", "top_k", "classes", "resize", "tile", "tile_full", "track"),
     "Speed": ("device", "dtype", "batch_size", "workers", "threads", "compile", "startup_cache", "fast_decode"),
     "Scale-out": ("shard", "devices", "ray", "ray_actors", "ray_timeout", "ray_cpus_per_actor"),
     "Bookkeeping": ("overwrite", "max_failures", "dry_run", "summary_json", "quiet", "verbose", "help"),
@@ -119,6 +119,10 @@ def segment(
                                        "model's input side (768 px for 384x384 checkpoints)."),
     tile_full: bool = typer.Option(DEFAULTS.tile_full, "--tile-full", help="With --tile, also run the whole image "
                                    "and merge its instances in (objects larger than a tile)."),
+    track: bool = typer.Option(DEFAULTS.track, "--track", help="Link the instances of consecutive frames (of a "
+                               "video, or of a folder's images in name order) into tracks: each instance gets "
+                               "a track_id, duplicates of one object under two classes are merged, overlays "
+                               "are coloured by track (docs/tracking.md)."),
     max_pixels: int = typer.Option(DEFAULTS.max_pixels, help="Refuse images with more pixels (decompression bombs); "
                                    "raise it deliberately for large images with --tile."),
     every: Optional[int] = typer.Option(DEFAULTS.every, "--every", help="Videos: segment frames 0, N, 2N, ... "
@@ -196,7 +200,7 @@ def segment(
         allow_pickle=allow_pickle, device=device, dtype=dtype, batch_size=batch_size, workers=workers,
         threads=threads, threshold=threshold, top_k=top_k, classes=tuple([classes] if classes else ()),
         resize=resize, task=task, fast_decode=fast_decode, tile=tile, tile_full=tile_full, max_pixels=max_pixels,
-        every=every, fps=fps, start=start, end=end, overlay_video=overlay_video,
+        every=every, fps=fps, start=start, end=end, overlay_video=overlay_video, track=track,
         overwrite=overwrite, max_failures=max_failures, coco_annotations=coco_annotations,
         overlay_format=overlay_format, overlay_alpha=overlay_alpha, overlay_scores=overlay_scores, rle=rle,
         simplify=simplify, cutout_pad=cutout_pad, cutout_visible=cutout_visible, compile=compile,

@@ -5,7 +5,7 @@ Frames are outputs like images: each format writes a frame's files atomically th
 folder, and the run-level formats journal them. On top of that the frames journal
 (``<out>/.m2f/frames.journal.jsonl``, one per shard like every journal) gets, from the writer
 thread, one line per frame once all its files are written (``{"rel", "video", "frame", "pts",
-"time"}``) and one line per video read to its end (``{"video", "end": true, "frames"}``).
+"time"}``, with ``"tracks"``: the tracker's state after the frame, with --track) and one line per video read to its end (``{"video", "end": true, "frames"}``).
 
 A rerun (resume_point) goes through a video's journaled frames in order: at the first one some
 writer of this run lacks, it seeks there and redoes it; when all are whole it seeks to the last
@@ -52,6 +52,7 @@ class FrameLog:
     def __init__(self, folder, fresh: bool, overlay_video=None):
         self.journal = folder.journal("frames", fresh=fresh)
         self.frames: dict[str, dict[int, tuple]] = {}
+        self.states: dict[str, dict[int, dict]] = {}  # --track: the tracker's state after each frame
         self.ended: set[str] = set()
         self.overlay_video = overlay_video
         for r in self.journal.records():
@@ -59,6 +60,8 @@ class FrameLog:
                 self.ended.add(r["video"])
             else:
                 self.frames.setdefault(r["video"], {})[int(r["frame"])] = (r.get("pts"), r.get("time"))
+                if r.get("tracks") is not None:
+                    self.states.setdefault(r["video"], {})[int(r["frame"])] = r["tracks"]
 
     def write(self, item) -> None:
         if isinstance(item, VideoEnd):
@@ -69,8 +72,10 @@ class FrameLog:
                 self.ended.add(item.ref.rel)
             return
         fr = item.ref.frame
-        self.journal.append({"rel": item.ref.rel, "video": fr.video_rel, "frame": fr.index, "pts": fr.pts,
-                             "time": fr.time})
+        line = {"rel": item.ref.rel, "video": fr.video_rel, "frame": fr.index, "pts": fr.pts, "time": fr.time}
+        if getattr(item, "track_state", None) is not None:  # --track (tracking/stage.py)
+            line["tracks"] = item.track_state
+        self.journal.append(line)
         self.frames.setdefault(fr.video_rel, {})[fr.index] = (fr.pts, fr.time)
 
     def close(self) -> None:
@@ -141,6 +146,27 @@ def plan_videos(config: RunConfig, folder, writers: list, plan: dict, todo: list
         jobs.append(VideoJob(v, selection, anchor, keep_rgb, config.max_pixels, max(1, expected)))
         plan[v.rel] = list(writers)
     return FramePlan(plan, log, config.overwrite), sorted(todo + jobs, key=lambda r: r.index)
+
+
+def track_states(plan, todo: list) -> dict[str, dict]:
+    """--track: for each video of todo that resumes, the tracker's state it continues from (video rel
+    -> state): the one journaled with the frame before its anchor (with the anchor itself when the
+    anchor is skipped). Videos that start from their beginning, or whose journal has no state, are
+    left out (their tracks start afresh). The states are then dropped from memory."""
+    log = getattr(plan, "log", None)
+    if log is None:
+        return {}
+    out = {}
+    for job in todo:
+        anchor = getattr(job, "anchor", None)
+        states = log.states.get(getattr(job, "rel", None), {})
+        if anchor is None or not states:
+            continue
+        before = [k for k in states if k < anchor.index or (anchor.skip and k == anchor.index)]
+        if before:
+            out[job.rel] = states[max(before)]
+    log.states.clear()
+    return out
 
 
 def work_count(todo: list) -> int:

@@ -145,7 +145,8 @@ class CocoWriter(Writer):
             self._next_id += 1
         cmap = self.cat_map
         dets = [{"category_id": i.category_id if cmap is None else cmap[i.category_id],
-                 "score": round(i.score, 6), "segmentation": i.rle, "bbox": list(i.bbox)}
+                 "score": round(i.score, 6), "segmentation": i.rle, "bbox": list(i.bbox),
+                 **({"track_id": i.track_id} if i.track_id is not None else {})}
                 for i in result.instances_above(self.threshold)
                 if cmap is None or i.category_id in cmap]
         self.journal.append({"rel": ref.rel, "image": {"id": image_id, "file_name": ref.name,
@@ -167,6 +168,8 @@ class CocoWriter(Writer):
                     for d in r["dets"]:
                         rec = {"image_id": iid, "category_id": d["category_id"]}
                         rec.update({k: d[k] for k in keys})
+                        if "track_id" in d:  # --track
+                            rec["track_id"] = d["track_id"]
                         f.write((b"" if first else b",\n") + json.dumps(rec, separators=(",", ":")).encode())
                         first = False
                 f.write(b"]\n")

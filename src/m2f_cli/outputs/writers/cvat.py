@@ -22,25 +22,27 @@ from xml.sax.saxutils import escape, quoteattr
 from m2f_cli.outputs.polygons import seamed
 from m2f_cli.records import ImageRef, ImageResult
 from m2f_cli.outputs.writers.base import register
+from m2f_cli.outputs.writers.cvat_video import write_videos
 from m2f_cli.outputs.writers.vector import PolygonWriter, number
 
 
-def header(labels: Sequence[tuple[str, str]], size: int) -> bytes:
-    """The XML up to the first <image>: version and meta (task size, labels as (name, "#rrggbb"))."""
+def header(labels: Sequence[tuple[str, str]], size: int, attributes: Sequence[str] = ("score",)) -> bytes:
+    """The XML up to the first <image>: version and meta (task size, labels as (name, "#rrggbb"),
+    each with these text attributes)."""
+    attrs = "".join(
+        "          <attribute>\n"
+        f"            <name>{a}</name>\n"
+        "            <mutable>False</mutable>\n"
+        "            <input_type>text</input_type>\n"
+        "            <default_value></default_value>\n"
+        "            <values></values>\n"
+        "          </attribute>\n" for a in attributes)
     text = "".join(
         "      <label>\n"
         f"        <name>{escape(name)}</name>\n"
         f"        <color>{color}</color>\n"
         "        <type>polygon</type>\n"
-        "        <attributes>\n"
-        "          <attribute>\n"
-        "            <name>score</name>\n"
-        "            <mutable>False</mutable>\n"
-        "            <input_type>text</input_type>\n"
-        "            <default_value></default_value>\n"
-        "            <values></values>\n"
-        "          </attribute>\n"
-        "        </attributes>\n"
+        f"        <attributes>\n{attrs}        </attributes>\n"
         "      </label>\n" for name, color in labels)
     return ('<?xml version="1.0" encoding="utf-8"?>\n<annotations>\n  <version>1.1</version>\n'
             "  <meta>\n    <task>\n      <name>m2f</name>\n"
@@ -66,14 +68,18 @@ def image_element(image_id: int, rec: dict) -> bytes:
                      f'points="{p["points"]}" z_order="0" group_id="{p["group"]}">\n')
         if p.get("score") is not None:
             lines.append(f'      <attribute name="score">{p["score"]}</attribute>\n')
+        if p.get("track") is not None:
+            lines.append(f'      <attribute name="track_id">{p["track"]}</attribute>\n')
         lines.append("    </polygon>\n")
     lines.append("  </image>\n")
     return "".join(lines).encode()
 
 
-def write_document(f, labels: Sequence[tuple[str, str]], records: Iterable[tuple[int, dict]], size: int) -> None:
-    """The whole XML to the binary file f: header, one <image> per (id, record), footer."""
-    f.write(header(labels, size))
+def write_document(f, labels: Sequence[tuple[str, str]], records: Iterable[tuple[int, dict]], size: int,
+                   tracked: bool = False) -> None:
+    """The whole XML to the binary file f: header, one <image> per (id, record), footer. tracked:
+    the labels also declare the track_id attribute (--track)."""
+    f.write(header(labels, size, ("score", "track_id") if tracked else ("score",)))
     for image_id, rec in records:
         f.write(image_element(image_id, rec))
     f.write(FOOTER)
@@ -86,6 +92,7 @@ class CvatWriter(PolygonWriter):
         super().__init__(ctx)
         self.journal = ctx.folder.journal("cvat", fresh=ctx.overwrite)
         self._done = {r["rel"] for r in self.journal.records()}
+        self.tracked = bool(ctx.options.get("track"))
 
     def done(self, ref: ImageRef) -> bool:
         return ref.rel in self._done
@@ -96,9 +103,13 @@ class CvatWriter(PolygonWriter):
             score = None if s.score is None else f"{s.score:.6f}".rstrip("0").rstrip(".")
             for part in s.parts:
                 pts = ";".join(f"{number(x)},{number(y)}" for x, y in seamed(part))
-                polygons.append({"label": s.label, "points": pts, "group": s.id, "score": score})
-        return {"rel": result.ref.rel, "name": result.ref.name, "width": result.width,
-                "height": result.height, "polygons": polygons}
+                polygons.append({"label": s.label, "points": pts, "group": s.id, "score": score,
+                                 **({"track": s.track_id} if s.track_id is not None else {})})
+        rec = {"rel": result.ref.rel, "name": result.ref.name, "width": result.width,
+               "height": result.height, "polygons": polygons}
+        if result.ref.frame is not None:  # a video's frame: its tracks also go to cvat/<video>.xml
+            rec.update(video=result.ref.frame.video_rel, frame=result.ref.frame.index)
+        return rec
 
     def write(self, result: ImageResult) -> None:
         if result.ref.rel in self._done:  # journaled by a run killed before the other writers
@@ -112,8 +123,13 @@ class CvatWriter(PolygonWriter):
         size = sum(1 for _ in self.journal.records())
 
         def write(f):
-            write_document(f, labels_of(self.ctx.categories), enumerate(self.journal.records()), size)
+            write_document(f, labels_of(self.ctx.categories), enumerate(self.journal.records()), size,
+                           self.tracked)
         folder.write_atomic(folder.run_file("annotations", ".xml"), write)
+        if self.tracked:  # --track: each video's tracks in CVAT for video 1.1
+            labels = labels_of(self.ctx.categories)
+            write_videos(folder, lambda size: header(labels, size, ("score", "track_id")), FOOTER,
+                         self.journal.records())
 
 
 def read_document(data: bytes) -> tuple[list[tuple[str, str]], list[dict]]:

@@ -105,6 +105,8 @@ class GeojsonWriter(PerImagePolygonWriter):
         for s in self.shapes(result):
             props = {"id": s.id, "label": s.label, "category_id": s.category_id,
                      "score": None if s.score is None else round(s.score, 6)}
+            if s.track_id is not None:
+                props["track_id"] = s.track_id
             features.append({"type": "Feature", "id": s.id, "geometry": _geometry(s.parts, affine),
                              "properties": props})
         doc = {"type": "FeatureCollection", "image": result.ref.path, "name": result.ref.name,

@@ -41,14 +41,21 @@ class LabelmeWriter(PerImagePolygonWriter):
 
     def document(self, result: ImageResult, json_path: str) -> dict:
         out = []
-        for s in self.shapes(result):
+        shapes = self.shapes(result)
+        tracked = any(s.track_id is not None for s in shapes)  # --track: group_id is the track
+        for s in shapes:
+            desc = "" if s.score is None else f"score {s.score:.3f}"
+            if s.track_id is not None:
+                desc = f"track {s.track_id}, {desc}"
             for part in s.parts:
                 shape = {"label": s.label, "points": [[number(x), number(y)] for x, y in seamed(part)],
-                         "group_id": s.id, "description": "" if s.score is None else f"score {s.score:.3f}",
+                         "group_id": s.track_id if tracked else s.id, "description": desc,
                          "shape_type": "polygon", "flags": {}, "mask": None}
                 if s.score is not None:
                     shape["score"] = round(s.score, 6)
                 shape["category_id"] = s.category_id
+                if tracked:
+                    shape["track_id"] = s.track_id
                 out.append(shape)
         return {"version": LABELME_VERSION, "flags": {}, "shapes": out,
                 "imagePath": self._image_path(result.ref, json_path), "imageData": None,

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from m2f_cli.tracking.colors import track_color
 from m2f_cli.inputs.decode import decode
 from m2f_cli.records import ImageRef, ImageResult
 from m2f_cli.outputs.writers.base import Writer, register
@@ -117,6 +118,7 @@ def place_tags(result: ImageResult, measure: Callable[[str, int], tuple[int, int
     imap = result.label_map
     h, w = imap.shape
     regions = result.regions()
+    tracks = track_ids(result)
     if not regions:
         return []
     counts = np.bincount(imap.ravel(), minlength=max(r[0] for r in regions) + 1)
@@ -133,6 +135,8 @@ def place_tags(result: ImageResult, measure: Callable[[str, int], tuple[int, int
         if anchor is None:
             continue
         text = label if score is None or not show_scores else f"{label} {score:.2f}"
+        if value in tracks:  # --track: the track id first
+            text = f"#{tracks[value]} {text}"
         spot = None
         for k, size in enumerate(sizes + [sizes[-1]]):
             whole = k == len(sizes)  # last try: the smallest size anywhere in the image
@@ -181,6 +185,13 @@ def overlay_tags(result: ImageResult, show_scores: bool = True, fonts: Optional[
     return place_tags(result, (fonts or _TagFont()).measure, show_scores)
 
 
+def track_ids(result: ImageResult) -> dict[int, int]:
+    """--track: map value -> track id of the instances that have one."""
+    if result.task != "instance":
+        return {}
+    return {i.id: i.track_id for i in result.instances if i.track_id is not None}
+
+
 def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: float = 0.5,
                    show_scores: bool = True) -> Image.Image:
     """rgb: (H, W, 3) uint8 upright image; returns the RGB overlay at the same size."""
@@ -188,8 +199,9 @@ def render_overlay(rgb: np.ndarray, result: ImageResult, categories, alpha: floa
     imap = result.label_map
     shown = result.regions()  # (value, category id, label, score, bbox)
     palette = np.zeros((max(int(imap.max(initial=0)), max((r[0] for r in shown), default=0)) + 1, 3), np.float32)
-    for value, cid, _, _, _ in shown:
-        palette[value] = categories.by_id(cid).color
+    tracks = track_ids(result)
+    for value, cid, _, _, _ in shown:  # by class; by track with --track
+        palette[value] = track_color(tracks[value]) if value in tracks else categories.by_id(cid).color
     out = rgb.astype(np.float32)
     fg = imap > 0
     out[fg] = out[fg] * (1 - alpha) + palette[imap[fg]] * alpha  # semantic id 0 stays unpainted

@@ -29,6 +29,7 @@ class Shape:
     index: int
     score: Optional[float]
     parts: list[Part]
+    track_id: Optional[int] = None  # --track: the instance's track (records.Instance.track_id)
 
 
 def simplify_option(ctx) -> float:
@@ -67,7 +68,7 @@ def _shapes(result: ImageResult, threshold: float, simplify: float) -> list[Shap
         for i in result.instances_above(threshold):
             parts = rle_parts(i.rle, i.bbox, simplify)
             if parts:
-                out.append(Shape(i.id, i.label, i.category_id, i.label_index, i.score, parts))
+                out.append(Shape(i.id, i.label, i.category_id, i.label_index, i.score, parts, i.track_id))
     else:
         for s in result.segments:  # all of them, as in the PNG sidecar
             parts = region_parts(result.label_map, s.id, s.bbox, simplify)

@@ -1,0 +1,215 @@
+"""The association: which detection of this frame continues which track.
+
+Each step (one frame of a sequence) takes the frame's detections (grid masks, masks.py, with a score
+and a class) and returns each one's track. In order:
+
+1. duplicates: detections at or above ``low`` are taken by descending score; one whose mask has
+   IoU >= ``dup_iou`` with a detection already kept is the same object (Mask2Former keeps the top-k
+   (query, class) pairs, so one object can come twice under two classes), and one whose mask is
+   ``dup_cover`` or more covered by the kept ones together is no new object (a mask over two objects;
+   Mask2Former's own panoptic inference drops such masks): it joins the track of the kept detection
+   it overlaps most and adds its score to that track's class votes.
+2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
+   centroids of its observations, smoothed) times the frames since it was seen.
+3. three Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
+   IoU >= ``match_iou``): the detections at or above ``high`` against every live track's predicted
+   mask; then the detections between ``low`` and ``high`` against the tracks left (ByteTrack's
+   second pass: a weak detection keeps a track alive but never starts one); then the high ones left
+   against the tracks' last observed masks, unshifted (OC-SORT's observation-centric recovery, for a
+   track whose velocity went wrong).
+4. each high detection left starts a track (ids 1, 2, ... per sequence); a track unseen for more
+   than ``max_lost`` frames ends.
+
+A track's class is the class with the highest sum of scores over its detections so far (duplicates
+included; ties: the one seen first). Everything is deterministic: detections are taken in a fixed
+order, tracks by id, and the state (``state()``/``Tracker(state=...)``) round-trips through JSON
+exactly, so a resumed video continues as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from m2f_cli.tracking.masks import centroid, iou_matrix, pack, shifted, unpack
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """The tracker's settings; the defaults are --track's (docs/tracking.md)."""
+
+    high: float = 0.5       # detections at or above start tracks and are matched first
+    low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
+    match_iou: float = 0.2  # least mask IoU of a match
+    dup_iou: float = 0.7    # two detections of one frame with at least this mask IoU are one object
+    dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
+    max_lost: int = 15      # frames a track survives unseen
+    smoothing: float = 0.5  # weight of the newest observed velocity (the rest: the previous estimate)
+    grid: int = 256         # masks are compared on a grid of at most this many cells per side
+
+    def record(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One instance of a frame. mask: (h, w) bool grid mask (masks.grid_mask); cls: (label,
+    category_id, label_index)."""
+
+    mask: np.ndarray
+    score: float
+    cls: tuple
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What a detection became. track_id: None when it has no track (below low; or between low and
+    high and unmatched). duplicate_of: the index of the detection it was merged into, else None.
+    cls: the track's class (after this frame's votes), None without a track."""
+
+    track_id: Optional[int]
+    duplicate_of: Optional[int] = None
+    cls: Optional[tuple] = None
+
+
+@dataclass
+class Track:
+    """A track. mask: its last observed grid mask; c: that mask's centroid (None when empty);
+    v: velocity in cells per frame; last: the step it was last seen; votes: class -> summed score."""
+
+    id: int
+    mask: np.ndarray
+    c: Optional[tuple]
+    v: tuple = (0.0, 0.0)
+    last: int = 0
+    hits: int = 1
+    votes: dict = field(default_factory=dict)
+
+    def cls(self) -> tuple:
+        return max(self.votes.items(), key=lambda kv: kv[1])[0]  # first of the best: seen first
+
+    def predicted(self, step: int, shape: tuple) -> np.ndarray:
+        if self.mask.shape != shape:  # another frame size (an image sequence): nothing to compare
+            return np.zeros(shape, bool)
+        gap = step - self.last
+        return shifted(self.mask, self.v[0] * gap, self.v[1] * gap)
+
+    def observe(self, mask: np.ndarray, step: int, smoothing: float) -> None:
+        c = centroid(mask)
+        c = None if np.isnan(c[0]) else c
+        if c is not None and self.c is not None and mask.shape == self.mask.shape:
+            gap = step - self.last
+            obs = ((c[0] - self.c[0]) / gap, (c[1] - self.c[1]) / gap)
+            a = 1.0 if self.hits == 1 else smoothing
+            self.v = (a * obs[0] + (1 - a) * self.v[0], a * obs[1] + (1 - a) * self.v[1])
+        self.mask, self.c, self.last, self.hits = mask, c, step, self.hits + 1
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "mask": pack(self.mask), "c": None if self.c is None else list(self.c),
+                "v": list(self.v), "last": self.last, "hits": self.hits,
+                "votes": [[*k, s] for k, s in self.votes.items()]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Track":
+        return cls(d["id"], unpack(d["mask"]), None if d["c"] is None else tuple(d["c"]), tuple(d["v"]),
+                   d["last"], d["hits"], {tuple(v[:-1]): v[-1] for v in d["votes"]})
+
+
+def hungarian(iou: np.ndarray, rows: list[int], cols: list[int], min_iou: float
+              ) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """Match rows to cols of iou (indices into it) maximising the summed IoU, pairs below min_iou
+    dropped. (pairs (row, col), rows left, cols left), in the given orders."""
+    if not rows or not cols:
+        return [], rows, cols
+    sub = iou[np.ix_(rows, cols)]
+    r, c = linear_sum_assignment(1.0 - sub)
+    pairs = [(rows[i], cols[j]) for i, j in zip(r, c) if sub[i, j] >= min_iou]
+    used_r, used_c = {p[0] for p in pairs}, {p[1] for p in pairs}
+    return pairs, [i for i in rows if i not in used_r], [j for j in cols if j not in used_c]
+
+
+class Tracker:
+    """One sequence's tracks (module docstring). step() once per frame, in order."""
+
+    def __init__(self, config: TrackerConfig = TrackerConfig(), state: Optional[dict] = None):
+        self.config = config
+        self.steps, self.next_id, self.tracks = 0, 1, []
+        if state is not None:
+            self.steps, self.next_id = state["step"], state["next_id"]
+            self.tracks = [Track.from_json(t) for t in state["tracks"]]
+
+    def state(self) -> dict:
+        """JSON-able; Tracker(config, state) continues exactly from here."""
+        return {"step": self.steps, "next_id": self.next_id, "tracks": [t.to_json() for t in self.tracks]}
+
+    def duplicates(self, dets: list[Detection]) -> tuple[list[int], dict[int, int]]:
+        """(the detections at or above low that are kept, by descending score; duplicate -> kept:
+        the same mask (IoU >= dup_iou with a kept one) or mostly covered by the kept ones together
+        (>= dup_cover of its pixels: a mask over two objects), merged into the kept one it overlaps most).
+        A detection whose grid mask is empty (smaller than a cell) is left out: nothing to follow."""
+        order = sorted((i for i, d in enumerate(dets) if d.score >= self.config.low and d.mask.any()),
+                       key=lambda i: (-dets[i].score, i))
+        iou = iou_matrix([dets[i].mask for i in order], [dets[i].mask for i in order])
+        kept: list[int] = []  # positions in order
+        dup: dict[int, int] = {}
+        covered = np.zeros_like(dets[order[0]].mask) if order else None
+        for a, i in enumerate(order):
+            m = dets[i].mask
+            b = max(kept, key=lambda b: iou[a, b], default=None)  # ties: the higher score
+            cover = (m & covered).sum() / m.sum() if m.shape == covered.shape else 0.0
+            if b is not None and (iou[a, b] >= self.config.dup_iou or cover >= self.config.dup_cover):
+                dup[i] = order[b] if iou[a, b] > 0 else order[kept[0]]
+            else:
+                kept.append(a)
+                if m.shape == covered.shape:
+                    covered |= m
+        return [order[b] for b in kept], dup
+
+    def step(self, dets: list[Detection]) -> list[Assignment]:
+        """Advance one frame: each detection's Assignment, in the order given."""
+        cfg = self.config
+        self.steps += 1
+        kept, dup = self.duplicates(dets)
+        shape = dets[kept[0]].mask.shape if kept else None
+        masks = [d.mask for d in dets]
+        pairs: list[tuple[int, int]] = []
+        left_t = list(range(len(self.tracks)))
+        if kept:
+            pred = iou_matrix(masks, [t.predicted(self.steps, shape) for t in self.tracks])
+            last = iou_matrix(masks, [t.mask if t.mask.shape == shape else np.zeros(shape, bool)
+                                      for t in self.tracks])
+            high = [i for i in kept if dets[i].score >= cfg.high]
+            low = [i for i in kept if dets[i].score < cfg.high]
+            p1, high, left_t = hungarian(pred, high, left_t, cfg.match_iou)
+            p2, _, left_t = hungarian(pred, low, left_t, cfg.match_iou)
+            p3, high, left_t = hungarian(last, high, left_t, cfg.match_iou)
+            pairs = p1 + p2 + p3
+            for i in high:  # new tracks, in descending score
+                self.tracks.append(Track(self.next_id, dets[i].mask, None, last=self.steps, hits=0))
+                pairs.append((i, len(self.tracks) - 1))
+                self.next_id += 1
+        return self._update(dets, pairs, dup)
+
+    def _update(self, dets: list[Detection], pairs: list[tuple[int, int]], dup: dict[int, int]) -> list[Assignment]:
+        out: list[Assignment] = [Assignment(None)] * len(dets)
+        of_det = {}
+        for i, k in pairs:
+            t = self.tracks[k]
+            t.observe(dets[i].mask, self.steps, self.config.smoothing)
+            t.votes[dets[i].cls] = t.votes.get(dets[i].cls, 0.0) + dets[i].score
+            of_det[i] = t
+        for i, j in sorted(dup.items()):
+            if j in of_det:
+                t = of_det[j]
+                t.votes[dets[i].cls] = t.votes.get(dets[i].cls, 0.0) + dets[i].score
+        for i, t in of_det.items():
+            out[i] = Assignment(t.id, None, t.cls())
+        for i, j in dup.items():
+            if j in of_det:
+                out[i] = Assignment(of_det[j].id, j, of_det[j].cls())
+        self.tracks = sorted((t for t in self.tracks if self.steps - t.last <= self.config.max_lost),
+                             key=lambda t: t.id)
+        return out

@@ -1,0 +1,128 @@
+"""The tracker (m2f_cli.tracking) on planted masks with known tracks: crossing, occlusion, a missed
+frame, a duplicate under two classes; its state round-trips exactly; the stage merges duplicates
+and renumbers the instance map."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from m2f_cli.records import FrameInfo, ImageRef, ImageResult, Instance
+from m2f_cli.tracking.tracker import Detection, Tracker, TrackerConfig
+from m2f_cli.tracking.stage import TrackingStage
+
+H, W = 60, 120
+KITE, FRISBEE = ("kite", 38, 1), ("frisbee", 34, 2)
+
+
+def disc(cx: float, cy: float, r: float = 8) -> np.ndarray:
+    yy, xx = np.mgrid[:H, :W]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def run(frames: list[list[tuple]], config: TrackerConfig = TrackerConfig()) -> list[list]:
+    """frames: per frame [(mask, score, cls)] -> per frame the track ids."""
+    t = Tracker(config)
+    return [[a.track_id for a in t.step([Detection(m, s, c) for m, s, c in dets])] for dets in frames]
+
+
+def test_two_discs_crossing_keep_their_ids():
+    # A moves right, B moves left on the same row; they overlap in the middle frames (B on top)
+    frames = []
+    for k in range(20):
+        a, b = disc(10 + 5 * k, 30), disc(110 - 5 * k, 30)
+        frames.append([(a & ~b, 0.9, KITE), (b, 0.8, KITE)] if (a & ~b).any() else [(b, 0.8, KITE)])
+    ids = run(frames)
+    assert ids[10] == [2]  # A wholly hidden behind B
+    assert all(f == [1, 2] for k, f in enumerate(ids) if k != 10), ids
+
+
+def test_occluded_for_a_few_frames_is_picked_up_again_with_its_id():
+    frames = []
+    for k in range(20):
+        a = disc(10 + 4 * k, 20)
+        dets = [(disc(60, 45), 0.95, FRISBEE)]
+        if not 8 <= k < 12:  # hidden for four frames, moving on meanwhile
+            dets.append((a, 0.9, KITE))
+        frames.append(dets)
+    ids = run(frames)
+    assert [f[1] for f in ids if len(f) == 2] == [2] * 16
+
+
+def test_a_missed_detection_and_a_weak_one_continue_the_track():
+    frames = [[(disc(10 + 6 * k, 30), 0.9, KITE)] for k in range(12)]
+    frames[5] = []                                        # missed
+    frames[8] = [(disc(10 + 6 * 8, 30), 0.3, KITE)]       # weak: below high, above low
+    ids = run(frames)
+    assert ids[5] == [] and ids[8] == [1] and all(f == [1] for k, f in enumerate(ids) if k != 5)
+
+
+def test_a_weak_detection_never_starts_a_track():
+    assert run([[(disc(30, 30), 0.3, KITE)]]) == [[None]]
+
+
+def test_a_duplicate_under_two_classes_is_one_track_with_one_class():
+    t = Tracker()
+    out = []
+    for k in range(6):
+        m = disc(20 + 5 * k, 30)
+        m2 = m.copy()
+        m2[int(30), int(20 + 5 * k) + 7] = False  # almost the same mask
+        scores = (0.9, 0.6) if k != 3 else (0.55, 0.7)  # frame 3: the other class scores higher
+        out.append(t.step([Detection(m, scores[0], KITE), Detection(m2, scores[1], FRISBEE)]))
+    for k, (a, b) in enumerate(out):
+        assert a.track_id == b.track_id == 1
+        assert a.cls == b.cls == KITE  # the vote: kite's summed score stays ahead
+    assert out[3][1].duplicate_of is None and out[3][0].duplicate_of == 1  # the higher one is kept
+    assert out[0][1].duplicate_of == 0
+
+
+def test_a_track_unseen_longer_than_max_lost_ends():
+    cfg = TrackerConfig(max_lost=2)
+    frames = [[(disc(30, 30), 0.9, KITE)], [], [], [], [(disc(30, 30), 0.9, KITE)]]
+    assert run(frames, cfg)[-1] == [2]
+    assert run(frames, TrackerConfig(max_lost=3))[-1] == [1]
+
+
+def test_state_round_trips_through_json_exactly():
+    frames = [[(disc(10 + 5 * k, 30), 0.9, KITE), (disc(100 - 3 * k, 20 + k), 0.7, FRISBEE)] for k in range(16)]
+    whole = run(frames)
+    t = Tracker()
+    got = [[a.track_id for a in t.step([Detection(*d) for d in f])] for f in frames[:7]]
+    t = Tracker(TrackerConfig(), json.loads(json.dumps(t.state())))
+    got += [[a.track_id for a in t.step([Detection(*d) for d in f])] for f in frames[7:]]
+    assert got == whole
+
+
+def _instance(i: int, m: np.ndarray, score: float, cls) -> Instance:
+    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    ys, xs = np.nonzero(m)
+    return Instance(i, cls[0], cls[1], cls[2], score, (int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1,
+                                                       int(np.ptp(ys)) + 1), int(m.sum()), rle)
+
+
+def _result(k: int, dets) -> ImageResult:
+    ref = ImageRef("v.mp4", f"v.mp4/{k:06d}", f"v/{k:06d}", 0, FrameInfo(k, k / 10, k, "v"))
+    inst = [_instance(i + 1, m, s, c) for i, (m, s, c) in enumerate(dets)]
+    imap = np.zeros((H, W), np.uint16)
+    for i in reversed([i for i in inst if i.score >= 0.5]):  # as the segmenter draws it
+        imap[mask_utils.decode(i.rle).astype(bool)] = i.id
+    return ImageResult(ref, W, H, inst, imap, 0.5)
+
+
+def test_stage_merges_duplicates_renumbers_and_keeps_state():
+    a, b = disc(30, 30), disc(80, 30)
+    r = _result(0, [(a, 0.9, KITE), (a, 0.8, FRISBEE), (b, 0.7, FRISBEE), (disc(100, 50, 3), 0.1, KITE)])
+    stage = TrackingStage()
+    list(stage.apply([r]))
+    assert [(i.id, i.track_id, i.label) for i in r.instances] == [(1, 1, "kite"), (2, 2, "frisbee"),
+                                                                   (3, None, "kite")]
+    assert r.instances[0].merged == (("frisbee", 0.8),)
+    assert r.instances[0].to_json()["merged"] == [{"label": "frisbee", "score": 0.8}]
+    assert set(np.unique(r.label_map)) == {0, 1, 2}
+    assert (r.label_map == 2).sum() == b.sum() and (r.label_map == 1).sum() == a.sum()
+    assert r.track_state["next_id"] == 3
