@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from pycocotools import mask as mask_utils
 
 from m2f_cli.records import FrameInfo, ImageRef, ImageResult, Instance
