@@ -12,7 +12,7 @@ MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 # the top of the package: public API, CLI, recipe, config, errors, records (README "Architecture")
 MAX_TOP_MODULES = 14
-STAGES = ("inputs", "model", "postprocess", "tiling", "outputs", "engines", "tools", "cli")
+STAGES = ("inputs", "model", "postprocess", "tiling", "tracking", "outputs", "engines", "tools", "cli")
 
 
 def modules() -> dict[str, Path]:
