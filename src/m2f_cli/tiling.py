@@ -210,7 +210,8 @@ class Part:
 
     label: model class index; score: class prob x mean mask probability (segment_instances' rule);
     r0, c0: where its mask crop starts in the original image; rle: the crop's mask, (h, w) tight
-    around its pixels, as pycocotools RLE (bytes counts); area: mask pixels.
+    around its pixels, as pycocotools RLE (bytes counts); area: mask pixels; class_prob: the class
+    probability in score (0: unknown), so that tile_merge can recompute the score of joined parts.
     """
 
     label: int
@@ -220,6 +221,7 @@ class Part:
     c0: int
     rle: dict
     area: int
+    class_prob: float = 0.0
 
     @property
     def box(self) -> Box:
@@ -273,7 +275,7 @@ def tile_parts(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tu
             continue
         s = p * m[0]
         if s >= floor:
-            out.append(Part(lab, s, tile, m[1], m[2], m[3], m[4]))
+            out.append(Part(lab, s, tile, m[1], m[2], m[3], m[4], p))
     return out
 
 
@@ -587,7 +589,8 @@ def segment_tiled(segmenter, ref: ImageRef, tiled: TiledImage, original: tuple[i
                             _Sampler(valid, original, masks.device), options)
         segmenter.times.postprocess_s += time.perf_counter() - t1
     t1 = time.perf_counter()
-    objects = merge_parts(parts, tiled.boxes, original)
+    from . import tile_merge  # the merge on masks (issue 28); here: it imports this module
+    objects = tile_merge.merge_parts(parts, tiled.boxes, original)
     instances, imap = instances_of(objects, original, segmenter.categories, options, n + (full is not None))
     segmenter.times.postprocess_s += time.perf_counter() - t1
     h0, w0 = original

@@ -1,0 +1,141 @@
+"""Mask AP, duplicates and fragments of tiled inference (``--tile``) on shapes canvases.
+
+A benchmark, not a test: it draws canvases like scripts/shapes.make_canvas (many small shapes of
+the trained fixture's four classes on one continuous background), runs the trained fixture
+(tests/fixtures/shapes_model, 128 px input) over them with each ``--tile`` setting in this process
+(threshold 0, as ``-f coco`` writes), and prints per setting:
+
+- AP: COCO segm mask AP (pycocotools, m2f eval's numbers);
+- dup: of the objects found (a prediction of score >= 0.5 with mask IoU >= 0.5, any class), the
+  share found twice or more (two such predictions: overlapping tiles, or one object under two classes);
+- frag: of the predictions of score >= 0.5, the share that are fragments (best IoU with an object in
+  [0.1, 0.5): a piece of an object cut by a seam, or a blob over several);
+- found, preds: the counts behind them; s: seconds of the setting.
+
+    python benchmarks/tile_merge_bench.py                                   # small: 1 canvas, 2 settings (~1 min)
+    python benchmarks/tile_merge_bench.py --seeds 11,12 --side 2048 --shapes 150 \\
+        --tiles 256,0.25 auto 192,0.1 384,0.3 512,0.4 --scale 256
+    python benchmarks/tile_merge_bench.py --merge legacy                     # the merge before issue 28
+
+Canvases are cached under benchmarks/_work/tile_merge (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "shapes_model")
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import shapes  # noqa: E402
+
+FOUND_IOU, SCORE = 0.5, 0.5
+FRAGMENT_IOU = 0.1
+
+
+def canvas_set(work: str, seed: int, n: int, height: int, width: int, shapes_n: int, scale: int):
+    """(folder, annotations path) of n canvases (PNG + COCO json), made once and cached."""
+    folder = os.path.join(work, f"c_s{seed}_n{n}_{height}x{width}_k{shapes_n}_sc{scale}")
+    gt = os.path.join(folder, "annotations.json")
+    if not os.path.exists(gt):
+        shapes.write_canvas_set(folder, n, seed, height, width, shapes_n, scale)
+    return folder, gt
+
+
+def predict(seg, folder: str, gt: dict) -> list[dict]:
+    """COCO results (score, category_id, RLE with str counts) of seg over the ground truth's images."""
+    from PIL import Image
+    out = []
+    for im in gt["images"]:
+        r = seg(Image.open(os.path.join(folder, im["file_name"])).convert("RGB"))
+        out += [{"image_id": im["id"], "category_id": i.category_id, "segmentation": i.rle, "score": i.score}
+                for i in r.instances]
+    return out
+
+
+def ap(gt_path: str, preds: list[dict]) -> float:
+    from m2f_cli.evaluate import evaluate
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(preds, f)
+    try:
+        return evaluate(gt_path, f.name)["AP"]
+    finally:
+        os.unlink(f.name)
+
+
+def _c(rle: dict) -> dict:
+    return {"size": rle["size"], "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]}
+
+
+def duplicates_and_fragments(gt: dict, preds: list[dict]) -> dict:
+    """found, twice, preds, fragments over all images (definitions in the module docstring)."""
+    found = twice = n_pred = frags = 0
+    for im in gt["images"]:
+        g = [_c(a["segmentation"]) for a in gt["annotations"] if a["image_id"] == im["id"]]
+        p = [_c(x["segmentation"]) for x in preds if x["image_id"] == im["id"] and x["score"] >= SCORE]
+        n_pred += len(p)
+        if not g or not p:
+            continue
+        iou = np.asarray(mask_utils.iou(p, g, [0] * len(g))).reshape(len(p), len(g))
+        hits = (iou >= FOUND_IOU).sum(0)
+        found += int((hits >= 1).sum())
+        twice += int((hits >= 2).sum())
+        best = iou.max(1)
+        frags += int(((best >= FRAGMENT_IOU) & (best < FOUND_IOU)).sum())
+    return {"found": found, "twice": twice, "preds": n_pred, "fragments": frags,
+            "dup": twice / max(found, 1), "frag": frags / max(n_pred, 1)}
+
+
+def main() -> None:
+    ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap_.add_argument("--seeds", default="101", help="canvas seeds, comma-separated (one set per seed)")
+    ap_.add_argument("--canvases", type=int, default=1, help="canvases per seed")
+    ap_.add_argument("--side", type=int, nargs="+", default=[1536], help="H [W] of a canvas (px)")
+    ap_.add_argument("--shapes", type=int, default=130, help="shapes drawn per canvas")
+    ap_.add_argument("--scale", type=int, default=shapes.MAX_SIDE,
+                     help="shape size: radii 9-24%% of this (the fixture's own images: 256)")
+    ap_.add_argument("--tiles", nargs="+", default=["256,0.25", "auto"], help="--tile values to compare")
+    ap_.add_argument("--model", default=FIXTURE)
+    ap_.add_argument("--threads", type=int, default=1)
+    ap_.add_argument("--merge", choices=("masks", "legacy"), default="masks",
+                     help="masks: tile_merge (issue 28); legacy: tiling.merge_parts as before it")
+    ap_.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "_work", "tile_merge"))
+    ap_.add_argument("--json", help="save the figures to this file")
+    a = ap_.parse_args()
+
+    import torch
+    from m2f_cli.segmenter import Segmenter
+    torch.set_num_threads(a.threads)
+    if a.merge == "legacy":
+        from m2f_cli import tile_merge, tiling
+        tile_merge.merge_parts = lambda parts, boxes, size, settings=None: tiling.merge_parts(parts, boxes, size)
+    h, w = (a.side * 2)[:2]
+    rows = []
+    for seed in (int(s) for s in a.seeds.split(",")):
+        folder, gt_path = canvas_set(a.work, seed, a.canvases, h, w, a.shapes, a.scale)
+        gt = json.load(open(gt_path))
+        for tile in a.tiles:
+            t0 = time.perf_counter()
+            seg = Segmenter(a.model, device="cpu", threshold=0.0, tile=tile)
+            preds = predict(seg, folder, gt)
+            row = {"seed": seed, "tile": tile, "AP": ap(gt_path, preds), **duplicates_and_fragments(gt, preds),
+                   "objects": len(gt["annotations"]), "s": time.perf_counter() - t0}
+            rows.append(row)
+            print(f"seed {seed:>4} {h}x{w} {a.shapes} shapes scale {a.scale} --tile {tile:<9} AP {row['AP']:.3f}  "
+                  f"dup {row['dup']:6.1%} ({row['twice']}/{row['found']} found of {row['objects']})  "
+                  f"frag {row['frag']:6.1%} ({row['fragments']}/{row['preds']})  {row['s']:.0f} s", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
