@@ -207,7 +207,8 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
         segmenter.options = segmenter.options.__class__(
             threshold=min(thresholds.values()), map_threshold=map_threshold(config, thresholds),
             top_k=config.top_k, keep=m.keep)
-        segmenter.tiling = tile_of(config)
+    if segmenter is not None:
+        segmenter.tiling = tile_of(config)  # with the formats a raster read in windows cannot give
 
     spec = segmenter.spec if segmenter is not None else None
     batch_size, workers, threads = auto_settings(

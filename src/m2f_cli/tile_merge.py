@@ -7,12 +7,11 @@ reaches a border of its tile that lies inside the image, else *whole*; a cut par
 connected pieces first (``split_cut``: a query's mask often holds its object and a sliver of a
 neighbour that the border cuts; only the piece on the border continues in the next tile).
 
-Two parts are *linked* when their masks agree: parts of one tile on all of it; a cut part and a part
-of another tile where both tiles see the image (their overlap; for tiles that only meet,
-``--tile SIZE,0``, the pixel line either side of the seam); two whole parts of two tiles on their
-whole masks (both are complete). Kinds: SAME (same class, mask IoU >= ``Settings.iou``), CLASS
-(another class, IoU >= ``Settings.class_iou``: one object under two classes), HOLDS (same class,
-the other lies inside it: intersection over the smaller mask >= ``Settings.ios``).
+Two parts are *linked* when their masks agree (tile_links.py: parts of one tile on all of it; a
+cut part and a part of another tile where both tiles see the image; two whole parts of two tiles on
+their whole masks). Kinds: SAME (same class, mask IoU >= ``Thresholds.iou``), CLASS (another class,
+IoU >= ``Thresholds.class_iou``: one object under two classes), HOLDS (same class, the other lies
+inside it: intersection over the smaller mask >= ``Thresholds.ios``).
 
 Greedy in score order (SAHI's greedy non-maximum merging, on masks), per group of linked parts:
 
@@ -42,39 +41,26 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .tile_links import (INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds, link,
+                         overlaps, split_cut)
 from .tiling import Box, Part, _encode, _is_cut, _Object, _seam_regions, _tight, _union, _with_full_pass
 
-
-@dataclass(frozen=True)
-class Settings:
-    """The merge's thresholds (module docstring), tuned with benchmarks/tile_merge_bench.py.
-
-    iou: SAME, same-class mask IoU. class_iou: CLASS, IoU of two classes' masks. ios: HOLDS,
-    intersection over the smaller mask. ios_share: between a cut part and another tile's part, HOLDS
-    counts only when the smaller mask has this share of its pixels where both tiles see. within: a
-    whole object takes a part of another tile only when this share of the part lies where both tiles
-    see. speck: pieces of a cut part under this share of its pixels stay with its largest piece.
-    """
-
-    iou: float = 0.45
-    class_iou: float = 0.4
-    ios: float = 0.7
-    ios_share: float = 0.5
-    within: float = 0.8
-    speck: float = 0.1
+DEFAULT = Thresholds()
 
 
-DEFAULT = Settings()
-
-
-@dataclass
+@dataclass(eq=False)
 class _Entry:
-    """A part in the merger: its global id, order key, whether its tile cut it."""
+    """A candidate in the merger: its global id, its part (on its mask or on a piece of it), the
+    mask it lies on, its order key."""
 
     id: int
     part: Part
+    mask: Mask
     key: tuple
-    cut: bool
+
+    @property
+    def cut(self) -> bool:
+        return self.mask.cut
 
 
 def order_key(p: Part) -> tuple:
@@ -92,106 +78,6 @@ def _neighbours(boxes: Sequence[Box]) -> list[list[int]]:
     return out
 
 
-class _Masks:
-    """Decoded mask crops for the duration of one tile's link computation."""
-
-    def __init__(self):
-        self.cache: dict[int, np.ndarray] = {}
-
-    def __call__(self, e: _Entry) -> np.ndarray:
-        m = self.cache.get(e.id)
-        if m is None:
-            m = self.cache[e.id] = e.part.mask()
-        return m
-
-
-def _windows(entries: Sequence[_Entry], region: Box, masks: _Masks):
-    """For each entry: (local box [r0, c0, r1, c1] in region coordinates, its mask there, its pixels
-    there); entries whose box misses the region get an empty window."""
-    boxes = np.zeros((len(entries), 4), np.int64)
-    crops, areas = [], np.zeros(len(entries), np.int64)
-    for k, e in enumerate(entries):
-        pb = e.part.box
-        ov = pb.intersect(region)
-        if ov is None:
-            crops.append(None)
-            continue
-        crop = masks(e)[ov.r0 - pb.r0:ov.r1 - pb.r0, ov.c0 - pb.c0:ov.c1 - pb.c0]
-        boxes[k] = (ov.r0 - region.r0, ov.c0 - region.c0, ov.r1 - region.r0, ov.c1 - region.c0)
-        crops.append(crop)
-        areas[k] = np.count_nonzero(crop)
-    return boxes, crops, areas
-
-
-# How the parts of two tiles are compared: parts of one tile, on all of it; a cut part and a part of
-# another tile, where both tiles see; two whole parts of two tiles, on all of their masks (each is
-# complete, so any pixel of one outside the other's tile is a difference, not something unseen).
-TILE, SEAM, WHOLE = "tile", "seam", "whole"
-
-
-def _pair_links(ea: Sequence[_Entry], eb: Sequence[_Entry], ra: Box, rb: Box, mode: str,
-                masks: _Masks, s: Settings) -> list[tuple[int, int, str, bool, bool]]:
-    """Links between the parts ea of tile a, on region ra, and eb of tile b, on rb (same shape):
-    (id in a, id in b, kind seen from a, whether a lies in the region, whether b does). mode: TILE,
-    SEAM or WHOLE (above). Candidate pairs are screened by an upper bound of their intersection
-    (the overlap of their windows, the smaller area); only those that could link are intersected."""
-    if not ea or not eb:
-        return []
-    ba, ca, aa = _windows(ea, ra, masks)
-    bb, cb, ab = _windows(eb, rb, masks)
-    h = np.clip(np.minimum(ba[:, None, 2], bb[None, :, 2]) - np.maximum(ba[:, None, 0], bb[None, :, 0]), 0, None)
-    w = np.clip(np.minimum(ba[:, None, 3], bb[None, :, 3]) - np.maximum(ba[:, None, 1], bb[None, :, 1]), 0, None)
-    small = np.minimum(aa[:, None], ab[None, :])
-    bound = np.minimum(h * w, small).astype(np.float64)
-    iou_bound = bound / np.maximum(aa[:, None] + ab[None, :] - bound, 1)
-    ios_bound = bound / np.maximum(small, 1)
-    same = np.array([e.part.label for e in ea])[:, None] == np.array([e.part.label for e in eb])[None, :]
-    maybe = (bound > 0) & np.where(same, (iou_bound >= s.iou) | (ios_bound >= s.ios), iou_bound >= s.class_iou)
-    if mode == TILE:
-        maybe &= np.triu(np.ones_like(maybe), 1).astype(bool)
-    elif mode == SEAM:  # whole pairs are compared in WHOLE mode
-        maybe &= np.array([e.cut for e in ea])[:, None] | np.array([e.cut for e in eb])[None, :]
-    entire = mode != SEAM  # the masks compared whole
-    out = []
-    for i, j in zip(*np.nonzero(maybe)):
-        r0, c0 = max(ba[i, 0], bb[j, 0]), max(ba[i, 1], bb[j, 1])
-        r1, c1 = min(ba[i, 2], bb[j, 2]), min(ba[i, 3], bb[j, 3])
-        x = ca[i][r0 - ba[i, 0]:r1 - ba[i, 0], c0 - ba[i, 1]:c1 - ba[i, 1]]
-        y = cb[j][r0 - bb[j, 0]:r1 - bb[j, 0], c0 - bb[j, 1]:c1 - bb[j, 1]]
-        inter = int(np.count_nonzero(x & y))
-        link = _link(inter, int(aa[i]), int(ab[j]), ea[i], eb[j], entire, s)
-        if link is not None:
-            # whether each lies in the compared region (its tile sees it all where the other's does)
-            within_a = entire or aa[i] >= s.within * ea[i].part.area
-            within_b = entire or ab[j] >= s.within * eb[j].part.area
-            out.append((ea[i].id, eb[j].id, link, bool(within_a), bool(within_b)))
-    return out
-
-
-# How two linked parts relate, as seen from the first: the same object (same class, IoU), the same
-# object under another class, the other lies inside this one, this one lies inside the other.
-SAME, CLASS, HOLDS, INSIDE = "same", "class", "holds", "inside"
-_MIRROR = {SAME: SAME, CLASS: CLASS, HOLDS: INSIDE, INSIDE: HOLDS}
-
-
-def _link(inter: int, a: int, b: int, x: _Entry, y: _Entry, entire: bool, s: Settings) -> Optional[str]:
-    """The link of two parts with a, b pixels in the compared region sharing inter (kind seen from
-    x), or None."""
-    if inter == 0:
-        return None
-    iou = inter / (a + b - inter)
-    if x.part.label != y.part.label:
-        return CLASS if iou >= s.class_iou else None
-    if iou >= s.iou:
-        return SAME
-    smaller, inside = (x, a) if a <= b else (y, b)
-    if not entire and inside < s.ios_share * smaller.part.area:
-        return None
-    if inter / min(a, b) < s.ios:
-        return None
-    return HOLDS if smaller is y else INSIDE
-
-
 class TileMerger:
     """Streaming merge of an image's tile parts (module docstring).
 
@@ -200,13 +86,14 @@ class TileMerger:
     been added (no later tile can change them); ``close`` the rest. Objects are tiling._Object.
     """
 
-    def __init__(self, boxes: Sequence[Box], size: tuple[int, int], settings: Settings = DEFAULT):
+    def __init__(self, boxes: Sequence[Box], size: tuple[int, int], settings: Thresholds = DEFAULT):
         self.boxes, self.size, self.settings = list(boxes), size, settings
         self.near = _neighbours(self.boxes)
         self.image = Box(0, 0, *size)
         self.added: set[int] = set()
-        self.by_tile: dict[int, list[_Entry]] = {}
-        self.links: dict[int, list[tuple[int, str, bool]]] = {}  # id -> (other id, kind, other within)
+        self.masks: dict[int, list[Mask]] = {}          # tile -> its masks
+        self.on_mask: dict[int, list[_Entry]] = {}      # mask uid -> the candidates on it
+        self.links: dict[int, list[tuple[int, str, bool]]] = {}  # entry id -> (other id, kind, other within)
         self.parent: dict[int, int] = {}
         self.entries: dict[int, _Entry] = {}
         self.next_id = 0
@@ -215,30 +102,71 @@ class TileMerger:
         if tile in self.added:
             raise ValueError(f"tile {tile} added twice")
         self.added.add(tile)
-        entries = []
-        pieces = [q for p in parts for q in split_cut(p, self.boxes[tile], self.size, self.settings.speck)]
-        for p in sorted(pieces, key=order_key):
-            e = _Entry(self.next_id, p, order_key(p), _is_cut(p, self.boxes[tile], self.size))
-            self.next_id += 1
-            entries.append(e)
-            self.entries[e.id] = e
-            self.parent[e.id] = e.id
-            self.links[e.id] = []
-        self.by_tile[tile] = entries
-        masks = _Masks()
-        box = self.boxes[tile]
-        pairs = _pair_links(entries, entries, box, box, TILE, masks, self.settings)
-        whole = [e for e in entries if not e.cut]
+        self.masks[tile] = self._masks_of(tile, parts)
+        cache, box = MaskCache(), self.boxes[tile]
+        mine = self.masks[tile]
+        found = [(u, u, u.area, u.area, u.area) for u in mine]  # a mask with itself: a query's classes
+        found += overlaps(mine, mine, box, box, TILE, cache, self.settings)
+        pairs = [(f, TILE) for f in found]
         for nb in self.near[tile]:
-            if nb in self.added and self.by_tile.get(nb):
+            theirs = self.masks.get(nb)
+            if nb in self.added and theirs:
                 ra, rb = _seam_regions(box, self.boxes[nb])
-                pairs += _pair_links(entries, self.by_tile[nb], ra, rb, SEAM, masks, self.settings)
-                pairs += _pair_links(whole, [e for e in self.by_tile[nb] if not e.cut], self.image, self.image,
-                                     WHOLE, masks, self.settings)
-        for i, j, kind, within_i, within_j in pairs:
-            self.links[i].append((j, kind, within_j))
-            self.links[j].append((i, _MIRROR[kind], within_i))
-            self._union(i, j)
+                pairs += [(f, SEAM) for f in overlaps(mine, theirs, ra, rb, SEAM, cache, self.settings)]
+                pairs += [(f, WHOLE) for f in overlaps(mine, theirs, self.image, self.image, WHOLE, cache,
+                                                       self.settings)]
+        for (u, v, inter, a, b), mode in pairs:
+            self._link_candidates(u, v, inter, a, b, mode)
+
+    def _masks_of(self, tile: int, parts: Iterable[Part]) -> list[Mask]:
+        """The tile's distinct masks (cut ones split into pieces, split_cut) with their candidates."""
+        by_mask: dict[tuple, list[Part]] = {}
+        for p in parts:
+            by_mask.setdefault((p.r0, p.c0, tuple(p.rle["size"]), p.rle["counts"]), []).append(p)
+        out = []
+        for same in by_mask.values():
+            p = same[0]
+            cut = _is_cut(p, self.boxes[tile], self.size)
+            pieces = split_cut(p.mask(), self.settings.speck) if cut else [(0, 0, None)]
+            for dr, dc, crop in pieces:
+                if crop is None or len(pieces) == 1:
+                    m = Mask(self.next_id, tile, p.r0, p.c0, p.rle, p.area, cut)
+                else:
+                    piece = Part(p.label, p.score, tile, p.r0 + dr, p.c0 + dc, _encode(crop),
+                                 int(np.count_nonzero(crop)), p.class_prob)
+                    m = Mask(self.next_id, tile, piece.r0, piece.c0, piece.rle, piece.area,
+                             _is_cut(piece, self.boxes[tile], self.size))
+                self.next_id += 1
+                out.append(m)
+                self.on_mask[m.uid] = [self._entry(q, m) for q in same]
+        return out
+
+    def _entry(self, q: Part, m: Mask) -> _Entry:
+        part = q if (m.r0, m.c0, m.rle) == (q.r0, q.c0, q.rle) else \
+            Part(q.label, q.score, q.tile, m.r0, m.c0, m.rle, m.area, q.class_prob)
+        e = _Entry(self.next_id, part, m, order_key(part))
+        self.next_id += 1
+        self.entries[e.id] = e
+        self.parent[e.id] = e.id
+        self.links[e.id] = []
+        return e
+
+    def _link_candidates(self, u: Mask, v: Mask, inter: int, a: int, b: int, mode: str) -> None:
+        """Links between the candidates on masks u and v, from their counts (tile_links.link)."""
+        s = self.settings
+        entire = mode != SEAM
+        within_u = entire or a >= s.within * u.area
+        within_v = entire or b >= s.within * v.area
+        smaller = u.area if a <= b else v.area
+        for x in self.on_mask[u.uid]:
+            for y in self.on_mask[v.uid]:
+                if u is v and x.id >= y.id:
+                    continue
+                kind = link(inter, a, b, x.part.label == y.part.label, smaller, entire, s)
+                if kind is not None:
+                    self.links[x.id].append((y.id, kind, within_v))
+                    self.links[y.id].append((x.id, MIRROR[kind], within_u))
+                    self._union(x.id, y.id)
 
     def _find(self, i: int) -> int:
         while self.parent[i] != i:
@@ -253,7 +181,7 @@ class TileMerger:
 
     def flush(self, final: bool = False) -> list[_Object]:
         """The objects of every group of linked parts whose tiles are closed (all neighbours added)."""
-        closed = {t for t in self.by_tile if final or all(n in self.added for n in self.near[t])}
+        closed = {t for t in self.masks if final or all(n in self.added for n in self.near[t])}
         groups: dict[int, list[int]] = {}
         for i in self.entries:
             groups.setdefault(self._find(i), []).append(i)
@@ -263,8 +191,8 @@ class TileMerger:
                 out += self._objects([self.entries[i] for i in ids])
                 for i in ids:
                     self._drop(i)
-        for t in [t for t in self.by_tile if t in closed and not self.by_tile[t]]:
-            del self.by_tile[t]
+        for t in closed:
+            self.masks[t] = [m for m in self.masks[t] if m.uid in self.on_mask]
         return out
 
     def close(self) -> list[_Object]:
@@ -272,8 +200,10 @@ class TileMerger:
 
     def _drop(self, i: int) -> None:
         e = self.entries.pop(i)
-        tile = self.by_tile[e.part.tile]
-        tile.remove(e)
+        on = self.on_mask[e.mask.uid]
+        on.remove(e)
+        if not on:
+            del self.on_mask[e.mask.uid]
         del self.links[i], self.parent[i]
 
     def _objects(self, group: list[_Entry]) -> list[_Object]:
@@ -363,34 +293,6 @@ def _joined(parts: list[Part], label: int) -> _Object:
     return _Object(label, joined_score(parts), r0 + dr, c0 + dc, _encode(crop), area, complete=False)
 
 
-def split_cut(p: Part, tile: Box, size: tuple[int, int], speck: float = DEFAULT.speck) -> list[Part]:
-    """A part its tile cut -> its connected pieces (8-connected; specks under `speck` of its pixels
-    stay with the largest piece). A query's mask on a tile often holds the object it stands for and a
-    sliver of a neighbour the border cuts: only the piece on the border continues in the next tile,
-    the rest the tile saw whole. Each piece keeps the part's score and class probability. Whole
-    parts are kept as they are (an untiled image's instance is one mask, whatever its pieces)."""
-    if not _is_cut(p, tile, size):
-        return [p]
-    from scipy import ndimage
-
-    mask = p.mask()
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    if n < 2:
-        return [p]
-    sizes = np.bincount(labels.ravel())[1:]
-    big = [k + 1 for k in np.flatnonzero(sizes >= speck * p.area)]
-    if len(big) < 2:
-        return [p]
-    main = big[int(np.argmax(sizes[np.array(big) - 1]))]
-    out = []
-    for k in big:
-        piece = labels == k if k != main else (labels > 0) & ~np.isin(labels, [b for b in big if b != main])
-        dr, dc, crop = _tight(piece)
-        out.append(Part(p.label, p.score, p.tile, p.r0 + dr, p.c0 + dc, _encode(crop), int(np.count_nonzero(crop)),
-                        p.class_prob))
-    return out
-
-
 def joined_score(parts: Sequence[Part]) -> float:
     """Mask2Former's score of an object seen in pieces: class probability x mean mask probability
     inside the mask, pooled over the parts' pixels (a part's mean mask probability is its score
@@ -403,7 +305,7 @@ def joined_score(parts: Sequence[Part]) -> float:
 
 
 def merge_parts(parts: Sequence[Part], boxes: Sequence[Box], size: tuple[int, int],
-                settings: Optional[Settings] = None) -> list[_Object]:
+                settings: Optional[Thresholds] = None) -> list[_Object]:
     """All parts of an image at once -> objects: tile parts (tile >= 0) through a TileMerger, tiles in
     grid order, then the full-pass parts (tile -1, ``--tile-full``) merged in (tiling._with_full_pass)."""
     merger = TileMerger(boxes, size, settings or DEFAULT)

@@ -46,6 +46,7 @@ from pycocotools import mask as mask_utils
 from .categories import CategoryTable
 from .postprocess import PostprocessOptions, _Sampler, _crop_to_valid, top_candidates, window_rle
 from .preprocess import PreprocessSpec, preprocess
+from .raster import RasterError
 from .records import Failure, ImageRef, ImageResult, Instance
 
 # auto tile side = AUTO_FACTOR x the model's input side: a tile is shrunk at most 2x per side
@@ -71,11 +72,14 @@ class TileError(ValueError):
 class TileOptions:
     """size: tile side in pixels of the original image, None = auto (``tile_side``).
     overlap: least overlap of neighbouring tiles, a fraction of the side in [0, MAX_OVERLAP].
-    full: also run the whole image (squashed, as without tiles) and merge its instances in."""
+    full: also run the whole image (squashed, as without tiles) and merge its instances in.
+    whole_formats: the formats asked for that need the whole image or map in memory, which a raster
+    read window by window cannot give (tile_stream.py); set by options.tile_of."""
 
     size: Optional[int] = None
     overlap: float = DEFAULT_OVERLAP
     full: bool = False
+    whole_formats: tuple[str, ...] = ()
 
     def record(self) -> dict:
         """What the settings record keeps (settings.common_settings)."""
@@ -521,7 +525,8 @@ def _part_key(p: Part) -> tuple:
 
 
 def instances_of(objects: Sequence[_Object], size: tuple[int, int], categories: CategoryTable,
-                 options: PostprocessOptions, passes: int = 1) -> tuple[list[Instance], np.ndarray]:
+                 options: PostprocessOptions, passes: int = 1, paint: bool = True
+                 ) -> tuple[list[Instance], Optional[np.ndarray]]:
     """Merged objects -> (instances, (H0, W0) uint16 map), as segment_instances gives them:
     score >= threshold, descending score (ties: class, then position), ids 1..N; the map painted
     in ascending score from the objects' crops, at map_threshold.
@@ -529,6 +534,7 @@ def instances_of(objects: Sequence[_Object], size: tuple[int, int], categories: 
     passes: model passes the objects come from (tiles, + 1 for the full pass). top_k counts
     candidates per pass, as for an image (the paper's rule), so the image keeps its best
     top_k x passes: a large image of many small objects is not cut down to one image's worth.
+    paint: False gives no map (None): a raster read in windows (tile_stream.py) has no room for one.
     """
     h0, w0 = size
     kept = [o for o in objects if o.score >= options.threshold]
@@ -543,6 +549,8 @@ def instances_of(objects: Sequence[_Object], size: tuple[int, int], categories: 
         h, w = b.shape
         out.append(Instance(id=n, label=cat.name, category_id=cat.id, label_index=o.label, score=float(o.score),
                             bbox=(o.c0, o.r0, w, h), area=o.area, rle=rle))
+    if not paint:
+        return out, None
     imap = np.zeros((h0, w0), np.uint16)
     for inst, o in zip(reversed(out), reversed(kept)):
         if inst.score < options.map_threshold:
@@ -609,7 +617,13 @@ def infer_tiled(segmenter, sample, batch_size: int) -> list[tuple[int, Union[Ima
     all its tiles. A model error fails the image, as infer_batch fails a batch."""
     full = (sample.pixel_values, sample.valid) if sample.pixel_values is not None else None
     try:
-        r = segment_tiled(segmenter, sample.ref, sample.tiles, sample.original, batch_size, full)
+        if not isinstance(sample.tiles, TiledImage):  # a raster read window by window (tile_stream.py)
+            from .tile_stream import segment_raster
+            r = segment_raster(segmenter, sample.ref, sample.tiles, batch_size)
+        else:
+            r = segment_tiled(segmenter, sample.ref, sample.tiles, sample.original, batch_size, full)
     except (RuntimeError, ValueError) as e:  # e.g. out of memory
         return [(sample.seq, Failure(sample.ref, "model", str(e).splitlines()[0]))]
+    except (OSError, RasterError) as e:  # a raster read window by window that fails halfway
+        return [(sample.seq, Failure(sample.ref, "decode", str(e).splitlines()[0] or type(e).__name__))]
     return [(sample.seq, r)]
