@@ -93,7 +93,7 @@ class _TiffFileRaster(Raster):
 
         self.tf = tifffile.TiffFile(path)
         try:
-            self._setup(self.tf.pages.first)
+            self._setup(self.tf.pages[0])
         except BaseException:
             self.tf.close()
             raise
@@ -215,7 +215,7 @@ def raster_size(path: str) -> Optional[tuple[int, int]]:
         import tifffile
 
         with tifffile.TiffFile(local_path(path)) as tf:
-            p = tf.pages.first
+            p = tf.pages[0]
             return int(p.imagelength), int(p.imagewidth)
     except Exception:  # not a TIFF tifffile parses: the ordinary decode path reports it
         return None

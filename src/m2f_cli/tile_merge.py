@@ -36,6 +36,7 @@ hands back the objects no later tile can touch (``flush``); memory holds a few r
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -121,7 +122,7 @@ class TileMerger:
     def _masks_of(self, tile: int, parts: Iterable[Part]) -> list[Mask]:
         """The tile's distinct masks (cut ones split into pieces, split_cut) with their candidates."""
         by_mask: dict[tuple, list[Part]] = {}
-        for p in parts:
+        for p in sorted(parts, key=order_key):
             by_mask.setdefault((p.r0, p.c0, tuple(p.rle["size"]), p.rle["counts"]), []).append(p)
         out = []
         for same in by_mask.values():
@@ -250,21 +251,27 @@ class TileMerger:
                          if kind != INSIDE and (within if wholes else self.entries[j].cut))
 
     def _chain(self, seed: _Entry, taken: set[int]) -> list[_Entry]:
-        """seed and the cut parts of its class that strong links reach through other tiles, one part
-        per tile, each agreeing (a strong link) with every member whose mask it meets where their
-        tiles overlap: a mask cut to a sliver by its tile cannot bridge two objects."""
-        members, tiles, stack = [seed], {seed.part.tile}, [seed]
-        while stack:
-            m = stack.pop()
+        """seed and the cut parts of its class that SAME links reach through other tiles, best first,
+        one part per tile, each agreeing (a SAME link) with every member whose tile overlaps its own
+        where both reach: a mask cut to a sliver by its tile cannot bridge two objects."""
+        members, tiles = [seed], {seed.part.tile}
+        frontier: list[tuple[tuple, int]] = []
+
+        def reach(m: _Entry) -> None:
             for j, kind, _ in self.links[m.id]:
                 n = self.entries[j]
-                if (j in taken or kind != SAME or not n.cut or n.part.tile in tiles
-                        or not self._agrees(n, members)):
-                    continue
-                taken.add(j)
-                members.append(n)
-                tiles.add(n.part.tile)
-                stack.append(n)
+                if kind == SAME and n.cut and j not in taken:
+                    heapq.heappush(frontier, (n.key, j))
+        reach(seed)
+        while frontier:
+            _, j = heapq.heappop(frontier)
+            n = self.entries[j]
+            if j in taken or n.part.tile in tiles or not self._agrees(n, members):
+                continue
+            taken.add(j)
+            members.append(n)
+            tiles.add(n.part.tile)
+            reach(n)
         return members
 
     def _agrees(self, n: _Entry, members: list[_Entry]) -> bool:
