@@ -68,11 +68,18 @@ def _check(samples: int, dtype: str, what: str) -> None:
 
 
 class Raster:
-    """An open raster; read(r0, c0, r1, c1) -> (r1 - r0, c1 - c0, 3) uint8. Close it (or use with)."""
+    """An open raster; read(r0, c0, r1, c1) -> (r1 - r0, c1 - c0, 3) uint8, the window of rows
+    r0:r1 and columns c0:c1 (inside the raster, else ValueError). Close it (or use with)."""
 
     info: RasterInfo
 
     def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        if not (0 <= r0 < r1 <= self.info.height and 0 <= c0 < c1 <= self.info.width):
+            raise ValueError(f"window rows {r0}:{r1}, cols {c0}:{c1} outside a {self.info.height}x{self.info.width} "
+                             f"raster")
+        return self._read(r0, c0, r1, c1)
+
+    def _read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -99,9 +106,6 @@ class _TiffFileRaster(Raster):
             raise
 
     def _setup(self, page) -> None:
-        orientation = page.tags.get(274)
-        if orientation is not None and orientation.value != _TOP_LEFT:
-            raise RasterError(f"orientation tag {orientation.value}: only top-left rasters are read in windows")
         if page.photometric not in (1, 2):  # MINISBLACK, RGB
             raise RasterError(f"photometric {page.photometric.name.lower()}: windowed reading takes grey or RGB")
         samples = page.samplesperpixel
@@ -131,7 +135,7 @@ class _TiffFileRaster(Raster):
             seg = np.zeros((1, *self.chunk, self.info.samples), self.page.dtype)
         return seg.reshape(seg.shape[-3:])
 
-    def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+    def _read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         ch, cw = self.chunk
         out = np.empty((r1 - r0, c1 - c0, self.info.samples), self.page.dtype)
         for i in range(r0 // ch, (r1 - 1) // ch + 1):
@@ -172,7 +176,7 @@ class _RasterioRaster(Raster):
             ds.close()
             raise
 
-    def read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+    def _read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         from rasterio.windows import Window
 
         a = self.ds.read(window=Window(c0, r0, c1 - c0, r1 - r0))  # (bands, h, w)
@@ -188,6 +192,9 @@ def open_raster(path: str) -> Raster:
     path = local_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
+    orientation = _orientation(path)
+    if orientation != _TOP_LEFT:  # rasterio would read it unturned, unlike decode (EXIF/TIFF orientation)
+        raise RasterError(f"orientation tag {orientation}: only top-left rasters are read in windows")
     reason: Optional[str] = None
     try:
         return _TiffFileRaster(path)
@@ -205,6 +212,18 @@ def open_raster(path: str) -> Raster:
         raise RasterError(f"{reason}; {e}") from None
     except Exception as e:  # rasterio.errors.RasterioIOError and friends: one line
         raise RasterError(f"{reason}; rasterio: {str(e).splitlines()[0]}") from None
+
+
+def _orientation(path: str) -> int:
+    """The TIFF Orientation tag (274) of the first page; 1 (top-left) when absent or unreadable."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            tag = tf.pages[0].tags.get(274)
+            return int(tag.value) if tag is not None else _TOP_LEFT
+    except Exception:  # not a TIFF tifffile parses: the backends say why
+        return _TOP_LEFT
 
 
 def raster_size(path: str) -> Optional[tuple[int, int]]:
