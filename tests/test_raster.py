@@ -34,15 +34,21 @@ LAYOUTS = {
     "grey": (RNG.integers(0, 256, (333, 444), dtype=np.uint8), dict(tile=(32, 48), compression="zlib")),
     "grey16": (RNG.integers(0, 65536, (333, 444), dtype=np.uint16), dict(rowsperstrip=17)),
     "rgba": (RNG.integers(0, 256, (300, 500, 4), dtype=np.uint8), dict(tile=(64, 64), extrasamples=["unassalpha"])),
+    "grey16-big-endian": (RNG.integers(0, 65536, (300, 400), dtype=np.uint16), dict(rowsperstrip=7, byteorder=">")),
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS) + ["packbits"])
+@pytest.mark.parametrize("name", sorted(LAYOUTS) + ["packbits", "one-strip"])
 def test_a_windowed_read_equals_the_full_read(tmp_path, name):
     path = str(tmp_path / f"{name}.tif")
     if name == "packbits":  # written by Pillow (tifffile writes PackBits only with imagecodecs)
         Image.fromarray(np.repeat(RNG.integers(0, 256, (200, 30, 3), dtype=np.uint8), 10, axis=1)).save(
             path, compression="packbits")
+    elif name == "one-strip":  # tifffile.memmap: the whole image one uncompressed strip, read row by row
+        m = tifffile.memmap(path, shape=(400, 500, 3), dtype=np.uint8, photometric="rgb")
+        m[:] = RNG.integers(0, 256, (400, 500, 3), dtype=np.uint8)
+        m.flush()
+        del m
     else:
         pixels, options = LAYOUTS[name]
         tifffile.imwrite(path, pixels, **options)

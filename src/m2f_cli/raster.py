@@ -118,6 +118,10 @@ class _TiffFileRaster(Raster):
         self.decode = page.decode
         self.info = RasterInfo(page.imagelength, page.imagewidth, samples, str(page.dtype),
                                "tiled" if page.is_tiled else "striped", "tifffile")
+        # uncompressed strips (tifffile.memmap writes one strip of the whole image): only the rows
+        # a window needs are read, never a whole strip
+        self.raw = None if page.is_tiled or page.compression != 1 else \
+            np.dtype(page.dtype).newbyteorder(self.tf.byteorder)
         self._segment(0)  # fails now, not halfway, when the compression needs imagecodecs
 
     def _segment(self, index: int) -> np.ndarray:
@@ -138,6 +142,8 @@ class _TiffFileRaster(Raster):
     def _read(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         ch, cw = self.chunk
         out = np.empty((r1 - r0, c1 - c0, self.info.samples), self.page.dtype)
+        if self.raw is not None:
+            return to_rgb(self._raw_rows(out, r0, c0, r1, c1))
         for i in range(r0 // ch, (r1 - 1) // ch + 1):
             for j in range(c0 // cw, (c1 - 1) // cw + 1):
                 seg = self._segment(i * self.grid[1] + j)
@@ -146,6 +152,18 @@ class _TiffFileRaster(Raster):
                 xa, xb = max(c0, x0), min(c1, x0 + seg.shape[1])
                 out[ya - r0:yb - r0, xa - c0:xb - c0] = seg[ya - y0:yb - y0, xa - x0:xb - x0]
         return to_rgb(out)
+
+    def _raw_rows(self, out: np.ndarray, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        """out filled from uncompressed strips, reading the window's rows only."""
+        ch, w, fh = self.chunk[0], self.info.width, self.tf.filehandle
+        row_bytes = w * self.info.samples * self.raw.itemsize
+        for i in range(r0 // ch, (r1 - 1) // ch + 1):
+            y0 = i * ch
+            ya, yb = max(r0, y0), min(r1, y0 + ch)
+            fh.seek(self.page.dataoffsets[i] + (ya - y0) * row_bytes)
+            rows = np.frombuffer(fh.read((yb - ya) * row_bytes), self.raw).reshape(yb - ya, w, self.info.samples)
+            out[ya - r0:yb - r0] = rows[:, c0:c1]
+        return out
 
     def close(self) -> None:
         self.tf.close()
