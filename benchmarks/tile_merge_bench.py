@@ -10,7 +10,9 @@ the trained fixture's four classes on one continuous background), runs the train
   share found twice or more (two such predictions: overlapping tiles, or one object under two classes);
 - frag: of the predictions of score >= 0.5, the share that are fragments (best IoU with an object in
   [0.1, 0.5): a piece of an object cut by a seam, or a blob over several);
-- found, preds: the counts behind them; s: seconds of the setting.
+- found, preds: the counts behind them; s: seconds of the setting;
+- dup/frag at 0.5: the same, from a second run at --threshold 0.5 (what -f png and the sidecars show:
+  parts below half the threshold are dropped before the merge, so it may merge differently).
 
     python benchmarks/tile_merge_bench.py                                   # small: 1 canvas, 2 settings (~1 min)
     python benchmarks/tile_merge_bench.py --seeds 11,12 --side 2048 --shapes 150 \\
@@ -124,14 +126,17 @@ def main() -> None:
         gt = json.load(open(gt_path))
         for tile in a.tiles:
             t0 = time.perf_counter()
-            seg = Segmenter(a.model, device="cpu", threshold=0.0, tile=tile)
-            preds = predict(seg, folder, gt)
+            preds = predict(Segmenter(a.model, device="cpu", threshold=0.0, tile=tile), folder, gt)
+            at05 = duplicates_and_fragments(gt, predict(Segmenter(a.model, device="cpu", threshold=0.5, tile=tile),
+                                                        folder, gt))
             row = {"seed": seed, "tile": tile, "AP": ap(gt_path, preds), **duplicates_and_fragments(gt, preds),
-                   "objects": len(gt["annotations"]), "s": time.perf_counter() - t0}
+                   "dup_05": at05["dup"], "frag_05": at05["frag"], "objects": len(gt["annotations"]),
+                   "s": time.perf_counter() - t0}
             rows.append(row)
             print(f"seed {seed:>4} {h}x{w} {a.shapes} shapes scale {a.scale} --tile {tile:<9} AP {row['AP']:.3f}  "
                   f"dup {row['dup']:6.1%} ({row['twice']}/{row['found']} found of {row['objects']})  "
-                  f"frag {row['frag']:6.1%} ({row['fragments']}/{row['preds']})  {row['s']:.0f} s", flush=True)
+                  f"frag {row['frag']:6.1%} ({row['fragments']}/{row['preds']})  "
+                  f"at 0.5: dup {row['dup_05']:6.1%} frag {row['frag_05']:6.1%}  {row['s']:.0f} s", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "rows": rows}, f, indent=1)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .batch import Sample
 from .postprocess import _Sampler
 from .preprocess import PreprocessSpec
 from .raster import RasterError, is_tiff, open_raster, raster_size
@@ -61,11 +62,9 @@ class RasterTiles:
 
 
 def windowed_sample(seq: int, ref: ImageRef, spec: PreprocessSpec, tile: TileOptions,
-                    max_pixels: Optional[int]):
+                    max_pixels: Optional[int]) -> Optional[Sample]:
     """batch.load_sample's hook: a Sample reading ref in windows when it is a local TIFF above
     max_pixels (a failed Sample when it cannot be), else None (decoded as usual)."""
-    from .batch import Sample
-
     size = raster_size(ref.path) if is_tiff(ref.path) else None
     if size is None or max_pixels is None or size[0] * size[1] <= max_pixels:
         return None
@@ -77,7 +76,7 @@ def windowed_sample(seq: int, ref: ImageRef, spec: PreprocessSpec, tile: TileOpt
     if tile.whole_formats:
         names = ", ".join(f"-f {f}" for f in tile.whole_formats)
         return failed(f"{big}: read window by window with --tile, it can be written as -f coco, -f geojson, "
-                      f"-f jsonl, -f yolo, -f labelme or -f cvat, not {names} (they need the whole image in memory)")
+                      f"-f jsonl, -f yolo, -f labelme or -f cvat, not {names}, which need the whole image in memory")
     if tile.full:
         return failed(f"{big}: read window by window with --tile; --tile-full needs the whole image in memory")
     try:

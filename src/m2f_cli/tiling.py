@@ -17,15 +17,12 @@ actor cuts them, ``segment_tiled`` runs them all, so an image's result depends o
    (query, class) pairs, mask = logit > 0 on the query's window, score = class prob x mean mask
    probability), kept down to ``PART_FLOOR`` x the threshold: a cut half may score lower than the
    whole. Each part is stored as a tight crop encoded as RLE, never as a full-size mask.
-4. ``merge_parts``: parts of different tiles with the same class are one object when their masks
-   agree where both tiles see the image (mask IoU >= ``SEAM_IOU`` inside the tiles' overlap; for
-   tiles that only meet, on the two pixel lines either side of the seam). Objects are the
-   connected components of that relation (union-find: independent of tile order), their mask the
-   union of their parts, their score the best part's score. Full-pass parts (``--tile-full``)
-   join an object when they are its duplicate (IoU >= ``FULL_IOU``, or a coarse full-pass mask
-   mostly inside it) or when the object is a fragment no single tile saw whole and lies mostly
-   inside the full-pass mask (``FULL_INSIDE``). Then threshold, top-k (per model pass: an image
-   of N tiles keeps its best top_k x N) and map painting as usual.
+4. ``tile_merge.merge_parts`` (issue 28): the parts merged on their masks, duplicates (tiles,
+   queries, classes) greedily in score order, parts cut by seams joined with the paper's score over
+   their pixels (tile_merge.py, tile_links.py; docs/large-images.md). ``merge_parts`` below is the
+   merge it replaced (strips and union-find, the best part's score), kept for
+   ``benchmarks/tile_merge_bench.py --merge legacy``. Then threshold, top-k (per model pass: an
+   image of N tiles keeps its best top_k x N) and map painting as usual (``instances_of``).
 
 Cost grows with the number of tiles: every comparison is between neighbouring tiles, on their
 shared strip, and memory holds one tile's logits plus RLE crops of the parts.
