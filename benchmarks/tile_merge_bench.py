@@ -14,10 +14,10 @@ the trained fixture's four classes on one continuous background), runs the train
 - dup/frag at 0.5: the same, from a second run at --threshold 0.5 (what -f png and the sidecars show:
   parts below half the threshold are dropped before the merge, so it may merge differently).
 
-    python benchmarks/tile_merge_bench.py                                   # small: 1 canvas, 2 settings (~1 min)
-    python benchmarks/tile_merge_bench.py --seeds 11,12 --side 2048 --shapes 150 \\
-        --tiles 256,0.25 auto 192,0.1 384,0.3 512,0.4 --scale 256
-    python benchmarks/tile_merge_bench.py --merge legacy                     # the merge before issue 28
+    python benchmarks/tile_merge_bench.py                       # small: 1 canvas, 2 settings (~1 min)
+    python benchmarks/tile_merge_bench.py --canvas 11:2048x2048:150 --canvas 12:3000x3000:160:320 \\
+        --tiles 256,0.25 auto 192,0.1 384,0.3          # a set: a row per canvas, then the set's joint AP
+    python benchmarks/tile_merge_bench.py --merge legacy        # the merge before issue 28
 
 Canvases are cached under benchmarks/_work/tile_merge (git-ignored).
 """
@@ -96,14 +96,64 @@ def duplicates_and_fragments(gt: dict, preds: list[dict]) -> dict:
             "dup": twice / max(found, 1), "frag": frags / max(n_pred, 1)}
 
 
+def canvas_spec(text: str) -> tuple[int, int, int, int, int]:
+    """SEED:HxW:SHAPES[:SCALE] -> (seed, height, width, shapes, scale)."""
+    parts = text.split(":")
+    h, w = (int(v) for v in parts[1].lower().split("x"))
+    return int(parts[0]), h, w, int(parts[2]), int(parts[3]) if len(parts) > 3 else shapes.MAX_SIDE
+
+
+def joint_ap(sets: list[tuple[dict, list[dict]]]) -> float:
+    """COCO mask AP over several (ground truth, predictions) as one set (image ids renumbered)."""
+    gt = {"images": [], "annotations": [], "categories": sets[0][0]["categories"]}
+    preds = []
+    for k, (g, p) in enumerate(sets):
+        offset = 1000 * k
+        gt["images"] += [{**im, "id": im["id"] + offset, "file_name": f"{k}/{im['file_name']}"} for im in g["images"]]
+        gt["annotations"] += [{**a, "id": a["id"] + 100_000 * k, "image_id": a["image_id"] + offset}
+                              for a in g["annotations"]]
+        preds += [{**x, "image_id": x["image_id"] + offset} for x in p]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(gt, f)
+    try:
+        return ap(f.name, preds)
+    finally:
+        os.unlink(f.name)
+
+
+def run_setting(model: str, tile: str, canvases: list, work: str) -> list[dict]:
+    """One --tile setting over every canvas: a row per canvas, then a row for the set (joint AP,
+    pooled counts)."""
+    from m2f_cli.segmenter import Segmenter
+    rows, sets = [], []
+    for seed, h, w, n, scale in canvases:
+        folder, gt_path = canvas_set(work, seed, 1, h, w, n, scale)
+        gt = json.load(open(gt_path))
+        t0 = time.perf_counter()
+        preds = predict(Segmenter(model, device="cpu", threshold=0.0, tile=tile), folder, gt)
+        at05 = duplicates_and_fragments(gt, predict(Segmenter(model, device="cpu", threshold=0.5, tile=tile),
+                                                    folder, gt))
+        sets.append((gt, preds))
+        rows.append({"canvas": f"{seed}:{h}x{w}:{n}:{scale}", "tile": tile, "AP": ap(gt_path, preds),
+                     **duplicates_and_fragments(gt, preds), "twice_05": at05["twice"], "found_05": at05["found"],
+                     "fragments_05": at05["fragments"], "preds_05": at05["preds"],
+                     "objects": len(gt["annotations"]), "s": time.perf_counter() - t0})
+    if len(rows) > 1:
+        total = {k: sum(r[k] for r in rows) for k in ("found", "twice", "preds", "fragments", "objects", "s",
+                                                      "twice_05", "found_05", "fragments_05", "preds_05")}
+        rows.append({"canvas": f"set of {len(rows)}", "tile": tile, "AP": joint_ap(sets), **total,
+                     "dup": total["twice"] / max(total["found"], 1), "frag": total["fragments"] / max(total["preds"], 1)})
+    for r in rows:
+        r["dup_05"] = r["twice_05"] / max(r["found_05"], 1)
+        r["frag_05"] = r["fragments_05"] / max(r["preds_05"], 1)
+    return rows
+
+
 def main() -> None:
     ap_ = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap_.add_argument("--seeds", default="101", help="canvas seeds, comma-separated (one set per seed)")
-    ap_.add_argument("--canvases", type=int, default=1, help="canvases per seed")
-    ap_.add_argument("--side", type=int, nargs="+", default=[1536], help="H [W] of a canvas (px)")
-    ap_.add_argument("--shapes", type=int, default=130, help="shapes drawn per canvas")
-    ap_.add_argument("--scale", type=int, default=shapes.MAX_SIDE,
-                     help="shape size: radii 9-24%% of this (the fixture's own images: 256)")
+    ap_.add_argument("--canvas", action="append", type=canvas_spec, metavar="SEED:HxW:SHAPES[:SCALE]",
+                     help="a canvas (repeat for a set): seed, size, shapes drawn, shape scale (radii 9-24%% of "
+                          "SCALE; the fixture's own images: 256). Default: 101:1536x1536:130:256")
     ap_.add_argument("--tiles", nargs="+", default=["256,0.25", "auto"], help="--tile values to compare")
     ap_.add_argument("--model", default=FIXTURE)
     ap_.add_argument("--threads", type=int, default=1)
@@ -114,32 +164,24 @@ def main() -> None:
     a = ap_.parse_args()
 
     import torch
-    from m2f_cli.segmenter import Segmenter
     torch.set_num_threads(a.threads)
     if a.merge == "legacy":
         from m2f_cli import tile_merge, tiling
         tile_merge.merge_parts = lambda parts, boxes, size, settings=None: tiling.merge_parts(parts, boxes, size)
-    h, w = (a.side * 2)[:2]
+    canvases = a.canvas or [canvas_spec("101:1536x1536:130:256")]
     rows = []
-    for seed in (int(s) for s in a.seeds.split(",")):
-        folder, gt_path = canvas_set(a.work, seed, a.canvases, h, w, a.shapes, a.scale)
-        gt = json.load(open(gt_path))
-        for tile in a.tiles:
-            t0 = time.perf_counter()
-            preds = predict(Segmenter(a.model, device="cpu", threshold=0.0, tile=tile), folder, gt)
-            at05 = duplicates_and_fragments(gt, predict(Segmenter(a.model, device="cpu", threshold=0.5, tile=tile),
-                                                        folder, gt))
-            row = {"seed": seed, "tile": tile, "AP": ap(gt_path, preds), **duplicates_and_fragments(gt, preds),
-                   "dup_05": at05["dup"], "frag_05": at05["frag"], "objects": len(gt["annotations"]),
-                   "s": time.perf_counter() - t0}
-            rows.append(row)
-            print(f"seed {seed:>4} {h}x{w} {a.shapes} shapes scale {a.scale} --tile {tile:<9} AP {row['AP']:.3f}  "
-                  f"dup {row['dup']:6.1%} ({row['twice']}/{row['found']} found of {row['objects']})  "
-                  f"frag {row['frag']:6.1%} ({row['fragments']}/{row['preds']})  "
-                  f"at 0.5: dup {row['dup_05']:6.1%} frag {row['frag_05']:6.1%}  {row['s']:.0f} s", flush=True)
+    print(f"{'canvas':24} {'--tile':9} {'AP':>6} {'dup':>6} {'found':>9} {'frag':>6} {'preds':>9}   "
+          f"at 0.5: {'dup':>6} {'frag':>6} {'s':>5}   (merge: {a.merge})")
+    for tile in a.tiles:
+        for r in run_setting(a.model, tile, canvases, a.work):
+            rows.append(r)
+            print(f"{r['canvas']:24} {tile:9} {r['AP']:6.3f} {r['dup']:6.1%} {r['twice']:>4}/{r['found']:<4} "
+                  f"{r['frag']:6.1%} {r['fragments']:>4}/{r['preds']:<4}   at 0.5: {r['dup_05']:6.1%} {r['frag_05']:6.1%} "
+                  f"{r['s']:5.0f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "rows": rows}, f, indent=1)
+            json.dump({"args": {k: v for k, v in vars(a).items() if k != "canvas"}, "canvases": canvases,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _decode(rle: dict) -> np.ndarray:
 def test_parse_tile():
     assert parse_tile("640,0.2") == TileOptions(640, 0.2, False)
     assert parse_tile("512") == TileOptions(512, 0.2, False)
-    assert parse_tile("auto", full=True) == TileOptions(None, 0.2, True)
+    assert parse_tile("auto", full=True) == TileOptions(None, 0.25, True)  # auto's own overlap
     assert parse_tile(" AUTO , 0 ") == TileOptions(None, 0.0, False)
     assert parse_tile("640,0.25").record() == {"size": 640, "overlap": 0.25, "full": False}
     for bad in ("", "big", "16", "640,1.5", "640,x", "640,0.2,3", "-640"):
@@ -504,7 +504,7 @@ def test_tiles_find_the_small_objects_of_large_canvases(tmp_path):
     # shapes the tiled run found (a PNG instance of its class with IoU >= 0.5), no second
     # instance of that class holds a fifth of its pixels or more
     data = json.loads(gt.read_text())
-    boxes = tile_grid(*CANVAS, 2 * 128, 0.2)  # auto for the fixture's 128 px input
+    boxes = tile_grid(*CANVAS, 2 * 128, 0.25)  # auto for the fixture's 128 px input
     found = single = 0
     for im in data["images"]:
         imap = np.asarray(Image.open(tmp_path / "tiled" / (Path(im["file_name"]).stem + ".png")))

@@ -171,11 +171,11 @@ def segment(
                                        help="Cut images larger than SIZE px into overlapping tiles (OVERLAP a "
                                        "fraction, default 0.2), run each like an image and merge the instances "
                                        "at full resolution: small objects in large photos. auto: twice the "
-                                       "model's input side (768 px for 384x384 checkpoints)."),
+                                       "model's input side (768 px for 384x384 checkpoints), overlap 0.25."),
     tile_full: bool = typer.Option(_D.tile_full, "--tile-full", help="With --tile, also run the whole image "
                                    "and merge its instances in (objects larger than a tile)."),
     max_pixels: int = typer.Option(_D.max_pixels, help="Refuse images with more pixels (decompression bombs); "
-                                   "raise it deliberately for large images with --tile."),
+                                   "with --tile, a TIFF above it is read window by window instead."),
     overwrite: bool = typer.Option(_D.overwrite, "--overwrite", help="Redo images whose outputs exist."),
     max_failures: Optional[int] = typer.Option(_D.max_failures, help="Stop after this many failed inputs."),
     coco_annotations: Optional[str] = typer.Option(_D.coco_annotations, help="COCO annotation file: take "
