@@ -71,14 +71,21 @@ def test_duplicates_from_tiles_queries_and_classes_become_the_best_view():
     assert np.array_equal(_decode(i.rle), obj) and np.array_equal(imap == 1, obj)
 
 
-def test_a_fragment_inside_a_whole_view_goes_but_an_object_holding_the_view_stays():
+def test_a_fragment_inside_a_whole_view_is_kept_at_half_its_score():
+    """Soft non-maximum suppression of a mask inside a better one (Thresholds.held): a fragment
+    drops below the usual thresholds, and a mask a fragment lies in is never suppressed."""
     obj = _mask(disc=(100, 60, 30))
     frag = _mask(disc=(100, 60, 12))
     other = _mask((20, 20, 60, 100))
     parts = [_part(obj, 0, PAIR[0], mprob=0.8), _part(frag, 0, PAIR[0], mprob=0.7),
              _part(other, 0, PAIR[0], mprob=0.75)]
-    insts, _ = _instances(parts, PAIR)
+    insts, _ = _instances(parts, PAIR, threshold=0.5)
     assert sorted(i.area for i in insts) == sorted([int(obj.sum()), int(other.sum())])
+    objects = merge_parts(parts, PAIR, SIZE)
+    assert sorted(round(o.score, 4) for o in objects) == [round(0.9 * 0.7 * 0.5, 4), 0.675, 0.72]
+    # the fragment scoring higher than the whole: both stay, at their own scores
+    parts = [_part(obj, 0, PAIR[0], mprob=0.6), _part(frag, 0, PAIR[0], mprob=0.95)]
+    assert sorted(round(o.score, 4) for o in merge_parts(parts, PAIR, SIZE)) == [0.54, 0.855]
 
 
 @pytest.mark.parametrize("boxes", [
@@ -180,4 +187,4 @@ def test_the_merge_depends_on_the_parts_only_and_streams(seed):
 
 def test_thresholds_are_the_documented_ones():
     t = Thresholds()
-    assert (t.iou, t.class_iou, t.ios, t.ios_share, t.within, t.speck) == (0.45, 0.4, 0.7, 0.5, 0.8, 0.1)
+    assert (t.iou, t.class_iou, t.ios, t.ios_share, t.within, t.speck, t.held) == (0.45, 0.4, 0.7, 0.5, 0.8, 0.1, 0.5)

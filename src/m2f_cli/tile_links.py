@@ -36,7 +36,10 @@ class Thresholds:
     intersection over the smaller mask. ios_share: in SEAM mode HOLDS counts only when the smaller
     mask has this share of its pixels where both tiles see. within: a whole object takes a candidate
     of another tile only when this share of it lies where both tiles see (tile_merge). speck: pieces
-    of a cut mask under this share of its pixels stay with its largest piece (split_cut)."""
+    of a cut mask under this share of its pixels stay with its largest piece (split_cut). held: the
+    factor on the score of a whole mask that lies inside a better whole one (HOLDS): soft
+    non-maximum suppression (Bodla et al. 2017), so a fragment falls below the usual thresholds
+    while an object that a coarse mask covers is still there for COCO's ranking."""
 
     iou: float = 0.45
     class_iou: float = 0.4
@@ -44,6 +47,7 @@ class Thresholds:
     ios_share: float = 0.5
     within: float = 0.8
     speck: float = 0.1
+    held: float = 0.5
 
 
 @dataclass(eq=False)

@@ -17,9 +17,9 @@ Greedy in score order (SAHI's greedy non-maximum merging, on masks), per group o
 
 1. whole parts, best first: each is an object exactly as that tile gives it (mask and score by the
    paper's rule, as for an image that size), and takes the parts it is linked to (duplicates from
-   other tiles and queries, other classes, fragments inside it, pieces of it that other tiles cut)
-   except a part it lies inside, and a part of another tile that runs on beyond the shared region
-   (then it is not just this object);
+   other tiles and queries, other classes, pieces of it that other tiles cut) except a part it lies
+   inside, and a part of another tile that runs on beyond the shared region (then it is not just
+   this object); a whole mask inside it stays, at ``Thresholds.held`` x its score (soft NMS);
 2. the cut pieces left, best first: each is joined with the pieces of its class that continue it in
    other tiles (SAME where both tiles see), at most one per tile and each agreeing with every member
    whose tile it overlaps, so a sliver cannot bridge two objects; mask = union, score recomputed by
@@ -42,7 +42,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .tile_links import (INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds, link,
+from .tile_links import (HOLDS, INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds, link,
                          overlaps, split_cut)
 from .tiling import Box, Part, _encode, _is_cut, _Object, _seam_regions, _tight, _union, _with_full_pass
 
@@ -212,13 +212,18 @@ class TileMerger:
         first, each taking what is the same object; then the cut parts left, best first, joined."""
         group.sort(key=lambda e: e.key)
         taken: set[int] = set()
+        decay: dict[int, float] = {}
         out = []
         for seed in (e for e in group if not e.cut):
             if seed.id not in taken:
                 taken.add(seed.id)
                 self._take_linked([seed], taken, wholes=True)
+                for j, kind, _ in self.links[seed.id]:  # whole masks inside it: kept, at a lower score
+                    if kind == HOLDS and not self.entries[j].cut and j not in decay:
+                        decay[j] = self.settings.held
                 p = seed.part
-                out.append(_Object(p.label, p.score, p.r0, p.c0, p.rle, p.area, complete=True))
+                out.append(_Object(p.label, p.score * decay.get(seed.id, 1.0), p.r0, p.c0, p.rle, p.area,
+                                   complete=True))
         for seed in (e for e in group if e.cut):
             if seed.id in taken:
                 continue
@@ -248,7 +253,8 @@ class TileMerger:
         whole parts only when wholes (a whole object takes its duplicates; pieces never take one)."""
         for m in members:
             taken.update(j for j, kind, within in self.links[m.id]
-                         if kind != INSIDE and (within if wholes else self.entries[j].cut))
+                         if kind != INSIDE and (within and (kind != HOLDS or self.entries[j].cut) if wholes
+                                                else self.entries[j].cut))
 
     def _chain(self, seed: _Entry, taken: set[int]) -> list[_Entry]:
         """seed and the cut parts of its class that SAME links reach through other tiles, best first,
