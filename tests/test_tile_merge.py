@@ -110,6 +110,16 @@ def test_parts_cut_by_seams_join_into_the_object_scored_by_the_papers_rule(boxes
     assert min(p.score for p in parts) < i.score < max(p.score for p in parts)
 
 
+def test_a_fragment_inside_a_joined_object_is_held_too():
+    boxes = [Box(0, 0, 110, 160), Box(0, 140, 110, 300), Box(90, 0, 200, 160), Box(90, 140, 200, 300)]
+    obj = _mask((40, 90, 170, 220))
+    frag = _mask((50, 100, 80, 130))                     # whole in tile 0, inside the object
+    parts = [_part(obj, t, b, cls=0.9, mprob=0.8) for t, b in enumerate(boxes)]
+    parts.append(_part(frag, 0, boxes[0], cls=0.8, mprob=0.75))
+    got = sorted((o.area, round(o.score, 4)) for o in merge_parts(parts, boxes, SIZE))
+    assert got == [(int(frag.sum()), round(0.6 * 0.5, 4)), (int(obj.sum()), 0.72)]
+
+
 def test_a_sliver_of_a_neighbour_does_not_bridge_two_objects():
     """Tile 0's query for X also holds the sliver of Y its right border cuts (one mask, two pieces):
     X stays X (seen whole), Y is joined from its pieces, and the two never become one."""

@@ -19,7 +19,8 @@ Greedy in score order (SAHI's greedy non-maximum merging, on masks), per group o
    paper's rule, as for an image that size), and takes the parts it is linked to (duplicates from
    other tiles and queries, other classes, pieces of it that other tiles cut) except a part it lies
    inside, and a part of another tile that runs on beyond the shared region (then it is not just
-   this object); a whole mask inside it stays, at ``Thresholds.held`` x its score (soft NMS);
+   this object); a whole mask inside it stays, at ``Thresholds.held`` x its score (soft NMS), and
+   so does one inside a better object of step 2;
 2. the cut pieces left, best first: each is joined with the pieces of its class that continue it in
    other tiles (SAME where both tiles see), at most one per tile and each agreeing with every member
    whose tile it overlaps, so a sliver cannot bridge two objects; mask = union, score recomputed by
@@ -213,6 +214,7 @@ class TileMerger:
         group.sort(key=lambda e: e.key)
         taken: set[int] = set()
         decay: dict[int, float] = {}
+        whole_out: dict[int, _Object] = {}
         out = []
         for seed in (e for e in group if not e.cut):
             if seed.id not in taken:
@@ -224,6 +226,7 @@ class TileMerger:
                 p = seed.part
                 out.append(_Object(p.label, p.score * decay.get(seed.id, 1.0), p.r0, p.c0, p.rle, p.area,
                                    complete=True))
+                whole_out[seed.id] = out[-1]
         for seed in (e for e in group if e.cut):
             if seed.id in taken:
                 continue
@@ -233,6 +236,13 @@ class TileMerger:
             o = _joined([m.part for m in members], seed.part.label)
             if len(members) == 1:
                 o.score *= self._unconfirmed(seed.part)
+            if len(members) > 1:  # a whole mask inside the joined object, scoring lower: held too
+                for m in members:
+                    for j, kind, _ in self.links[m.id]:
+                        w = whole_out.get(j)
+                        if kind == HOLDS and w is not None and w.score < o.score:
+                            w.score *= self.settings.held
+                            del whole_out[j]
             out.append(o)
         return out
 
