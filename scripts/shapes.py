@@ -284,17 +284,43 @@ def write_val_set(folder: str, n: int = 32, seed: int = 12345, ext: str = ".jpg"
     return path
 
 
-def make_canvas(rng: np.random.Generator, height: int, width: int, n_instances: int,
-                scale: int = MAX_SIDE) -> Sample:
-    """A large image with n_instances shapes (fewer when placement fails) of the sizes make_sample
-    draws in a scale x scale image, on one continuous background: what a large photo of small
-    objects is to the fixture model (tests/test_tiling.py). Placement, occlusion and colour
-    follow make_sample (its random stream is left alone: the validation sets stay as they are);
-    colours stand out from the background around each shape, which varies over a large canvas."""
+@dataclass
+class CanvasShape:
+    """One shape of a canvas: model label index and its visible mask as a window, rows y0:y0+h,
+    cols x0:x0+w of the canvas (mask: (h, w) bool; zero outside it)."""
+
+    label: int
+    y0: int
+    x0: int
+    mask: np.ndarray
+
+    def full(self, height: int, width: int) -> np.ndarray:
+        """(height, width) bool: the mask on the whole canvas."""
+        out = np.zeros((height, width), bool)
+        h, w = self.mask.shape
+        out[self.y0:self.y0 + h, self.x0:self.x0 + w] = self.mask
+        return out
+
+
+def _overlap(a: "CanvasShape", b: "CanvasShape") -> tuple[slice, slice, slice, slice]:
+    """Slices (rows, cols of a's window; rows, cols of b's) of the two windows' intersection (may be empty)."""
+    r0, c0 = max(a.y0, b.y0), max(a.x0, b.x0)
+    r1 = min(a.y0 + a.mask.shape[0], b.y0 + b.mask.shape[0])
+    c1 = min(a.x0 + a.mask.shape[1], b.x0 + b.mask.shape[1])
+    r1, c1 = max(r0, r1), max(c0, c1)
+    return (slice(r0 - a.y0, r1 - a.y0), slice(c0 - a.x0, c1 - a.x0),
+            slice(r0 - b.y0, r1 - b.y0), slice(c0 - b.x0, c1 - b.x0))
+
+
+def make_canvas_shapes(rng: np.random.Generator, height: int, width: int, n_instances: int,
+                       scale: int = MAX_SIDE) -> tuple[np.ndarray, list[CanvasShape]]:
+    """make_canvas's image ((H, W, 3) uint8) and its visible shapes as windows: the same random
+    stream and pixels, at the cost of the shapes' windows instead of the canvas's size per shape
+    (a 3000x3000 canvas of 160 shapes would otherwise hold 2.9 GB of full-size masks)."""
     img = _background(rng, height, width)
-    full: list[np.ndarray] = []
-    visible: list[np.ndarray] = []
-    labels: list[int] = []
+    full: list[CanvasShape] = []
+    visible: list[CanvasShape] = []
+    areas: list[int] = []          # full areas, as placed
     colors: list[np.ndarray] = []
     centres: list[tuple[float, float, float]] = []
     for _ in range(n_instances):
@@ -307,29 +333,49 @@ def make_canvas(rng: np.random.Generator, height: int, width: int, n_instances: 
             # the shape on a window around it (a triangle reaches 1.27 r from its centre)
             x0, y0 = max(0, int(cx - 1.4 * r)), max(0, int(cy - 1.4 * r))
             x1, y1 = min(width, int(cx + 1.4 * r) + 2), min(height, int(cy + 1.4 * r) + 2)
-            mk = np.zeros((height, width), bool)
-            mk[y0:y1, x0:x1] = _shape_mask(SHAPES[label], y1 - y0, x1 - x0, cx - x0, cy - y0, r, rng)
-            if mk.sum() < MIN_VISIBLE_PX * 2:
+            mk = CanvasShape(label, y0, x0, _shape_mask(SHAPES[label], y1 - y0, x1 - x0, cx - x0, cy - y0, r, rng))
+            if mk.mask.sum() < MIN_VISIBLE_PX * 2:
                 continue
-            if all((v & ~mk).sum() >= MIN_VISIBLE_FRACTION * f.sum() for v, f in zip(visible, full)):
+            ok = True
+            for v, a in zip(visible, areas):
+                vr, vc, mr, mc = _overlap(v, mk)
+                hidden = int((v.mask[vr, vc] & mk.mask[mr, mc]).sum())
+                if int(v.mask.sum()) - hidden < MIN_VISIBLE_FRACTION * a:
+                    ok = False
+                    break
+            if ok:
                 break
         else:
             continue
-        visible = [v & ~mk for v in visible]
+        for v in visible:
+            vr, vc, mr, mc = _overlap(v, mk)
+            v.mask[vr, vc] &= ~mk.mask[mr, mc]
         full.append(mk)
-        visible.append(mk.copy())
-        labels.append(label)
+        areas.append(int(mk.mask.sum()))
+        visible.append(CanvasShape(label, y0, x0, mk.mask.copy()))
         centres.append((cx, cy, r))
         col = _shape_color(rng, label, img[y0:y1, x0:x1].reshape(-1, 3).mean(0), colors[-8:])
         colors.append(col)
         shade = _smooth_noise(rng, y1 - y0, x1 - x0, 3)[..., None] * rng.uniform(5, 20)
-        win = mk[y0:y1, x0:x1]
+        win = mk.mask
         img[y0:y1, x0:x1][win] = col[None, :] + shade[win]
-    keep = [i for i, v in enumerate(visible) if v.sum() >= MIN_VISIBLE_PX]
+    kept = [v for v in visible if v.mask.sum() >= MIN_VISIBLE_PX]
     img += rng.normal(0, rng.uniform(2, 10), img.shape)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    masks = np.stack([visible[i] for i in keep]) if keep else np.zeros((0, height, width), bool)
-    return Sample(image, [labels[i] for i in keep], masks)
+    return image, kept
+
+
+def make_canvas(rng: np.random.Generator, height: int, width: int, n_instances: int,
+                scale: int = MAX_SIDE) -> Sample:
+    """A large image with n_instances shapes (fewer when placement fails) of the sizes make_sample
+    draws in a scale x scale image, on one continuous background: what a large photo of small
+    objects is to the fixture model (tests/test_tiling.py). Placement, occlusion and colour
+    follow make_sample (its random stream is left alone: the validation sets stay as they are);
+    colours stand out from the background around each shape, which varies over a large canvas.
+    Built by make_canvas_shapes (windows), here with full-size masks."""
+    image, kept = make_canvas_shapes(rng, height, width, n_instances, scale)
+    masks = np.stack([v.full(height, width) for v in kept]) if kept else np.zeros((0, height, width), bool)
+    return Sample(image, [v.label for v in kept], masks)
 
 
 def write_canvas_set(folder: str, n: int, seed: int, height: int, width: int, n_instances: int,
@@ -339,11 +385,12 @@ def write_canvas_set(folder: str, n: int, seed: int, height: int, width: int, n_
     rng = np.random.default_rng(seed)
     images, anns = [], []
     for i in range(n):
-        s = make_canvas(rng, height, width, n_instances, scale)
+        image, kept = make_canvas_shapes(rng, height, width, n_instances, scale)
         name = f"canvas_{i:03d}{ext}"
-        save_image(os.path.join(folder, name), s.image)
+        save_image(os.path.join(folder, name), image)
         images.append({"id": i + 1, "file_name": name, "width": width, "height": height})
-        anns += coco_annotations_for(s.masks, s.labels, i + 1, len(anns) + 1)
+        for v in kept:  # one full-size mask at a time
+            anns += coco_annotations_for(v.full(height, width)[None], [v.label], i + 1, len(anns) + 1)
     path = os.path.join(folder, "annotations.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"images": images, "annotations": anns, "categories": coco_categories()}, f)

@@ -28,7 +28,8 @@ from m2f_cli.postprocess.sampling import _Sampler
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.segmenter import Segmenter
 from m2f_cli.tiling.grid import Box, cut_tiles, tile_grid, tile_pixels
-from m2f_cli.tiling.merge import instances_of, merge_parts
+from m2f_cli.tiling.merge import joined_score, merge_parts
+from m2f_cli.tiling.seams import _Object, instances_of
 from m2f_cli.tiling.options import TileError, TileOptions, parse_tile
 from m2f_cli.tiling.parts import PART_FLOOR, Part, tile_parts
 
@@ -51,7 +52,7 @@ def _decode(rle: dict) -> np.ndarray:
 def test_parse_tile():
     assert parse_tile("640,0.2") == TileOptions(640, 0.2, False)
     assert parse_tile("512") == TileOptions(512, 0.2, False)
-    assert parse_tile("auto", full=True) == TileOptions(None, 0.2, True)
+    assert parse_tile("auto", full=True) == TileOptions(None, 0.25, True)  # auto's own overlap
     assert parse_tile(" AUTO , 0 ") == TileOptions(None, 0.0, False)
     assert parse_tile("640,0.25").record() == {"size": 640, "overlap": 0.25, "full": False}
     for bad in ("", "big", "16", "640,1.5", "640,x", "640,0.2,3", "-640"):
@@ -92,8 +93,9 @@ def test_tiles_are_preprocessed_exactly_like_images():
 
 
 def test_one_tile_over_the_image_gives_segment_instances():
-    """tile_parts + merge_parts + instances_of on a single tile == postprocess.segment_instances:
-    the tiled path keeps the candidate rule of the untiled one (it is a copy; this keeps it one)."""
+    """tile_parts + instances_of on a single tile == postprocess.segment_instances: the tiled path
+    keeps the candidate rule of the untiled one (it is a copy; this keeps it one). merge_parts then
+    only drops duplicates (tile_merge: one object under two queries or two classes), never alters one."""
     torch.manual_seed(0)
     q, c = 12, 80
     cls = torch.randn(q, c + 1) * 4
@@ -105,12 +107,15 @@ def test_one_tile_over_the_image_gives_segment_instances():
     want = [i for i in want if i.area > 0]  # the tiled path drops empty masks
     parts = tile_parts(cls, masks, padded, valid, Box(0, 0, *original), 0,
                        _Sampler(valid, original, torch.device("cpu")), opts)
-    got, got_map = instances_of(merge_parts(parts, [Box(0, 0, *original)], original), original, COCO, opts)
+    every = [_Object(p.label, p.score, p.r0, p.c0, p.rle, p.area, True) for p in parts]
+    got, got_map = instances_of(every, original, COCO, opts)
     assert len(want) >= 5
     key = lambda i: (i.label_index, round(i.score, 6), i.rle["counts"])  # noqa: E731
     assert sorted(map(key, got)) == sorted(map(key, want))
     assert {(i.label_index, i.bbox, i.area) for i in got} == {(i.label_index, i.bbox, i.area) for i in want}
     assert np.array_equal(got_map > 0, want_map > 0)
+    merged = instances_of(merge_parts(parts, [Box(0, 0, *original)], original), original, COCO, opts)[0]
+    assert 0 < len(merged) < len(got) and set(map(key, merged)) <= set(map(key, got))
     # parts are kept below the threshold (a cut half scores lower): down to PART_FLOOR x threshold
     low = segment_instances(cls, masks, padded, valid, original, COCO,
                             PostprocessOptions(threshold=opts.threshold * PART_FLOOR, top_k=40))[0]
@@ -159,7 +164,9 @@ def test_two_halves_in_neighbouring_tiles_become_their_union():
         insts, imap = _merged(parts, boxes)
         assert len(insts) == 1, boxes
         assert np.array_equal(_decode(insts[0].rle), obj) and np.array_equal(imap == 1, obj)
-        assert insts[0].area == obj.sum() and insts[0].score == pytest.approx(0.9)  # the best part's score
+        # the score by the paper's rule over the parts' pixels (tile_merge.joined_score)
+        assert insts[0].area == obj.sum() and insts[0].score == pytest.approx(joined_score(parts))
+        assert 0.7 < insts[0].score < 0.9
         assert insts[0].bbox == (80, 20, 81, 81)
 
 
@@ -179,9 +186,10 @@ def test_two_touching_objects_of_one_class_stay_two():
     meet = [Box(0, 0, 120, 120), Box(0, 120, 120, 240)]
     a, b = _rect(10, 80, 50, 120), _rect(60, 120, 100, 160)
     assert len(_merged([_part(a, 0, meet[0]), _part(b, 1, meet[1])], meet)[0]) == 2
-    # and two classes never merge
+    # two classes of one place are one object, of the better one's class (tile_merge: CLASS links)
     half = _disc(60, 120, 40)
-    assert len(_merged([_part(half, 0, meet[0], label=0), _part(half, 1, meet[1], label=16)], meet)[0]) == 2
+    insts = _merged([_part(half, 0, meet[0], label=0, score=0.6), _part(half, 1, meet[1], label=16)], meet)[0]
+    assert [i.label for i in insts] == ["dog"]
 
 
 def test_an_object_seen_whole_by_two_tiles_is_one_and_its_cut_pieces_go():
@@ -499,7 +507,7 @@ def test_tiles_find_the_small_objects_of_large_canvases(tmp_path):
     # shapes the tiled run found (a PNG instance of its class with IoU >= 0.5), no second
     # instance of that class holds a fifth of its pixels or more
     data = json.loads(gt.read_text())
-    boxes = tile_grid(*CANVAS, 2 * 128, 0.2)  # auto for the fixture's 128 px input
+    boxes = tile_grid(*CANVAS, 2 * 128, 0.25)  # auto for the fixture's 128 px input
     found = single = 0
     for im in data["images"]:
         imap = np.asarray(Image.open(tmp_path / "tiled" / (Path(im["file_name"]).stem + ".png")))

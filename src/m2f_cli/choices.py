@@ -4,6 +4,7 @@ device and dtype). One place, read by the recipe (pipeline.py) and by every engi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING, Optional
 
@@ -149,6 +150,9 @@ def tile_of(config: RunConfig):
         raise UsageError(str(e)) from None
     if tile is not None and config.fast_decode:
         raise UsageError("--fast-decode decodes JPEGs at the model's reduced size; --tile needs every pixel")
+    if tile is not None:  # what a TIFF read window by window cannot be written as (tiling/stream.py)
+        from m2f_cli.tiling.stream import WINDOWED_FORMATS
+        tile = dataclasses.replace(tile, whole_formats=tuple(f for f in config.formats if f not in WINDOWED_FORMATS))
     return tile
 
 

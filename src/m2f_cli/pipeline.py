@@ -268,6 +268,7 @@ def _ready_segmenter(config, segmenter, engine, m: ModelFacts, device, todo: int
         raise UsageError(e.args[0]) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+    segmenter.tiling = tile_of(config)  # with the formats a raster read in windows cannot give
     summary.hint = segmenter.startup_hint
     return segmenter, compiled
 

@@ -116,7 +116,7 @@ def segment(
                                        help="Cut images larger than SIZE px into overlapping tiles (OVERLAP a "
                                        "fraction, default 0.2), run each like an image and merge the instances "
                                        "at full resolution: small objects in large photos. auto: twice the "
-                                       "model's input side (768 px for 384x384 checkpoints)."),
+                                       "model's input side (768 px for 384x384 checkpoints), overlap 0.25."),
     tile_full: bool = typer.Option(DEFAULTS.tile_full, "--tile-full", help="With --tile, also run the whole image "
                                    "and merge its instances in (objects larger than a tile)."),
     track: bool = typer.Option(DEFAULTS.track, "--track", help="Link the instances of consecutive frames (of a "
@@ -124,7 +124,7 @@ def segment(
                                "a track_id, duplicates of one object under two classes are merged, overlays "
                                "are coloured by track (docs/tracking.md)."),
     max_pixels: int = typer.Option(DEFAULTS.max_pixels, help="Refuse images with more pixels (decompression bombs); "
-                                   "raise it deliberately for large images with --tile."),
+                                   "with --tile, a TIFF above it is read window by window instead."),
     every: Optional[int] = typer.Option(DEFAULTS.every, "--every", help="Videos: segment frames 0, N, 2N, ... "
                                         "(frame indices)."),
     fps: Optional[float] = typer.Option(DEFAULTS.fps, "--fps", help="Videos: segment the frame nearest to each "

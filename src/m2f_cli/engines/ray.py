@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Optional, Union
 from m2f_cli.inputs.batch import load_sample
 from m2f_cli.config import RunConfig
 from m2f_cli.errors import EngineError
-from m2f_cli.choices import segmenter_options
+from m2f_cli.choices import segmenter_options, tile_of
 from m2f_cli.progress import Stages
 from m2f_cli.records import Failure, ImageRef, ImageResult
 from m2f_cli.segmenter import Segmenter
@@ -53,11 +53,13 @@ class _Actor:
     """One model in a Ray actor process. Built on the actor: the driver never loads the model."""
 
     def __init__(self, options: dict, factory: Optional[Callable[[], Segmenter]], threads: Optional[int],
-                 batch_size: int, max_pixels: Optional[int], fast_decode: bool, decoders: int = 1):
+                 batch_size: int, max_pixels: Optional[int], fast_decode: bool, decoders: int = 1, tile=None):
         import torch
         if threads:
             torch.set_num_threads(threads)
         self.segmenter = factory() if factory is not None else Segmenter(**options)
+        if tile is not None:  # options.tile_of: --tile with the formats a windowed raster cannot give
+            self.segmenter.tiling = tile
         self.batch_size, self.max_pixels, self.fast_decode = batch_size, max_pixels, fast_decode
         self.decoders = max(1, decoders)
 
@@ -217,7 +219,7 @@ class RayEngine:
         # GPU actors decode in their CPUs' threads; CPU actors' CPUs are the model's threads
         decoders = plan.num_cpus if plan.num_gpus else 1
         handle = remote.remote(options, self.factory, plan.threads, plan.batch_size, self.config.max_pixels,
-                               self.config.fast_decode, decoders)
+                               self.config.fast_decode, decoders, tile_of(self.config))
         return Slot(handle, handle.ready.remote())
 
     # -- the engine ------------------------------------------------------------------------------

@@ -83,6 +83,13 @@ def load_sample(seq: int, ref: ImageRef, spec: PreprocessSpec, max_pixels: Optio
     """Decode + preprocess one image: what a DataLoader worker (local run) or a Ray actor does.
     tile: --tile's options: the image is cut into tiles (tiling.cut_tiles) unless one covers it."""
     t0 = time.perf_counter()
+    if tile is not None:  # --tile over a TIFF above --max-pixels: read in windows (issue 28, tiling/stream.py)
+        from m2f_cli.tiling.stream import windowed_tiles
+        windowed = windowed_tiles(ref, spec, tile, max_pixels)
+        if isinstance(windowed, str):
+            return Sample(seq, ref, None, (0, 0), (0, 0), error=windowed)
+        if windowed is not None:
+            return Sample(seq, ref, None, (0, 0), windowed.size, tiles=windowed)
     try:
         img = decode(ref.path, max_pixels, draft=spec if fast_decode and tile is None else None)
     except DecodeError as e:

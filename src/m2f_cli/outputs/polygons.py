@@ -179,7 +179,8 @@ def rle_counts(rle: dict) -> np.ndarray:
 
 def rle_crop(rle: dict, bbox: Sequence[int]) -> np.ndarray:
     """The (h, w) bool window bbox [x, y, w, h] of a COCO RLE mask, decoded without the rest of the
-    image (a full 12 MP decode takes ~20 ms per instance)."""
+    image (a full 12 MP decode takes ~20 ms per instance) and in memory of the window's size (a
+    raster of 14k rows read in windows, tiling/stream.py, would otherwise need its full columns)."""
     x0, y0, w, h = (int(v) for v in bbox)
     height = int(rle["size"][0])
     ends = np.cumsum(rle_counts(rle))
@@ -188,11 +189,19 @@ def rle_crop(rle: dict, bbox: Sequence[int]) -> np.ndarray:
     lo, hi = x0 * height, (x0 + w) * height  # the columns of the window
     keep = (e1 > lo) & (s1 < hi)
     s1, e1 = np.clip(s1[keep], lo, hi) - lo, np.clip(e1[keep], lo, hi) - lo
-    edges = np.zeros(hi - lo + 1, np.int32)
-    np.add.at(edges, s1, 1)
-    np.add.at(edges, e1, -1)
-    cols = (np.cumsum(edges[:-1]) > 0).reshape(w, height).T
-    return cols[y0:y0 + h]
+    # a run may go on down the next columns: one segment per column it covers
+    first, last = s1 // height, (e1 - 1) // height
+    n = last - first + 1
+    offset = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+    col = np.repeat(first, n) + offset
+    top = np.where(offset == 0, np.repeat(s1, n) - col * height, 0)
+    bottom = np.where(col == np.repeat(last, n), np.repeat(e1, n) - col * height, height)
+    top, bottom = np.clip(top, y0, y0 + h) - y0, np.clip(bottom, y0, y0 + h) - y0
+    ok = bottom > top
+    edges = np.zeros((w, h + 1), np.int32)
+    np.add.at(edges, (col[ok], top[ok]), 1)
+    np.add.at(edges, (col[ok], bottom[ok]), -1)
+    return (np.cumsum(edges[:, :-1], axis=1) > 0).T
 
 
 def rle_parts(rle: dict, bbox: Sequence[int], simplify: float = 0.0) -> list[Part]:

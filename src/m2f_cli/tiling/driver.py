@@ -9,8 +9,10 @@ import torch
 from m2f_cli.postprocess.sampling import _Sampler
 from m2f_cli.records import Failure, ImageRef, ImageResult
 from m2f_cli.tiling.grid import Box, TiledImage, tile_pixels
-from m2f_cli.tiling.merge import instances_of, merge_parts
-from m2f_cli.tiling.parts import Part, tile_parts
+from m2f_cli.inputs.raster import RasterError
+from m2f_cli.tiling.merge import merge_parts
+from m2f_cli.tiling.seams import instances_of
+from m2f_cli.tiling.parts import _forward, Part, tile_parts
 
 
 def segment_tiled(segmenter, ref: ImageRef, tiled: TiledImage, original: tuple[int, int], batch_size: int,
@@ -46,18 +48,11 @@ def segment_tiled(segmenter, ref: ImageRef, tiled: TiledImage, original: tuple[i
                             _Sampler(valid, original, masks.device), options)
         segmenter.times.postprocess_s += time.perf_counter() - t1
     t1 = time.perf_counter()
-    objects = merge_parts(parts, tiled.boxes, original)
+    objects = merge_parts(parts, tiled.boxes, original)  # on the masks (tiling/merge.py, issue 28)
     instances, imap = instances_of(objects, original, segmenter.categories, options, n + (full is not None))
     segmenter.times.postprocess_s += time.perf_counter() - t1
     h0, w0 = original
     return ImageResult(ref, w0, h0, instances, imap, options.map_threshold, tiles=n)
-
-
-def _forward(segmenter, x: torch.Tensor):
-    t0 = time.perf_counter()
-    cls, masks = segmenter.predictor(x.to(segmenter.device, non_blocking=True))
-    segmenter.times.forward_s += time.perf_counter() - t0
-    return cls, masks
 
 
 def infer_tiled(segmenter, sample, batch_size: int) -> list[tuple[int, Union[ImageResult, Failure]]]:
@@ -65,7 +60,13 @@ def infer_tiled(segmenter, sample, batch_size: int) -> list[tuple[int, Union[Ima
     all its tiles. A model error fails the image, as infer_batch fails a batch."""
     full = (sample.pixel_values, sample.valid) if sample.pixel_values is not None else None
     try:
-        r = segment_tiled(segmenter, sample.ref, sample.tiles, sample.original, batch_size, full)
+        if not isinstance(sample.tiles, TiledImage):  # a raster read window by window (tiling/stream.py)
+            from m2f_cli.tiling.stream import segment_raster
+            r = segment_raster(segmenter, sample.ref, sample.tiles, batch_size)
+        else:
+            r = segment_tiled(segmenter, sample.ref, sample.tiles, sample.original, batch_size, full)
     except (RuntimeError, ValueError) as e:  # e.g. out of memory
         return [(sample.seq, Failure(sample.ref, "model", str(e).splitlines()[0]))]
+    except (OSError, RasterError) as e:  # a raster read window by window that fails halfway
+        return [(sample.seq, Failure(sample.ref, "decode", str(e).splitlines()[0] or type(e).__name__))]
     return [(sample.seq, r)]

@@ -1,295 +1,348 @@
-"""Parts of different tiles merged into an image's objects (merge_parts: the same class and masks
-that agree on the tiles' shared strip, connected components by union-find; --tile-full's parts
-joined by IoU or inclusion), then threshold, top-k and map painting (instances_of)."""
+"""Merging the parts of an image's tiles into one instance per object, on their masks (issue 28).
+
+A tile gives its candidates as parts (tiling.tile_parts: class, score, class probability, mask
+crop). One object comes out many times: whole in each tile that holds it, cut in the tiles whose
+border crosses it, twice in one tile (two queries), under two classes. A part is *cut* when its mask
+reaches a border of its tile that lies inside the image, else *whole*; a cut part is split into its
+connected pieces first (``split_cut``: a query's mask often holds its object and a sliver of a
+neighbour that the border cuts; only the piece on the border continues in the next tile).
+
+Two parts are *linked* when their masks agree (tiling/links.py: parts of one tile on all of it; a
+cut part and a part of another tile where both tiles see the image; two whole parts of two tiles on
+their whole masks). Kinds: SAME (same class, mask IoU >= ``Thresholds.iou``), CLASS (another class,
+IoU >= ``Thresholds.class_iou``: one object under two classes), HOLDS (same class, the other lies
+inside it: intersection over the smaller mask >= ``Thresholds.ios``).
+
+Greedy in score order (SAHI's greedy non-maximum merging, on masks), per group of linked parts:
+
+1. whole parts, best first: each is an object exactly as that tile gives it (mask and score by the
+   paper's rule, as for an image that size), and takes the parts it is linked to (duplicates from
+   other tiles and queries, other classes, pieces of it that other tiles cut) except a part it lies
+   inside, and a part of another tile that runs on beyond the shared region (then it is not just
+   this object); a whole mask inside it stays, at ``Thresholds.held`` x its score (soft NMS), and
+   so does one inside a better object of step 2;
+2. the cut pieces left, best first: each is joined with the pieces of its class that continue it in
+   other tiles (SAME where both tiles see), at most one per tile and each agreeing with every member
+   whose tile it overlaps, so a sliver cannot bridge two objects; mask = union, score recomputed by
+   Mask2Former's rule, class probability x mean mask probability inside the mask, pooled over the
+   pieces' pixels (``joined_score``); it takes the cut pieces linked to its members. A piece no
+   other tile continues is scored the same way, the other tiles that saw its pixels and found
+   nothing there counting as observations at mask probability 0 (``TileMerger._unconfirmed``).
+
+The result depends on the parts, never on their order or the tiles' numbering. Links only join
+parts of neighbouring tiles, so the merge streams: ``TileMerger`` takes tiles in grid order and
+hands back the objects no later tile can touch (``flush``); memory holds a few rows of tiles' parts
+(RLE crops), masks are decoded only while a tile's links are computed. docs/large-images.md draws it.
+"""
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
+
 import numpy as np
-from pycocotools import mask as mask_utils
-from m2f_cli.model.categories import CategoryTable
-from m2f_cli.postprocess.instance import PostprocessOptions
-from m2f_cli.postprocess.masks import rle_with_bytes_counts, window_rle
-from m2f_cli.records import Instance
+
+from m2f_cli.tiling.links import HOLDS, INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds, link, overlaps, split_cut
 from m2f_cli.tiling.grid import Box
 from m2f_cli.tiling.parts import Part, _encode, _tight
+from m2f_cli.tiling.seams import _is_cut, _Object, _seam_regions, _union, _with_full_pass
+
+DEFAULT = Thresholds()
 
 
-SEAM_IOU = 0.5      # IoU of two parts on the tiles' shared strip (> 0.5: never bridges two disjoint masks)
+@dataclass(eq=False)
+class _Entry:
+    """A candidate in the merger: its global id, its part (on its mask or on a piece of it), the
+    mask it lies on, its order key."""
+
+    id: int
+    part: Part
+    mask: Mask
+    key: tuple
+
+    @property
+    def cut(self) -> bool:
+        return self.mask.cut
 
 
-FULL_IOU = 0.5      # IoU of a full-pass part and a tile object: the same object
+def order_key(p: Part) -> tuple:
+    """Best first; ties broken by what the part is, its tile index last (a total order)."""
+    return (-p.score, p.label, p.r0, p.c0, tuple(p.rle["size"]), p.rle["counts"], p.tile)
 
 
-CUT_INSIDE = 0.5    # share of a cut part's pixels on a whole part of a neighbour: a piece of it
+def _neighbours(boxes: Sequence[Box]) -> list[list[int]]:
+    """Per tile, the other tiles that overlap or touch it (share at least a side's stretch)."""
+    c = np.array([[b.r0, b.c0, b.r1, b.c1] for b in boxes]).reshape(-1, 4)
+    out = []
+    for t, b in enumerate(boxes):
+        near = np.flatnonzero((c[:, 0] <= b.r1) & (c[:, 2] >= b.r0) & (c[:, 1] <= b.c1) & (c[:, 3] >= b.c0))
+        out.append([int(k) for k in near if k != t and _seam_regions(b, boxes[k]) is not None])
+    return out
 
 
-FULL_INSIDE = 0.8   # share of a mask inside the other's: a coarse duplicate, or a fragment of a large object
+class TileMerger:
+    """Streaming merge of an image's tile parts (module docstring).
 
+    boxes: the tile grid (tiling.tile_grid); size: (H0, W0). ``add`` the tiles in any order, each
+    once, with its parts; ``flush`` returns the objects whose tiles and all their neighbours have
+    been added (no later tile can change them); ``close`` the rest. Objects are tiling._Object.
+    """
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+    def __init__(self, boxes: Sequence[Box], size: tuple[int, int], settings: Thresholds = DEFAULT):
+        self.boxes, self.size, self.settings = list(boxes), size, settings
+        self.near = _neighbours(self.boxes)
+        self.image = Box(0, 0, *size)
+        self.added: set[int] = set()
+        self.masks: dict[int, list[Mask]] = {}          # tile -> its masks
+        self.on_mask: dict[int, list[_Entry]] = {}      # mask uid -> the candidates on it
+        self.links: dict[int, list[tuple[int, str, bool]]] = {}  # entry id -> (other id, kind, other within)
+        self.parent: dict[int, int] = {}
+        self.entries: dict[int, _Entry] = {}
+        self.next_id = 0
 
-    def find(self, i: int) -> int:
+    def add(self, tile: int, parts: Iterable[Part]) -> None:
+        if tile in self.added:
+            raise ValueError(f"tile {tile} added twice")
+        self.added.add(tile)
+        self.masks[tile] = self._masks_of(tile, parts)
+        cache, box = MaskCache(), self.boxes[tile]
+        mine = self.masks[tile]
+        found = [(u, u, u.area, u.area, u.area) for u in mine]  # a mask with itself: a query's classes
+        found += overlaps(mine, mine, box, box, TILE, cache, self.settings)
+        pairs = [(f, TILE) for f in found]
+        for nb in self.near[tile]:
+            theirs = self.masks.get(nb)
+            if nb in self.added and theirs:
+                ra, rb = _seam_regions(box, self.boxes[nb])
+                pairs += [(f, SEAM) for f in overlaps(mine, theirs, ra, rb, SEAM, cache, self.settings)]
+                pairs += [(f, WHOLE) for f in overlaps(mine, theirs, self.image, self.image, WHOLE, cache,
+                                                       self.settings)]
+        for (u, v, inter, a, b), mode in pairs:
+            self._link_candidates(u, v, inter, a, b, mode)
+
+    def _masks_of(self, tile: int, parts: Iterable[Part]) -> list[Mask]:
+        """The tile's distinct masks (cut ones split into pieces, split_cut) with their candidates."""
+        by_mask: dict[tuple, list[Part]] = {}
+        for p in sorted(parts, key=order_key):
+            by_mask.setdefault((p.r0, p.c0, tuple(p.rle["size"]), p.rle["counts"]), []).append(p)
+        out = []
+        for same in by_mask.values():
+            p = same[0]
+            cut = _is_cut(p, self.boxes[tile], self.size)
+            pieces = split_cut(p.mask(), self.settings.speck) if cut else [(0, 0, None)]
+            for dr, dc, crop in pieces:
+                if crop is None or len(pieces) == 1:
+                    m = Mask(self.next_id, tile, p.r0, p.c0, p.rle, p.area, cut)
+                else:
+                    piece = Part(p.label, p.score, tile, p.r0 + dr, p.c0 + dc, _encode(crop),
+                                 int(np.count_nonzero(crop)), p.class_prob)
+                    m = Mask(self.next_id, tile, piece.r0, piece.c0, piece.rle, piece.area,
+                             _is_cut(piece, self.boxes[tile], self.size))
+                self.next_id += 1
+                out.append(m)
+                self.on_mask[m.uid] = [self._entry(q, m) for q in same]
+        return out
+
+    def _entry(self, q: Part, m: Mask) -> _Entry:
+        part = q if (m.r0, m.c0, m.rle) == (q.r0, q.c0, q.rle) else \
+            Part(q.label, q.score, q.tile, m.r0, m.c0, m.rle, m.area, q.class_prob)
+        e = _Entry(self.next_id, part, m, order_key(part))
+        self.next_id += 1
+        self.entries[e.id] = e
+        self.parent[e.id] = e.id
+        self.links[e.id] = []
+        return e
+
+    def _link_candidates(self, u: Mask, v: Mask, inter: int, a: int, b: int, mode: str) -> None:
+        """Links between the candidates on masks u and v, from their counts (tiling.links.link)."""
+        s = self.settings
+        entire = mode != SEAM
+        within_u = entire or a >= s.within * u.area
+        within_v = entire or b >= s.within * v.area
+        smaller = u.area if a <= b else v.area
+        for x in self.on_mask[u.uid]:
+            for y in self.on_mask[v.uid]:
+                if u is v and x.id >= y.id:
+                    continue
+                kind = link(inter, a, b, x.part.label == y.part.label, smaller, entire, s)
+                if kind is not None:
+                    self.links[x.id].append((y.id, kind, within_v))
+                    self.links[y.id].append((x.id, MIRROR[kind], within_u))
+                    self._union(x.id, y.id)
+
+    def _find(self, i: int) -> int:
         while self.parent[i] != i:
             self.parent[i] = self.parent[self.parent[i]]
             i = self.parent[i]
         return i
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
 
-    def groups(self) -> list[list[int]]:
-        out: dict[int, list[int]] = {}
-        for i in range(len(self.parent)):
-            out.setdefault(self.find(i), []).append(i)
-        return list(out.values())
+    def flush(self, final: bool = False) -> list[_Object]:
+        """The objects of every group of linked parts whose tiles are closed (all neighbours added)."""
+        closed = {t for t in self.masks if final or all(n in self.added for n in self.near[t])}
+        groups: dict[int, list[int]] = {}
+        for i in self.entries:
+            groups.setdefault(self._find(i), []).append(i)
+        out = []
+        for ids in groups.values():
+            if all(self.entries[i].part.tile in closed for i in ids):
+                out += self._objects([self.entries[i] for i in ids])
+                for i in ids:
+                    self._drop(i)
+        for t in closed:
+            self.masks[t] = [m for m in self.masks[t] if m.uid in self.on_mask]
+        return out
 
+    def close(self) -> list[_Object]:
+        return self.flush(final=True)
 
-def _seam_regions(a: Box, b: Box) -> Optional[tuple[Box, Box]]:
-    """Where parts of tiles a and b are compared: their overlap (the same box twice), or, for
-    tiles that only meet along a side, the pixel line of each along the seam (same shape)."""
-    shared = a.intersect(b)
-    if shared is not None:
-        return shared, shared
-    r0, r1 = max(a.r0, b.r0), min(a.r1, b.r1)
-    c0, c1 = max(a.c0, b.c0), min(a.c1, b.c1)
-    if r1 > r0 and c0 == c1:  # side by side: a column either side of the seam at column c0
-        left_a = a.c1 == c0
-        ra, rb = Box(r0, c0 - 1, r1, c0), Box(r0, c0, r1, c0 + 1)
-        return (ra, rb) if left_a else (rb, ra)
-    if c1 > c0 and r0 == r1:  # one above the other
-        top_a = a.r1 == r0
-        ra, rb = Box(r0 - 1, c0, r0, c1), Box(r0, c0, r0 + 1, c1)
-        return (ra, rb) if top_a else (rb, ra)
-    return None
+    def _drop(self, i: int) -> None:
+        e = self.entries.pop(i)
+        on = self.on_mask[e.mask.uid]
+        on.remove(e)
+        if not on:
+            del self.on_mask[e.mask.uid]
+        del self.links[i], self.parent[i]
 
-
-def _in_region(part: Part, mask: np.ndarray, region: Box) -> np.ndarray:
-    """part's mask on region: (region rows, region cols) bool (zeros where the part is absent)."""
-    out = np.zeros(region.shape, np.bool_)
-    pb = part.box
-    ov = pb.intersect(region)
-    if ov is not None:
-        out[ov.r0 - region.r0:ov.r1 - region.r0, ov.c0 - region.c0:ov.c1 - region.c0] = \
-            mask[ov.r0 - pb.r0:ov.r1 - pb.r0, ov.c0 - pb.c0:ov.c1 - pb.c0]
-    return out
-
-
-def _overlaps(parts: Sequence[Part], boxes: Sequence[Box]) -> list[tuple[int, int, float, int]]:
-    """(i, j, iou, inter) for parts i < j of different tiles and the same class whose masks meet
-    where their tiles do (_seam_regions): their mask IoU there and the pixels they share there
-    (for tiles that overlap, inter is all the pixels the two masks share). Computed per pair of
-    tiles and class as one matrix product of the parts' masks on the shared strip."""
-    by_tile: dict[int, list[int]] = {}
-    for i, p in enumerate(parts):
-        by_tile.setdefault(p.tile, []).append(i)
-    edges = []
-    cache: dict[int, np.ndarray] = {}
-
-    def mask(i: int) -> np.ndarray:
-        if i not in cache:
-            cache[i] = parts[i].mask()
-        return cache[i]
-
-    tiles = sorted(by_tile)
-    # tiles that touch or overlap, found with one vectorised box test per tile (hundreds of tiles
-    # on a 50 MP image: a Python loop over all pairs would cost more than the merge itself)
-    corners = np.array([[boxes[t].r0, boxes[t].c0, boxes[t].r1, boxes[t].c1] for t in tiles]).reshape(-1, 4)
-    for x, ta in enumerate(tiles):
-        a = boxes[ta]
-        near = np.flatnonzero((corners[x + 1:, 0] <= a.r1) & (corners[x + 1:, 2] >= a.r0)
-                              & (corners[x + 1:, 1] <= a.c1) & (corners[x + 1:, 3] >= a.c0)) + x + 1
-        for tb in (tiles[k] for k in near):
-            regions = _seam_regions(boxes[ta], boxes[tb])
-            if regions is None:
+    def _objects(self, group: list[_Entry]) -> list[_Object]:
+        """Greedy clustering of one group of linked parts (module docstring): the whole parts, best
+        first, each taking what is the same object; then the cut parts left, best first, joined."""
+        group.sort(key=lambda e: e.key)
+        taken: set[int] = set()
+        decay: dict[int, float] = {}
+        whole_out: dict[int, _Object] = {}
+        out = []
+        for seed in (e for e in group if not e.cut):
+            if seed.id not in taken:
+                taken.add(seed.id)
+                self._take_linked([seed], taken, wholes=True)
+                for j, kind, _ in self.links[seed.id]:  # whole masks inside it: kept, at a lower score
+                    if kind == HOLDS and not self.entries[j].cut and j not in decay:
+                        decay[j] = self.settings.held
+                p = seed.part
+                out.append(_Object(p.label, p.score * decay.get(seed.id, 1.0), p.r0, p.c0, p.rle, p.area,
+                                   complete=True))
+                whole_out[seed.id] = out[-1]
+        for seed in (e for e in group if e.cut):
+            if seed.id in taken:
                 continue
-            ra, rb = regions
-            ia = [i for i in by_tile[ta] if parts[i].box.intersect(ra) is not None]
-            ib = [i for i in by_tile[tb] if parts[i].box.intersect(rb) is not None]
-            for lab in sorted({parts[i].label for i in ia} & {parts[i].label for i in ib}):
-                la = [i for i in ia if parts[i].label == lab]
-                lb = [i for i in ib if parts[i].label == lab]
-                A = np.stack([_in_region(parts[i], mask(i), ra).ravel() for i in la]).astype(np.float32)
-                B = np.stack([_in_region(parts[i], mask(i), rb).ravel() for i in lb]).astype(np.float32)
-                inter = A @ B.T
-                union = A.sum(1)[:, None] + B.sum(1)[None, :] - inter
-                iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-                for u, v in zip(*np.nonzero(inter > 0)):
-                    i, j = sorted((la[u], lb[v]))
-                    edges.append((i, j, float(iou[u, v]), int(inter[u, v])))
-        # tiles come in grid order and every later pair involves later tiles: a tile's masks are
-        # not needed again, so the cache holds about one row of tiles
-        for i in by_tile[ta]:
-            cache.pop(i, None)
-    return edges
+            taken.add(seed.id)
+            members = self._chain(seed, taken)
+            self._take_linked(members, taken, wholes=False)
+            o = _joined([m.part for m in members], seed.part.label)
+            if len(members) == 1:
+                o.score *= self._unconfirmed(seed.part)
+            if len(members) > 1:  # a whole mask inside the joined object, scoring lower: held too
+                for m in members:
+                    for j, kind, _ in self.links[m.id]:
+                        w = whole_out.get(j)
+                        if kind == HOLDS and w is not None and w.score < o.score:
+                            w.score *= self.settings.held
+                            del whole_out[j]
+            out.append(o)
+        return out
 
+    def _unconfirmed(self, p: Part) -> float:
+        """A cut piece no other tile continues: the share of its observations that are its own, the
+        other tiles that see its pixels counting them at mask probability 0 (joined_score's pooling)."""
+        mask = p.mask()
+        seen = 0
+        for t in self.near[p.tile]:
+            ov = p.box.intersect(self.boxes[t])
+            if ov is not None:
+                seen += int(np.count_nonzero(mask[ov.r0 - p.r0:ov.r1 - p.r0, ov.c0 - p.c0:ov.c1 - p.c0]))
+        return p.area / (p.area + seen)
 
-def _is_cut(p: Part, tile: Box, size: tuple[int, int]) -> bool:
-    """Whether p's mask reaches a border of its tile that lies inside the image: the tile saw
-    only part of it."""
-    b = p.box
-    return ((b.r0 == tile.r0 and tile.r0 > 0) or (b.c0 == tile.c0 and tile.c0 > 0)
-            or (b.r1 == tile.r1 and tile.r1 < size[0]) or (b.c1 == tile.c1 and tile.c1 < size[1]))
+    def _take_linked(self, members: list[_Entry], taken: set[int], wholes: bool) -> None:
+        """Mark as taken the parts that are the members' object: the same object (another view, a
+        duplicate, another class) or a piece lying inside a member, never a part a member lies in;
+        whole parts only when wholes (a whole object takes its duplicates; pieces never take one)."""
+        for m in members:
+            taken.update(j for j, kind, within in self.links[m.id]
+                         if kind != INSIDE and (within and (kind != HOLDS or self.entries[j].cut) if wholes
+                                                else self.entries[j].cut))
 
+    def _chain(self, seed: _Entry, taken: set[int]) -> list[_Entry]:
+        """seed and the cut parts of its class that SAME links reach through other tiles, best first,
+        one part per tile, each agreeing (a SAME link) with every member whose tile overlaps its own
+        where both reach: a mask cut to a sliver by its tile cannot bridge two objects."""
+        members, tiles = [seed], {seed.part.tile}
+        frontier: list[tuple[tuple, int]] = []
 
-@dataclass
-class _Object:
-    """A merged object: its union mask as an RLE crop at (r0, c0), its best score and class."""
-
-    label: int
-    score: float
-    r0: int
-    c0: int
-    rle: dict
-    area: int
-    complete: bool  # some tile saw it whole (away from that tile's inner borders), or a full-pass part
-
-    @property
-    def box(self) -> Box:
-        h, w = self.rle["size"]
-        return Box(self.r0, self.c0, self.r0 + h, self.c0 + w)
-
-
-def _union(members: Sequence[Union[Part, _Object]]) -> tuple[int, int, np.ndarray]:
-    """(r0, c0, bool crop) of the union of the members' masks, over their joint bounding box."""
-    boxes = [m.box for m in members]
-    r0, c0 = min(b.r0 for b in boxes), min(b.c0 for b in boxes)
-    r1, c1 = max(b.r1 for b in boxes), max(b.c1 for b in boxes)
-    out = np.zeros((r1 - r0, c1 - c0), np.bool_)
-    for m, b in zip(members, boxes):
-        out[b.r0 - r0:b.r1 - r0, b.c0 - c0:b.c1 - c0] |= mask_utils.decode(m.rle).astype(bool)
-    return r0, c0, out
-
-
-def _objects(groups: Sequence[Sequence[Union[Part, _Object]]], complete: bool) -> list[_Object]:
-    """Each group -> one _Object: the union of its masks, the best score, the group's class."""
-    out = []
-    for g in groups:
-        if len(g) == 1 and isinstance(g[0], _Object):
-            out.append(g[0])
-            continue
-        r0, c0, m = _union(g)
-        area = int(np.count_nonzero(m))
-        dr, dc, crop = _tight(m)
-        out.append(_Object(g[0].label, max(x.score for x in g), r0 + dr, c0 + dc, _encode(crop), area, complete))
-    return out
-
-
-def _full_rle(x: Union[Part, _Object], size: tuple[int, int]) -> dict:
-    """x's mask as a full-size RLE (bytes counts, for pycocotools' iou), built from its crop."""
-    return rle_with_bytes_counts(window_rle(mask_utils.decode(x.rle).astype(bool), x.r0, x.c0, size))
-
-
-def _with_full_pass(objects: list[_Object], full: list[Part], size: tuple[int, int]) -> list[_Object]:
-    """Merge full-pass parts into the tile objects (see the module docstring); union-find again."""
-    if not full:
-        return objects
-    items: list[Union[_Object, Part]] = [*objects, *full]
-    uf = _UnionFind(len(items))
-    rles = [_full_rle(x, size) for x in items]
-    areas = np.array([x.area for x in items], np.float64)
-    n = len(objects)
-    if n:
-        for f in range(n, len(items)):
-            same = [o for o in range(n) if items[o].label == items[f].label
-                    and items[o].box.intersect(items[f].box) is not None]
-            if not same:
+        def reach(m: _Entry) -> None:
+            for j, kind, _ in self.links[m.id]:
+                n = self.entries[j]
+                if kind == SAME and n.cut and j not in taken:
+                    heapq.heappush(frontier, (n.key, j))
+        reach(seed)
+        while frontier:
+            _, j = heapq.heappop(frontier)
+            n = self.entries[j]
+            if j in taken or n.part.tile in tiles or not self._agrees(n, members):
                 continue
-            iou = np.asarray(mask_utils.iou([rles[f]], [rles[o] for o in same], [0] * len(same))).reshape(-1)
-            for o, v in zip(same, iou):
-                inter = v * (areas[f] + areas[o]) / (1 + v)  # from IoU and the two areas
-                dup = v >= FULL_IOU or inter >= FULL_INSIDE * areas[f]
-                fragment = not items[o].complete and inter >= FULL_INSIDE * areas[o]
-                if dup or fragment:
-                    uf.union(o, f)
-    groups = [[items[i] for i in sorted(g)] for g in uf.groups()]
-    return _objects(groups, complete=True)
+            taken.add(j)
+            members.append(n)
+            tiles.add(n.part.tile)
+            reach(n)
+        return members
+
+    def _agrees(self, n: _Entry, members: list[_Entry]) -> bool:
+        """Whether n is SAME-linked to every member whose tile overlaps or meets n's with both of
+        their boxes reaching into the region where the two tiles are compared."""
+        strong = {j for j, kind, _ in self.links[n.id] if kind == SAME}
+        for m in members:
+            if m.id in strong:
+                continue
+            regions = _seam_regions(self.boxes[n.part.tile], self.boxes[m.part.tile])
+            if regions is not None and n.part.box.intersect(regions[0]) is not None \
+                    and m.part.box.intersect(regions[1]) is not None:
+                return False
+        return True
 
 
-def merge_parts(parts: Sequence[Part], boxes: Sequence[Box], size: tuple[int, int]) -> list[_Object]:
-    """Tile parts (tile >= 0) and full-pass parts (tile -1) -> merged objects.
-
-    A part is whole when its mask stays off the borders of its tile that lie inside the image,
-    else cut (_is_cut). Two parts of different tiles and the same class match when their mask
-    IoU where the tiles meet is >= SEAM_IOU (_overlaps):
-    - whole parts that match are the same object seen by two overlapping tiles: the best-scoring
-      one stays (duplicates from the overlaps);
-    - a cut part that matches a whole part, or has CUT_INSIDE of its pixels on it, is a piece of
-      an object some tile saw whole: dropped;
-    - the remaining cut parts are joined along their matches (connected components: an object
-      larger than the overlap, or any object cut with --tile SIZE,0), mask = union, score = the
-      best part's.
-    The full-pass parts are then merged in (_with_full_pass). boxes: the tile grid; size: (H0, W0).
-    The result does not depend on the order of parts (they are sorted first).
-    """
-    parts = sorted(parts, key=_part_key)
-    tiled = [p for p in parts if p.tile >= 0]
-    full = [p for p in parts if p.tile < 0]
-    cut = [_is_cut(p, boxes[p.tile], size) for p in tiled]
-    matches = []
-    dropped = [False] * len(tiled)
-    for i, j, iou, inter in _overlaps(tiled, boxes):
-        if cut[i] != cut[j]:
-            c = i if cut[i] else j
-            if iou >= SEAM_IOU or inter >= CUT_INSIDE * tiled[c].area:
-                dropped[c] = True
-        elif iou >= SEAM_IOU:
-            matches.append((i, j))
-    dup = _UnionFind(len(tiled))     # whole parts and their duplicates
-    seams = _UnionFind(len(tiled))   # the cut parts left, along seams
-    for i, j in matches:
-        if not cut[i] and not cut[j]:
-            dup.union(i, j)
-        elif cut[i] and cut[j] and not dropped[i] and not dropped[j]:
-            seams.union(i, j)
-    objects = []
-    for g in dup.groups():
-        if not cut[g[0]]:
-            p = tiled[min(g, key=lambda i: (-tiled[i].score, i))]
-            objects.append(_Object(p.label, p.score, p.r0, p.c0, p.rle, p.area, complete=True))
-    pieces = [[tiled[i] for i in g] for g in seams.groups() if cut[g[0]] and not dropped[g[0]]]
-    objects += _objects(pieces, complete=False)
-    return _with_full_pass(objects, full, size)
+def _joined(parts: list[Part], label: int) -> _Object:
+    """An object no tile saw whole from its pieces (one per tile): mask = their union, score by the
+    paper's rule over them (joined_score)."""
+    if len(parts) == 1:
+        p = parts[0]
+        return _Object(p.label, p.score, p.r0, p.c0, p.rle, p.area, complete=False)
+    r0, c0, mask = _union(parts)
+    dr, dc, crop = _tight(mask)
+    area = int(np.count_nonzero(crop))
+    return _Object(label, joined_score(parts), r0 + dr, c0 + dc, _encode(crop), area, complete=False)
 
 
-def _part_key(p: Part) -> tuple:
-    """A total order of parts that does not depend on how they were listed."""
-    return (p.tile, p.label, -p.score, p.r0, p.c0, tuple(p.rle["size"]), p.rle["counts"])
+def joined_score(parts: Sequence[Part]) -> float:
+    """Mask2Former's score of an object seen in pieces: class probability x mean mask probability
+    inside the mask, pooled over the parts' pixels (a part's mean mask probability is its score
+    over its class probability; parts without a known class probability count it as 1)."""
+    areas = np.array([p.area for p in parts], np.float64)
+    cls = np.array([p.class_prob if p.class_prob > 0 else 1.0 for p in parts])
+    mask = np.array([p.score for p in parts]) / cls
+    total = max(float(areas.sum()), 1.0)
+    return float((cls * areas).sum() / total * (mask * areas).sum() / total)
 
 
-def instances_of(objects: Sequence[_Object], size: tuple[int, int], categories: CategoryTable,
-                 options: PostprocessOptions, passes: int = 1) -> tuple[list[Instance], np.ndarray]:
-    """Merged objects -> (instances, (H0, W0) uint16 map), as segment_instances gives them:
-    score >= threshold, descending score (ties: class, then position), ids 1..N; the map painted
-    in ascending score from the objects' crops, at map_threshold.
-
-    passes: model passes the objects come from (tiles, + 1 for the full pass). top_k counts
-    candidates per pass, as for an image (the paper's rule), so the image keeps its best
-    top_k x passes: a large image of many small objects is not cut down to one image's worth.
-    """
-    h0, w0 = size
-    kept = [o for o in objects if o.score >= options.threshold]
-    kept.sort(key=lambda o: (-o.score, o.label, o.r0, o.c0, o.area))
-    kept = kept[:options.top_k * passes]
-    out = []
-    for n, o in enumerate(kept, start=1):
-        full = window_rle(np.zeros((0, 0), np.bool_), 0, 0, size) if not o.area else None
-        b = mask_utils.decode(o.rle).astype(bool)
-        rle = window_rle(b, o.r0, o.c0, size) if full is None else full
-        cat = categories[o.label]
-        h, w = b.shape
-        out.append(Instance(id=n, label=cat.name, category_id=cat.id, label_index=o.label, score=float(o.score),
-                            bbox=(o.c0, o.r0, w, h), area=o.area, rle=rle))
-    imap = np.zeros((h0, w0), np.uint16)
-    for inst, o in zip(reversed(out), reversed(kept)):
-        if inst.score < options.map_threshold:
-            continue
-        b = mask_utils.decode(o.rle).astype(bool)
-        region = imap[o.r0:o.r0 + b.shape[0], o.c0:o.c0 + b.shape[1]]
-        np.copyto(region, np.uint16(inst.id), where=b)
-    return out, imap
+def merge_parts(parts: Sequence[Part], boxes: Sequence[Box], size: tuple[int, int],
+                settings: Optional[Thresholds] = None) -> list[_Object]:
+    """All parts of an image at once -> objects: tile parts (tile >= 0) through a TileMerger, tiles in
+    grid order, then the full-pass parts (tile -1, ``--tile-full``) merged in (tiling._with_full_pass)."""
+    merger = TileMerger(boxes, size, settings or DEFAULT)
+    by_tile: dict[int, list[Part]] = {}
+    for p in parts:
+        by_tile.setdefault(p.tile, []).append(p)
+    objects: list[_Object] = []
+    row = None
+    for t in sorted(range(len(boxes)), key=lambda t: (boxes[t].r0, boxes[t].c0)):
+        if row is not None and boxes[t].r0 != row:
+            objects += merger.flush()
+        row = boxes[t].r0
+        merger.add(t, by_tile.get(t, []))
+    objects += merger.close()
+    objects.sort(key=lambda o: (-o.score, o.label, o.r0, o.c0, o.area, o.rle["counts"]))
+    return _with_full_pass(objects, sorted(by_tile.get(-1, []), key=order_key), size)

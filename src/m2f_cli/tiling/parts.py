@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+import time
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -25,7 +27,8 @@ class Part:
 
     label: model class index; score: class prob x mean mask probability (segment_instances' rule);
     r0, c0: where its mask crop starts in the original image; rle: the crop's mask, (h, w) tight
-    around its pixels, as pycocotools RLE (bytes counts); area: mask pixels.
+    around its pixels, as pycocotools RLE (bytes counts); area: mask pixels; class_prob: the class
+    probability in score (0: unknown), so that tiling/merge.py can recompute the score of joined parts.
     """
 
     label: int
@@ -35,6 +38,7 @@ class Part:
     c0: int
     rle: dict
     area: int
+    class_prob: float = 0.0
 
     @property
     def box(self) -> Box:
@@ -88,5 +92,12 @@ def tile_parts(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tu
             continue
         s = p * m[0]
         if s >= floor:
-            out.append(Part(lab, s, tile, m[1], m[2], m[3], m[4]))
+            out.append(Part(lab, s, tile, m[1], m[2], m[3], m[4], p))
     return out
+
+
+def _forward(segmenter, x: torch.Tensor):
+    t0 = time.perf_counter()
+    cls, masks = segmenter.predictor(x.to(segmenter.device, non_blocking=True))
+    segmenter.times.forward_s += time.perf_counter() - t0
+    return cls, masks
