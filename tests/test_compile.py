@@ -141,7 +141,8 @@ def aoti_runs(tmp_path_factory, tiny_model) -> dict:
         built = package.exists()
         eager = CliRunner().invoke(app, base + ["--out", str(tmp / "eager"), "--no-compile", "--startup-cache", "off"])
         assert eager.exit_code == 0, eager.output
-    return {"imgs": imgs, "compiled": tmp / "compiled", "eager": tmp / "eager", "built": built, "calls": calls}
+    return {"imgs": imgs, "compiled": tmp / "compiled", "eager": tmp / "eager", "built": built, "calls": calls,
+            "package": package}
 
 
 def test_compile_builds_an_aotinductor_package_whose_outputs_are_the_eager_models(aoti_runs):
@@ -150,3 +151,73 @@ def test_compile_builds_an_aotinductor_package_whose_outputs_are_the_eager_model
     assert aoti_runs["built"], f"no package built (C++ compiler found: {compiled.has_compiler()})"
     assert aoti_runs["calls"] == [(1, 3, 384, 384)] * 3  # every image went through it, one at a time
     assert assert_same_outputs(aoti_runs["compiled"], aoti_runs["eager"], aoti_runs["imgs"]) > 0
+
+
+def test_the_package_runs_with_the_gil_released_and_computes_what_torchs_loader_does(aoti_runs):
+    """aoti.py's runner (the package's C interface through ctypes) against torch's own loader, on the
+    package built above: the same outputs bit for bit, and Python threads run during its forward
+    (torch's loader holds the GIL for the whole call: a writer thread waited ~0.4 s an image)."""
+    import threading
+
+    from m2f_cli.model.startup import aoti
+    assert aoti_runs["built"]
+    runner = aoti.load_runner(str(aoti_runs["package"]))
+    assert isinstance(runner, aoti.GilFreeRunner) and runner.num_inputs == 1 and runner.num_outputs == 2
+    reference = torch._C._aoti.AOTIModelPackageLoader(str(aoti_runs["package"]), "model", False, 1, -1)
+    x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(0))
+    ours, theirs = runner([x]), reference.boxed_run([x.clone()])
+    assert [tuple(t.shape) for t in ours] == [tuple(t.shape) for t in theirs]
+    assert ours[1].shape[-2:] == (96, 96)  # masks at 1/4 of the input
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+    ticks, stop = [0], threading.Event()
+
+    def spin():  # pure Python: it can only count while no other thread holds the GIL
+        while not stop.is_set():
+            ticks[0] += 1
+    thread = threading.Thread(target=spin)
+    thread.start()
+    during = 0
+    try:
+        for _ in range(5):
+            before = ticks[0]
+            runner([x])
+            during += ticks[0] - before
+    finally:
+        stop.set()
+        thread.join()
+    assert during > 1000, f"only {during} Python steps ran beside 5 forwards: the GIL was held"
+
+
+def test_the_packages_library_is_checked_and_loads_without_memfd_too(aoti_runs, tmp_path, monkeypatch):
+    """aoti.gil_free copies the library out of the archive by offset (sendfile) and checks its CRC:
+    a flipped byte inside it is refused (the run then falls back to torch's loader, which refuses
+    it too, and the package is removed as unusable: compiled.load); without memfd_create the
+    library goes through a temporary folder that is gone once it is loaded."""
+    import shutil
+    import zipfile
+
+    from m2f_cli.model.startup import aoti
+    package = str(aoti_runs["package"])
+    with zipfile.ZipFile(package) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(".so"))
+    assert info.compress_type == zipfile.ZIP_STORED  # the sendfile path is the one measured
+    damaged = tmp_path / "damaged.pt2"
+    shutil.copy(package, damaged)
+    with open(damaged, "r+b") as f:  # a byte in the middle of the library's data
+        f.seek(info.header_offset + 30 + len(info.filename.encode()) + info.file_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(OSError, match="CRC mismatch"):
+        aoti.gil_free(str(damaged))
+
+    monkeypatch.delattr(aoti.os, "memfd_create")
+    made = []
+    real_mkdtemp = aoti.tempfile.mkdtemp
+    monkeypatch.setattr(aoti.tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
+    runner = aoti.gil_free(package)
+    assert made and not Path(made[0]).exists()
+    x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(1))
+    reference = torch._C._aoti.AOTIModelPackageLoader(package, "model", False, 1, -1)
+    assert all(torch.equal(a, b) for a, b in zip(runner([x]), reference.boxed_run([x.clone()])))

@@ -5,8 +5,9 @@ traced.py keeps a TorchScript trace so that runs skip transformers' import; this
 logits, mask logits), with deformable.py's embedding_bag attention inside the graph), compiled by
 ``torch._inductor.aoti_compile_and_package`` with inductor's freezing (weights folded in as
 constants, so their layouts are prepacked for oneDNN/MKL), saved as one ``.pt2`` file next to the
-traces, and loaded with ``torch._C._aoti.AOTIModelPackageLoader`` (torch alone: no transformers,
-no inductor import). Batch 1 at the run's one model input size; a batch runs image by image
+traces, and loaded by aoti.py (the package's C interface through ctypes, so the forward runs with the
+GIL released; else ``torch._C._aoti.AOTIModelPackageLoader``; torch alone either way: no
+transformers, no inductor import). Batch 1 at the run's one model input size; a batch runs image by image
 (batching gains nothing on CPU).
 
 Building costs a compile of ~1.5-2 min on 2 cores (g++ on the generated kernels), so it never
@@ -46,7 +47,7 @@ from typing import Callable, Optional
 
 import torch
 
-from m2f_cli.model.startup import cache, traced
+from m2f_cli.model.startup import aoti, cache, traced
 from m2f_cli.model import deformable
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.errors import one_line
@@ -140,9 +141,9 @@ class CompiledPredictor(traced.CachedPredictor):
 
 
 def _load_runner(path: str):
-    """The package's runner: torch's own loader, without importing inductor (~2.6 s)."""
-    loader = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
-    return loader.boxed_run
+    """The package's runner, without importing inductor (~2.6 s): aoti.py's, which releases the
+    GIL during the forward, else torch's own loader."""
+    return aoti.load_runner(path)
 
 
 def load(path: Path, size: tuple[int, int], dtype: torch.dtype,

@@ -1,0 +1,167 @@
+"""Runs a compiled (AOTInductor) package with Python's GIL released during the forward.
+
+torch's own loader (``torch._C._aoti.AOTIModelPackageLoader``) holds the GIL for the whole call:
+~0.4 s an image on 2 cores during which the writer thread, the progress line and a video's
+tracker cannot run a single Python line (the write stage read 0.47 s/image with the package
+against 0.014 s with the trace, docs/performance.md). The package's shared library exports a
+C interface (torch's ``torch/csrc/inductor/aoti_runtime/interface.h``): create a model
+container, run it on tensor handles. ctypes releases the GIL around every foreign call, so the
+forward runs beside Python threads, as an eager or traced forward does.
+
+Used only where that interface covers the whole package: one CPU library in the archive and no
+extern-kernel table next to it (the ``<name>.json`` a graph with fallback ops needs, run by a
+proxy executor this path does not have). Anything else, or any failure here, falls back to
+torch's loader (``load_runner``), so a package is never unusable because of this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import mmap
+import os
+import shutil
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from m2f_cli.errors import one_line
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[list], list]
+
+_PY = ctypes.pythonapi
+_PY.PyCapsule_GetPointer.restype = ctypes.c_void_p
+_PY.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_PY.PyCapsule_New.restype = ctypes.py_object
+_PY.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class GilFreeRunner:
+    """One model container of a package's library: inputs (a list of CPU tensors) -> outputs."""
+
+    def __init__(self, library: str):
+        self._lib = ctypes.CDLL(library)
+        self._handle = ctypes.c_void_p()
+        self._check(self._lib.AOTInductorModelContainerCreateWithDevice(
+            ctypes.byref(self._handle), ctypes.c_size_t(1), b"cpu", None), "create")
+        n = ctypes.c_size_t()
+        self._check(self._lib.AOTInductorModelContainerGetNumOutputs(self._handle, ctypes.byref(n)), "outputs")
+        self.num_outputs = n.value
+        self._check(self._lib.AOTInductorModelContainerGetNumInputs(self._handle, ctypes.byref(n)), "inputs")
+        self.num_inputs = n.value
+
+    @staticmethod
+    def _check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise RuntimeError(f"AOTInductor container {what} failed (code {rc})")
+
+    def __call__(self, inputs: list) -> list:
+        if len(inputs) != self.num_inputs:
+            raise ValueError(f"the compiled model takes {self.num_inputs} input(s), got {len(inputs)}")
+        # new handles, one per input: the run takes them over (interface.h: "handles are stolen")
+        capsules = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([t.contiguous() for t in inputs])
+        ins = (ctypes.c_void_p * len(capsules))(*[_PY.PyCapsule_GetPointer(c, None) for c in capsules])
+        outs = (ctypes.c_void_p * self.num_outputs)()
+        self._check(self._lib.AOTInductorModelContainerRun(  # the GIL is released for this call
+            self._handle, ins, ctypes.c_size_t(len(capsules)), outs, ctypes.c_size_t(self.num_outputs),
+            None, None), "run")
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            [_PY.PyCapsule_New(outs[i], None, None) for i in range(self.num_outputs)])
+
+    def close(self) -> None:
+        if self._handle:
+            self._lib.AOTInductorModelContainerDelete(self._handle)
+            self._handle = ctypes.c_void_p()
+
+    def __del__(self):  # the container holds the model's constants (~200 MB)
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+def _library_member(archive: zipfile.ZipFile, model: str) -> Optional[str]:
+    """The archive's one CPU library of model, or None where this module does not cover the package."""
+    folder = f"data/aotinductor/{model}/"
+    names = [n for n in archive.namelist() if folder in n]
+    libraries = [n for n in names if n.endswith(".so")]
+    metadata = [n for n in names if n.endswith("_metadata.json")]
+    extern = [n for n in names if n.endswith(".json") and not n.endswith("_metadata.json")]
+    if len(libraries) != 1 or extern:
+        return None
+    for name in metadata:
+        if json.loads(archive.read(name)).get("AOTI_DEVICE_KEY", "cpu") != "cpu":
+            return None
+    return libraries[0]
+
+
+def _member_bytes(package: str, archive: zipfile.ZipFile, member: str, dst: int) -> None:
+    """Copy a member of the archive into the open file dst, checking its CRC. A stored member (how
+    torch writes packages) is copied by the kernel (sendfile) and checked through a mapping:
+    ~0.2 s for the ~200 MB library, against ~0.65 s through zipfile's reader."""
+    info = archive.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        with archive.open(member) as src, open(dst, "wb", closefd=False) as out:
+            shutil.copyfileobj(src, out, 1 << 22)
+        return
+    with open(package, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)  # the local file header; its name and extra field lengths at 26 and 28
+        start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
+            int.from_bytes(header[28:30], "little")
+        done = 0
+        while done < info.file_size:
+            n = os.sendfile(dst, f.fileno(), start + done, info.file_size - done)
+            if n == 0:
+                raise OSError(f"{package}: truncated ({member})")
+            done += n
+    with mmap.mmap(dst, info.file_size, prot=mmap.PROT_READ) as view:
+        if zlib.crc32(view) != info.CRC:
+            raise OSError(f"{package}: damaged ({member}: CRC mismatch)")
+
+
+def gil_free(package: str, model: str = "model") -> Optional[GilFreeRunner]:
+    """A GilFreeRunner for package, or None where the package is not one this module covers.
+    The library is copied into an anonymous memory file (memfd: nothing left on disk, even if the
+    process is killed here), loaded from it, and the file closed: the loaded mapping keeps it."""
+    with zipfile.ZipFile(package) as archive:
+        member = _library_member(archive, model)
+        if member is None:
+            return None
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("m2f-model.so", os.MFD_CLOEXEC)
+            try:
+                _member_bytes(package, archive, member, fd)
+                return GilFreeRunner(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+        folder = tempfile.mkdtemp(prefix="m2f-aoti-")
+        try:
+            library = Path(folder) / "model.so"
+            fd = os.open(library, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                _member_bytes(package, archive, member, fd)
+            finally:
+                os.close(fd)
+            return GilFreeRunner(str(library))  # mapped now: the file can go
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_runner(package: str) -> Runner:
+    """The package's runner: GIL-free where possible, else torch's loader (which holds the GIL)."""
+    try:
+        runner = gil_free(package)
+        if runner is not None:
+            return runner
+    except Exception as e:  # noqa: BLE001 - torch's loader is the fallback
+        log.info("m2f: %s: running it with torch's loader (%s)", package, one_line(e)[:200])
+    loader = torch._C._aoti.AOTIModelPackageLoader(package, "model", False, 1, -1)
+    return loader.boxed_run
