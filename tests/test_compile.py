@@ -191,9 +191,9 @@ def test_the_package_runs_with_the_gil_released_and_computes_what_torchs_loader_
 
 def test_the_packages_library_is_checked_and_loads_without_memfd_too(aoti_runs, tmp_path, monkeypatch):
     """aoti.gil_free copies the library out of the archive by offset (sendfile) and checks its CRC:
-    a flipped byte inside it is refused (the run then falls back to torch's loader, which refuses
-    it too, and the package is removed as unusable: compiled.load); without memfd_create the
-    library goes through a temporary folder that is gone once it is loaded."""
+    a flipped byte inside it is refused (load_runner then tries torch's loader; compiled.load
+    removes a package neither can load); without memfd_create the library goes through a
+    temporary folder that is gone once it is loaded."""
     import shutil
     import zipfile
 
