@@ -118,10 +118,45 @@ def test_stage_merges_duplicates_renumbers_and_keeps_state():
     r = _result(0, [(a, 0.9, KITE), (a, 0.8, FRISBEE), (b, 0.7, FRISBEE), (disc(100, 50, 3), 0.1, KITE)])
     stage = TrackingStage()
     list(stage.apply([r]))
-    assert [(i.id, i.track_id, i.label) for i in r.instances] == [(1, 1, "kite"), (2, 2, "frisbee"),
+    # b (0.7, below confirm) is a tentative track in its first frame: no track id yet
+    assert [(i.id, i.track_id, i.label) for i in r.instances] == [(1, 1, "kite"), (2, None, "frisbee"),
                                                                    (3, None, "kite")]
     assert r.instances[0].merged == (("frisbee", 0.8),)
     assert r.instances[0].to_json()["merged"] == [{"label": "frisbee", "score": 0.8}]
     assert set(np.unique(r.label_map)) == {0, 1, 2}
     assert (r.label_map == 2).sum() == b.sum() and (r.label_map == 1).sum() == a.sum()
-    assert r.track_state["next_id"] == 3
+    assert r.track_state["next_id"] == 2
+    r = _result(1, [(a, 0.9, KITE), (b, 0.7, FRISBEE)])
+    list(stage.apply([r]))
+    assert [(i.id, i.track_id) for i in r.instances] == [(1, 1), (2, 2)]  # b seen again: confirmed
+
+
+def test_a_mask_over_two_tracked_objects_is_not_merged_away():
+    # A and B each tracked; one frame also has a higher-scoring mask over both (the pair as one
+    # instance): without the span rule it would swallow both (each is covered by it)
+    a, b = disc(40, 30, 8), disc(60, 30, 8)
+    pair = disc(40, 30, 10) | disc(60, 30, 10)
+    frames = [[(a, 0.9, KITE), (b, 0.9, KITE)]] * 3 + [[(pair, 0.95, KITE), (a, 0.85, KITE), (b, 0.6, FRISBEE)]]
+    t = Tracker()
+    out = [t.step([Detection(*d) for d in f]) for f in frames]
+    assert [x.track_id for x in out[-1]] == [1, 1, 2]
+    assert out[-1][0].duplicate_of == 1 and out[-1][1].duplicate_of is None and out[-1][2].duplicate_of is None
+
+
+def test_a_mask_with_one_part_inside_is_kept():
+    # one strong detection inside a bigger mask is not a pair: the bigger one stays an object
+    big, small = disc(50, 30, 16), disc(45, 30, 6)
+    t = Tracker()
+    out = t.step([Detection(big, 0.9, KITE), Detection(small, 0.85, FRISBEE)])
+    assert out[0].duplicate_of is None and out[0].track_id == 1
+
+
+def test_an_unconfirmed_one_frame_blip_yields_no_track():
+    steady = [(disc(20 + 3 * k, 30), 0.9, KITE) for k in range(6)]
+    frames = [[steady[k]] for k in range(6)]
+    frames[2] = frames[2] + [(disc(90, 40), 0.6, FRISBEE)]       # a weak blip: one frame only
+    frames[4] = frames[4] + [(disc(90, 15), 0.6, FRISBEE)]       # weak, then seen again: a track
+    frames[5] = frames[5] + [(disc(91, 15), 0.6, FRISBEE)]
+    ids = run(frames)
+    assert ids == [[1], [1], [1, None], [1], [1, None], [1, 2]]  # ids given in order of confirmation
+    assert run([[(disc(90, 40), 0.85, FRISBEE)]]) == [[1]]      # strong (>= confirm): a track at once

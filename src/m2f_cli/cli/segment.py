@@ -120,8 +120,8 @@ def segment(
     tile_full: bool = typer.Option(DEFAULTS.tile_full, "--tile-full", help="With --tile, also run the whole image "
                                    "and merge its instances in (objects larger than a tile)."),
     track: bool = typer.Option(DEFAULTS.track, "--track", help="Link the instances of consecutive frames (of a "
-                               "video, or of a folder's images in name order) into tracks: each instance gets "
-                               "a track_id, duplicates of one object under two classes are merged, overlays "
+                               "video, or of a folder's images in name order) into tracks: a confirmed track's "
+                               "instances get a track_id, duplicates of one object under two classes are merged, overlays "
                                "are coloured by track (docs/tracking.md)."),
     max_pixels: int = typer.Option(DEFAULTS.max_pixels, help="Refuse images with more pixels (decompression bombs); "
                                    "with --tile, a TIFF above it is read window by window instead."),

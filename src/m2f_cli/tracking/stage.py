@@ -85,6 +85,7 @@ def relabelled(instances: list[Instance], assigned: dict[int, Assignment], cand:
             label, cid, index = a.cls
             if label != inst.label:
                 change.update(label=label, category_id=cid, label_index=index, detected_label=inst.label)
+        if a is not None:
             change["merged"] = tuple((m.label, m.score) for m in merged.get(k, ()))
         out.append(dataclasses.replace(inst, **change))
         new_id[inst.id] = len(out)

@@ -3,12 +3,15 @@
 Each step (one frame of a sequence) takes the frame's detections (grid masks, masks.py, with a score
 and a class) and returns each one's track. In order:
 
-1. duplicates: detections at or above ``low`` are taken by descending score; one whose mask has
-   IoU >= ``dup_iou`` with a detection already kept is the same object (Mask2Former keeps the top-k
-   (query, class) pairs, so one object can come twice under two classes), and one whose mask is
-   ``dup_cover`` or more covered by the kept ones together is no new object (a mask over two objects;
-   Mask2Former's own panoptic inference drops such masks): it joins the track of the kept detection
-   it overlaps most and adds its score to that track's class votes.
+1. duplicates: a mask over two detected objects (two or more strong detections of distinct objects,
+   IoU < ``span_iou`` between them, each at least ``span_inside`` inside it and covering together
+   ``span_cover`` of it: Mask2Former sometimes returns the pair as one more instance) is merged into
+   the part it overlaps most, whatever its score. Then the detections at or above ``low`` are taken
+   by descending score; one whose mask has IoU >= ``dup_iou`` with a detection already kept is the
+   same object (Mask2Former keeps the top-k (query, class) pairs, so one object can come twice under
+   two classes), and one whose mask is ``dup_cover`` or more covered by the kept ones together is no
+   new object: it joins the track of the kept detection it overlaps most and adds its score to that
+   track's class votes.
 2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
    centroids of its observations, smoothed) times the frames since it was seen.
 3. three Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
@@ -17,8 +20,11 @@ and a class) and returns each one's track. In order:
    second pass: a weak detection keeps a track alive but never starts one); then the high ones left
    against the tracks' last observed masks, unshifted (OC-SORT's observation-centric recovery, for a
    track whose velocity went wrong).
-4. each high detection left starts a track (ids 1, 2, ... per sequence); a track unseen for more
-   than ``max_lost`` frames ends.
+4. each high detection left starts a track. A track is confirmed, and takes the next id (1, 2, ...
+   per sequence), at once when its first detection scores >= ``confirm``, else when it is matched
+   again in the next frame; until then it is tentative: its detection gets no track id, and a
+   tentative track not matched in the next frame ends (a one-frame blip makes no track). A
+   confirmed track unseen for more than ``max_lost`` frames ends.
 
 A track's class is the class with the highest sum of scores over its detections so far (duplicates
 included; ties: the one seen first). Everything is deterministic: detections are taken in a fixed
@@ -46,7 +52,12 @@ class TrackerConfig:
     match_iou: float = 0.2  # least mask IoU of a match
     dup_iou: float = 0.7    # two detections of one frame with at least this mask IoU are one object
     dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
+    span_inside: float = 0.5  # a strong detection this much inside a larger mask is a part of it
+    span_iou: float = 0.3   # two parts with less IoU than this are two objects
+    span_cover: float = 0.6  # a mask this much covered by two or more parts is those objects, not one
     max_lost: int = 15      # frames a track survives unseen
+    confirm: float = 0.8    # a new track's detection at least this strong is a track at once; a weaker
+                            # one's track is tentative (no track_id written) until seen again next frame
     smoothing: float = 0.5  # weight of the newest observed velocity (the rest: the previous estimate)
     grid: int = 256         # masks are compared on a grid of at most this many cells per side
 
@@ -66,9 +77,9 @@ class Detection:
 
 @dataclass(frozen=True)
 class Assignment:
-    """What a detection became. track_id: None when it has no track (below low; or between low and
-    high and unmatched). duplicate_of: the index of the detection it was merged into, else None.
-    cls: the track's class (after this frame's votes), None without a track."""
+    """What a detection became. track_id: None when it has no track (below low; between low and
+    high and unmatched; or its track is tentative, see step 4). duplicate_of: the index of the
+    detection it was merged into, else None. cls: the track's class (after this frame's votes), None without a track."""
 
     track_id: Optional[int]
     duplicate_of: Optional[int] = None
@@ -78,7 +89,8 @@ class Assignment:
 @dataclass
 class Track:
     """A track. mask: its last observed grid mask; c: that mask's centroid (None when empty);
-    v: velocity in cells per frame; last: the step it was last seen; votes: class -> summed score."""
+    v: velocity in cells per frame; last: the step it was last seen; votes: class -> summed score;
+    confirmed: False while tentative (id 0 then: ids are given at confirmation, in order)."""
 
     id: int
     mask: np.ndarray
@@ -87,6 +99,7 @@ class Track:
     last: int = 0
     hits: int = 1
     votes: dict = field(default_factory=dict)
+    confirmed: bool = True
 
     def cls(self) -> tuple:
         return max(self.votes.items(), key=lambda kv: kv[1])[0]  # first of the best: seen first
@@ -110,12 +123,12 @@ class Track:
     def to_json(self) -> dict:
         return {"id": self.id, "mask": pack(self.mask), "c": None if self.c is None else list(self.c),
                 "v": list(self.v), "last": self.last, "hits": self.hits,
-                "votes": [[*k, s] for k, s in self.votes.items()]}
+                "votes": [[*k, s] for k, s in self.votes.items()], "confirmed": self.confirmed}
 
     @classmethod
     def from_json(cls, d: dict) -> "Track":
         return cls(d["id"], unpack(d["mask"]), None if d["c"] is None else tuple(d["c"]), tuple(d["v"]),
-                   d["last"], d["hits"], {tuple(v[:-1]): v[-1] for v in d["votes"]})
+                   d["last"], d["hits"], {tuple(v[:-1]): v[-1] for v in d["votes"]}, d.get("confirmed", True))
 
 
 def hungarian(iou: np.ndarray, rows: list[int], cols: list[int], min_iou: float
@@ -147,11 +160,14 @@ class Tracker:
 
     def duplicates(self, dets: list[Detection]) -> tuple[list[int], dict[int, int]]:
         """(the detections at or above low that are kept, by descending score; duplicate -> kept:
-        the same mask (IoU >= dup_iou with a kept one) or mostly covered by the kept ones together
-        (>= dup_cover of its pixels: a mask over two objects), merged into the kept one it overlaps most).
+        a mask over two detected objects (spans()), merged into the part it overlaps most; the same
+        mask (IoU >= dup_iou with a kept one) or mostly covered by the kept ones together (>= dup_cover
+        of its pixels), merged into the kept one it overlaps most).
         A detection whose grid mask is empty (smaller than a cell) is left out: nothing to follow."""
         order = sorted((i for i, d in enumerate(dets) if d.score >= self.config.low and d.mask.any()),
                        key=lambda i: (-dets[i].score, i))
+        span = self.spans(dets, order)
+        order = [i for i in order if i not in span]
         iou = iou_matrix([dets[i].mask for i in order], [dets[i].mask for i in order])
         kept: list[int] = []  # positions in order
         dup: dict[int, int] = {}
@@ -166,7 +182,32 @@ class Tracker:
                 kept.append(a)
                 if m.shape == covered.shape:
                     covered |= m
+        dup.update({i: dup.get(j, j) for i, j in span.items()})
         return [order[b] for b in kept], dup
+
+    def spans(self, dets: list[Detection], order: list[int]) -> dict[int, int]:
+        """The detections that are two detected objects under one mask: a mask that holds (each
+        >= span_inside of its pixels inside it) two or more strong (>= high) detections of distinct
+        objects (IoU < span_iou between them) covering together >= span_cover of it; -> the part it
+        overlaps most. Taken by ascending size, so a part is never itself such a mask."""
+        cfg = self.config
+        masks = [dets[i].mask for i in order]
+        if len(masks) < 3 or len({m.shape for m in masks}) > 1:
+            return {}
+        flat = np.stack([m.ravel() for m in masks]).astype(np.float32)
+        inter = (flat @ flat.T).astype(np.float64)
+        area = np.diag(inter).copy()
+        out: dict[int, int] = {}
+        for a in sorted(range(len(order)), key=lambda a: (area[a], a)):
+            parts: list[int] = []
+            for b in range(len(order)):  # by descending score
+                if (b != a and order[b] not in out and dets[order[b]].score >= cfg.high and area[b] < area[a]
+                        and inter[a, b] >= cfg.span_inside * area[b]
+                        and all(inter[b, p] < cfg.span_iou * (area[b] + area[p] - inter[b, p]) for p in parts)):
+                    parts.append(b)
+            if len(parts) >= 2 and (flat[a] * flat[parts].max(0)).sum() >= cfg.span_cover * area[a]:
+                out[order[a]] = order[max(parts, key=lambda b: (inter[a, b], -b))]
+        return out
 
     def step(self, dets: list[Detection]) -> list[Assignment]:
         """Advance one frame: each detection's Assignment, in the order given."""
@@ -188,9 +229,8 @@ class Tracker:
             p3, high, left_t = hungarian(last, high, left_t, cfg.match_iou)
             pairs = p1 + p2 + p3
             for i in high:  # new tracks, in descending score
-                self.tracks.append(Track(self.next_id, dets[i].mask, None, last=self.steps, hits=0))
+                self.tracks.append(Track(0, dets[i].mask, None, last=self.steps, hits=0, confirmed=False))
                 pairs.append((i, len(self.tracks) - 1))
-                self.next_id += 1
         return self._update(dets, pairs, dup)
 
     def _update(self, dets: list[Detection], pairs: list[tuple[int, int]], dup: dict[int, int]) -> list[Assignment]:
@@ -198,6 +238,8 @@ class Tracker:
         of_det = {}
         for i, k in pairs:
             t = self.tracks[k]
+            if not t.confirmed and (t.hits >= 1 or dets[i].score >= self.config.confirm):
+                t.confirmed, t.id, self.next_id = True, self.next_id, self.next_id + 1  # ids in order
             t.observe(dets[i].mask, self.steps, self.config.smoothing)
             t.votes[dets[i].cls] = t.votes.get(dets[i].cls, 0.0) + dets[i].score
             of_det[i] = t
@@ -206,10 +248,12 @@ class Tracker:
                 t = of_det[j]
                 t.votes[dets[i].cls] = t.votes.get(dets[i].cls, 0.0) + dets[i].score
         for i, t in of_det.items():
-            out[i] = Assignment(t.id, None, t.cls())
+            out[i] = Assignment(t.id if t.confirmed else None, None, t.cls() if t.confirmed else None)
         for i, j in dup.items():
             if j in of_det:
-                out[i] = Assignment(of_det[j].id, j, of_det[j].cls())
-        self.tracks = sorted((t for t in self.tracks if self.steps - t.last <= self.config.max_lost),
-                             key=lambda t: t.id)
+                t = of_det[j]
+                out[i] = Assignment(t.id if t.confirmed else None, j, t.cls() if t.confirmed else None)
+        lost = {True: self.config.max_lost, False: 0}  # a tentative track not seen again ends
+        self.tracks = sorted((t for t in self.tracks if self.steps - t.last <= lost[t.confirmed]),
+                             key=lambda t: (not t.confirmed, t.id))
         return out
