@@ -158,6 +158,23 @@ def test_window_rle_equals_pycocotools_on_the_full_mask(seed):
         mask_utils.encode(np.asfortranarray(full))["counts"].decode()
 
 
+@pytest.mark.parametrize("rows", ["some", "all"])
+def test_window_rle_of_a_window_with_many_runs_equals_pycocotools(rows):
+    """Windows with more than 2048 run changes are put in column order by a radix sort on the
+    column (window_rle): the same string, including a window spanning every row (runs joined
+    across columns) and one spanning the whole image."""
+    from m2f_cli.postprocess.masks import window_rle
+    rng = np.random.default_rng(7)
+    h0, w0 = 300, 420
+    R, r0 = (120, 90) if rows == "some" else (h0, 0)
+    for C, c0, density in ((200, 100, 0.5), (w0, 0, 0.5), (150, 270, 0.97)):
+        b = rng.random((R, C)) < density
+        full = np.zeros((h0, w0), np.uint8)
+        full[r0:r0 + R, c0:c0 + C] = b
+        want = mask_utils.encode(np.asfortranarray(full))["counts"].decode()
+        assert window_rle(b, r0, c0, (h0, w0))["counts"] == want
+
+
 @pytest.mark.parametrize("valid,original", [((96, 96), (480, 640)), ((110, 90), (333, 517)),
                                             ((96, 72), (3000, 4000)), ((50, 160), (37, 1000))])
 def test_window_upsampling_equals_full_image_upsampling(valid, original):

@@ -38,7 +38,15 @@ def window_rle(b: np.ndarray, r0: int, c0: int, size: tuple[int, int]) -> dict:
         padded[1:R + 1] = b
         change = np.flatnonzero(padded[1:] != padded[:-1])  # row-major, over (R + 1, C)
         row, col = np.divmod(change, C)
-        starts = np.sort((c0 + col) * h0 + (r0 + row))
+        starts = (c0 + col) * h0 + (r0 + row)
+        # into column order: within a column the changes already come by row, so a stable sort on
+        # the column alone does it, and numpy sorts 16-bit keys by radix (linear time: ~3x faster
+        # than sorting the positions on the diffuse masks of crowded 12 MP photos); small windows
+        # keep np.sort (the radix sort's 65536 buckets cost more there)
+        if starts.size > 2048 and C <= 1 << 16:
+            starts = starts[np.argsort(col.astype(np.uint16), kind="stable")]
+        else:
+            starts = np.sort(starts)
         # a run ending at the last row of a column and starting again at the first row of the next
         # (the window spans every row) is one run in the full image: drop the end/start pair
         dup = starts[1:] == starts[:-1]
