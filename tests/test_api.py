@@ -182,3 +182,33 @@ def test_trained_fixture_results_equal_the_clis_files_at_every_batch_size(tmp_pa
                                                                             for i in ib]
             assert all(i.rle == j.rle and abs(i.score - j.score) <= 1e-5 for i, j in zip(ia, ib))
             assert np.array_equal(a.label_map, b.label_map)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(ahead, monkeypatch):
+    """engines.batches on CPU: forwards run on one thread of the call, in order; with the next
+    forward started before a batch's post-processing (AHEAD_SHARE 0: always worth it) or after it
+    (never), the results are the same, and no thread is left once the call is done or closed early."""
+    import threading
+
+    from m2f_cli.engines import batches
+    monkeypatch.setattr(batches, "AHEAD_SHARE", 0.0 if ahead else float("inf"))
+    received: list = []
+    seen: list[tuple[str, int, int]] = []  # (thread, call number, results received when it ran)
+    predictor = PlantedPredictor()
+    real = predictor.__call__
+    monkeypatch.setattr(PlantedPredictor, "__call__", lambda self, x: seen.append(
+        (threading.current_thread().name, self.calls, len(received))) or real(x))
+    arrays = _planted_arrays() * 3
+    for r in m2f_cli.segment(arrays, model=Segmenter(predictor), batch_size=1, workers=0):
+        received.append(r)
+    assert [r.index for r in received] == list(range(9))
+    for r in received:
+        assert r.to_json()["instances"] == received[r.index % 3].to_json()["instances"]
+    assert {name for name, _, _ in seen} == {"m2f-forward_0"}
+    started_early = [k for _, k, got in seen if got < k]  # forward k (0-based) began before result k-1 came
+    assert bool(started_early) == ahead, seen
+    gen = m2f_cli.segment(arrays, model=Segmenter(PlantedPredictor()), batch_size=1, workers=0)
+    next(gen)
+    gen.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("m2f-forward")]

@@ -35,6 +35,7 @@ from m2f_cli.errors import one_line
 log = logging.getLogger(__name__)
 
 Runner = Callable[[list], list]
+_KEEP_SIZE, _PUNCH_HOLE = 0x01, 0x02  # fallocate(2) modes
 
 _PY = ctypes.pythonapi
 _PY.PyCapsule_GetPointer.restype = ctypes.c_void_p
@@ -127,6 +128,39 @@ def _member_bytes(package: str, archive: zipfile.ZipFile, member: str, dst: int)
             raise OSError(f"{package}: damaged ({member}: CRC mismatch)")
 
 
+def _drop_constants(runner: GilFreeRunner, fd: int) -> None:
+    """Free the library's copy of the weights once the container holds its own.
+
+    The container copies every constant out of the library's ``_binary_constants_bin_*`` section
+    into memory of its own when it is created (torch's aoti_runtime/model_base.h: load_constants),
+    so that section (~190 MB for Swin-T, all of it read by the copy) is never read again; left in
+    the memory file it counted twice in the process's memory. Its whole pages are punched out of
+    the file (fallocate), which also unmaps them. Best effort: on any doubt nothing is dropped.
+    """
+    try:
+        start = ctypes.addressof(ctypes.c_uint8.in_dll(runner._lib, "_binary_constants_bin_start"))
+        end = ctypes.addressof(ctypes.c_uint8.in_dll(runner._lib, "_binary_constants_bin_end"))
+        inode = os.fstat(fd).st_ino
+        offset = None
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                parts = line.split()
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= start < hi and end <= hi and len(parts) >= 5 and int(parts[4]) == inode:
+                    offset = int(parts[2], 16) + (start - lo)
+                    break
+        if offset is None:
+            return
+        page = mmap.PAGESIZE
+        first, last = -(-offset // page) * page, (offset + end - start) // page * page
+        if last > first:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+            libc.fallocate(fd, _PUNCH_HOLE | _KEEP_SIZE, first, last - first)
+    except (OSError, ValueError, AttributeError) as e:
+        log.debug("m2f: the compiled library's weights stay mapped (%s)", e)
+
+
 def gil_free(package: str, model: str = "model") -> Optional[GilFreeRunner]:
     """A GilFreeRunner for package, or None where the package is not one this module covers.
     The library is copied into an anonymous memory file (memfd: nothing left on disk, even if the
@@ -139,7 +173,9 @@ def gil_free(package: str, model: str = "model") -> Optional[GilFreeRunner]:
             fd = os.memfd_create("m2f-model.so", os.MFD_CLOEXEC)
             try:
                 _member_bytes(package, archive, member, fd)
-                return GilFreeRunner(f"/proc/self/fd/{fd}")
+                runner = GilFreeRunner(f"/proc/self/fd/{fd}")
+                _drop_constants(runner, fd)
+                return runner
             finally:
                 os.close(fd)
         folder = tempfile.mkdtemp(prefix="m2f-aoti-")
