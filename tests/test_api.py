@@ -186,9 +186,10 @@ def test_trained_fixture_results_equal_the_clis_files_at_every_batch_size(tmp_pa
 
 @pytest.mark.parametrize("ahead", [True, False])
 def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(ahead, monkeypatch):
-    """engines.batches on CPU: forwards run on one thread of the call, in order; with the next
-    forward started before a batch's post-processing (AHEAD_SHARE 0: always worth it) or after it
-    (never), the results are the same, and no thread is left once the call is done or closed early."""
+    """engines.batches on CPU: the first batch runs on the caller's thread; then, where the
+    post-processing is worth it (AHEAD_SHARE 0: always; inf: never), forwards run on one thread of
+    the call, the next started before a batch's post-processing: the same results either way, and
+    no thread is left once the call is done or closed early."""
     import threading
 
     from m2f_cli.engines import batches
@@ -205,7 +206,8 @@ def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(
     assert [r.index for r in received] == list(range(9))
     for r in received:
         assert r.to_json()["instances"] == received[r.index % 3].to_json()["instances"]
-    assert {name for name, _, _ in seen} == {"m2f-forward_0"}
+    main = threading.main_thread().name  # serial batches run on the caller's thread
+    assert [name for name, _, _ in seen] == [main] + ["m2f-forward_0" if ahead else main] * 8
     started_early = [k for _, k, got in seen if got < k]  # forward k (0-based) began before result k-1 came
     assert bool(started_early) == ahead, seen
     gen = m2f_cli.segment(arrays, model=Segmenter(PlantedPredictor()), batch_size=1, workers=0)
