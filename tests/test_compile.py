@@ -247,3 +247,25 @@ def test_the_librarys_copy_of_the_weights_is_freed_once_the_container_holds_its_
     x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(2))
     reference = torch._C._aoti.AOTIModelPackageLoader(str(aoti_runs["package"]), "model", False, 1, -1)
     assert all(torch.equal(a, b) for a, b in zip(runner([x]), reference.boxed_run([x.clone()])))
+
+
+@pytest.mark.parametrize("extra,covered", [
+    ({}, True),
+    ({"data/aotinductor/model/x.json": b'{"nodes": []}'}, False),   # extern kernels: a proxy executor
+    ({"data/aotinductor/model/y.so": b"\x7fELF"}, False),            # two libraries
+    ({"data/aotinductor/model/x_metadata.json": b'{"AOTI_DEVICE_KEY": "cuda"}'}, False),
+])
+def test_only_packages_the_c_interface_covers_run_through_it(tmp_path, extra, covered):
+    """aoti._library_member: one CPU library and no extern-kernel table, else torch's loader runs
+    the package (a graph with fallback ops needs its proxy executor)."""
+    import zipfile
+
+    from m2f_cli.model.startup import aoti
+    files = {"data/aotinductor/model/x.so": b"\x7fELF", "data/aotinductor/model/x_metadata.json":
+             b'{"AOTI_DEVICE_KEY": "cpu"}', "data/aotinductor/other/z.so": b"\x7fELF", **extra}
+    with zipfile.ZipFile(tmp_path / "p.pt2", "w") as z:
+        for name, data in files.items():
+            z.writestr("p/" + name, data)
+    with zipfile.ZipFile(tmp_path / "p.pt2") as z:
+        member = aoti._library_member(z, "model")
+    assert member == ("p/data/aotinductor/model/x.so" if covered else None)
