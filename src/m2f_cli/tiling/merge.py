@@ -10,8 +10,9 @@ neighbour that the border cuts; only the piece on the border continues in the ne
 Two parts are *linked* when their masks agree (tiling/links.py: parts of one tile on all of it; a
 cut part and a part of another tile where both tiles see the image; two whole parts of two tiles on
 their whole masks). Kinds: SAME (same class, mask IoU >= ``Thresholds.iou``), CLASS (another class,
-IoU >= ``Thresholds.class_iou``: one object under two classes), HOLDS (same class, the other lies
-inside it: intersection over the smaller mask >= ``Thresholds.ios``).
+IoU >= ``Thresholds.class_iou``: one object under two classes), HOLDS (the other lies inside it:
+intersection over the smaller mask >= ``Thresholds.ios``; either class, a fragment may come under
+another).
 
 Greedy in score order (SAHI's greedy non-maximum merging, on masks), per group of linked parts:
 
