@@ -252,9 +252,9 @@ def test_top_k_counts_per_model_pass():
     """A tiled image keeps its best top_k x tiles instances: many small objects are not cut to 100."""
     boxes = [Box(0, 0, 120, 130), Box(0, 110, 120, 240)]
     parts = []
-    for k in range(150):  # 150 whole 4x4 squares, 75 per tile
-        t = k % 2
-        r, c = 4 + 8 * (k // 2 // 12), boxes[t].c0 + 6 + 8 * (k // 2 % 12)
+    for k in range(150):  # 150 whole 4x4 squares, 75 per tile, none in the overlap (the other tile
+        t = k % 2         # would see it whole there and, finding nothing, halve its score)
+        r, c = 4 + 8 * (k // 2 // 12), boxes[t].c0 + (6 if t == 0 else 26) + 8 * (k // 2 % 12)
         parts.append(_part(_rect(r, c, r + 4, c + 4), t, boxes[t], score=0.5 + k / 1000))
     opts = PostprocessOptions(threshold=0.1, map_threshold=0.1, top_k=100)
     objects = merge_parts(parts, boxes, SIZE)
