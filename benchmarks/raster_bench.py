@@ -74,8 +74,8 @@ def write_tiff(path: str, megapixels: float, density: float, seed: int, striped:
     """A 3:2 RGB TIFF of about `megapixels` MP, `density` shapes per MP, written tile by tile."""
     import tifffile
 
-    h = int(math.sqrt(megapixels * 1e6 / 1.5)) // SIDE * SIDE
-    w = int(h * 1.5) // SIDE * SIDE
+    h = math.ceil(math.sqrt(megapixels * 1e6 / 1.5) / SIDE) * SIDE  # at least the megapixels asked for
+    w = math.ceil(h * 1.5 / SIDE) * SIDE
     rng = np.random.default_rng(seed)
     items = _shapes(rng, h, w, int(density * h * w / 1e6))
     grid: dict[tuple[int, int], list[tuple]] = {}

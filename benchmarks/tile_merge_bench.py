@@ -158,17 +158,16 @@ def main() -> None:
     ap_.add_argument("--model", default=FIXTURE)
     ap_.add_argument("--threads", type=int, default=1)
     ap_.add_argument("--merge", choices=("masks", "legacy"), default="masks",
-                     help="masks: tile_merge (issue 28); legacy: tiling.merge_parts as before it")
+                     help="masks: tiling/merge.py (issue 28); legacy: tiling/seams.py, the merge before it")
     ap_.add_argument("--work", default=os.path.join(ROOT, "benchmarks", "_work", "tile_merge"))
     ap_.add_argument("--json", help="save the figures to this file")
     a = ap_.parse_args()
 
     import torch
     torch.set_num_threads(a.threads)
-    if a.merge == "legacy":
-        from m2f_cli import tiling
-        from m2f_cli.tiling import merge as tile_merge
-        tile_merge.merge_parts = lambda parts, boxes, size, settings=None: tiling.merge_parts(parts, boxes, size)
+    if a.merge == "legacy":  # the tiles' driver merges with tiling/seams.py instead
+        from m2f_cli.tiling import driver, seams
+        driver.merge_parts = seams.merge_parts
     canvases = a.canvas or [canvas_spec("101:1536x1536:130:256")]
     rows = []
     print(f"{'canvas':24} {'--tile':9} {'AP':>6} {'dup':>6} {'found':>9} {'frag':>6} {'preds':>9}   "

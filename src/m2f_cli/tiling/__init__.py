@@ -17,16 +17,17 @@ actor cuts them, ``driver.segment_tiled`` runs them all, so an image's result de
    (query, class) pairs, mask = logit > 0 on the query's window, score = class prob x mean mask
    probability), kept down to ``PART_FLOOR`` x the threshold: a cut half may score lower than the
    whole. Each part is stored as a tight crop encoded as RLE, never as a full-size mask.
-4. ``merge.merge_parts``: parts of different tiles with the same class are one object when their masks
-   agree where both tiles see the image (mask IoU >= ``SEAM_IOU`` inside the tiles' overlap; for
-   tiles that only meet, on the two pixel lines either side of the seam). Objects are the
-   connected components of that relation (union-find: independent of tile order), their mask the
-   union of their parts, their score the best part's score. Full-pass parts (``--tile-full``)
-   join an object when they are its duplicate (IoU >= ``FULL_IOU``, or a coarse full-pass mask
-   mostly inside it) or when the object is a fragment no single tile saw whole and lies mostly
-   inside the full-pass mask (``FULL_INSIDE``). Then threshold, top-k (per model pass: an image
-   of N tiles keeps its best top_k x N) and map painting as usual.
+4. ``merge.merge_parts`` (merge.py, links.py; the rules in merge.py's docstring and
+   docs/large-images.md): parts whose masks agree (mask IoU, or one inside the other) are linked;
+   greedy in score order, a part some tile saw whole is an object and takes its duplicates (other
+   tiles, queries, classes) and the pieces of it other tiles cut, a whole mask inside it is held at
+   half its score, and its score counts the tiles that see it whole and found nothing there; parts
+   no tile saw whole are joined across seams, scored by the paper's rule over their pixels.
+   Full-pass parts (``--tile-full``) are merged in afterwards (seams._with_full_pass); seams.py
+   keeps the merge this replaced, for ``benchmarks/tile_merge_bench.py --merge legacy``. Then
+   threshold, top-k (per model pass: an image of N tiles keeps its best top_k x N) and map
+   painting as usual.
 
-Cost grows with the number of tiles: every comparison is between neighbouring tiles, on their
-shared strip, and memory holds one tile's logits plus RLE crops of the parts.
+Cost grows with the number of tiles: every comparison is between neighbouring tiles, and memory
+holds one tile's logits plus RLE crops of the parts.
 """

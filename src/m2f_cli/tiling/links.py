@@ -26,7 +26,8 @@ from m2f_cli.tiling.parts import _tight
 
 TILE, SEAM, WHOLE = "tile", "seam", "whole"
 # How two linked candidates relate, seen from the first: the same object (same class, IoU), the
-# same object under another class, the other lies inside this one, this one lies inside the other.
+# same object under another class (IoU), the other lies inside this one, this one lies inside the
+# other (intersection over the smaller mask, any class: a fragment may come under another class).
 SAME, CLASS, HOLDS, INSIDE = "same", "class", "holds", "inside"
 MIRROR = {SAME: SAME, CLASS: CLASS, HOLDS: INSIDE, INSIDE: HOLDS}
 
@@ -34,7 +35,7 @@ MIRROR = {SAME: SAME, CLASS: CLASS, HOLDS: INSIDE, INSIDE: HOLDS}
 @dataclass(frozen=True)
 class Thresholds:
     """iou: SAME, same-class mask IoU. class_iou: CLASS, IoU of two classes' masks. ios: HOLDS,
-    intersection over the smaller mask. ios_share: in SEAM mode HOLDS counts only when the smaller
+    intersection over the smaller mask (either class, when not SAME or CLASS). ios_share: in SEAM mode HOLDS counts only when the smaller
     mask has this share of its pixels where both tiles see. within: a whole object takes a candidate
     of another tile only when this share of it lies where both tiles see (tile_merge). speck: pieces
     of a cut mask under this share of its pixels stay with its largest piece (split_cut). held: the
@@ -140,9 +141,9 @@ def link(inter: int, a: int, b: int, same_class: bool, smaller_area: int, entire
     in the compared region and share inter there, or None. smaller_area: all the pixels of the mask
     with fewer in the region (SEAM: HOLDS needs ios_share of them there); entire: not SEAM."""
     iou = inter / (a + b - inter)
-    if not same_class:
-        return CLASS if iou >= s.class_iou else None
-    if iou >= s.iou:
+    if not same_class and iou >= s.class_iou:
+        return CLASS
+    if same_class and iou >= s.iou:
         return SAME
     if not entire and min(a, b) < s.ios_share * smaller_area:
         return None

@@ -10,8 +10,9 @@ neighbour that the border cuts; only the piece on the border continues in the ne
 Two parts are *linked* when their masks agree (tiling/links.py: parts of one tile on all of it; a
 cut part and a part of another tile where both tiles see the image; two whole parts of two tiles on
 their whole masks). Kinds: SAME (same class, mask IoU >= ``Thresholds.iou``), CLASS (another class,
-IoU >= ``Thresholds.class_iou``: one object under two classes), HOLDS (same class, the other lies
-inside it: intersection over the smaller mask >= ``Thresholds.ios``).
+IoU >= ``Thresholds.class_iou``: one object under two classes), HOLDS (the other lies inside it:
+intersection over the smaller mask >= ``Thresholds.ios``; either class, a fragment may come under
+another).
 
 Greedy in score order (SAHI's greedy non-maximum merging, on masks), per group of linked parts:
 
@@ -20,7 +21,10 @@ Greedy in score order (SAHI's greedy non-maximum merging, on masks), per group o
    other tiles and queries, other classes, pieces of it that other tiles cut) except a part it lies
    inside, and a part of another tile that runs on beyond the shared region (then it is not just
    this object); a whole mask inside it stays, at ``Thresholds.held`` x its score (soft NMS), and
-   so does one inside a better object of step 2;
+   so does one inside a better object of step 2. The other tiles that see the object whole (away
+   from their inner borders) and found nothing there (no part of it under any class) count as
+   observations at mask probability 0, as in step 2: its score x found / seeing
+   (``TileMerger._confirmed``), so a mask one tile sees where its neighbour sees nothing is halved;
 2. the cut pieces left, best first: each is joined with the pieces of its class that continue it in
    other tiles (SAME where both tiles see), at most one per tile and each agreeing with every member
    whose tile it overlaps, so a sliver cannot bridge two objects; mask = union, score recomputed by
@@ -43,7 +47,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from m2f_cli.tiling.links import HOLDS, INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds, link, overlaps, split_cut
+from m2f_cli.tiling.links import CLASS, HOLDS, INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds, link, overlaps, split_cut
 from m2f_cli.tiling.grid import Box
 from m2f_cli.tiling.parts import Part, _encode, _tight
 from m2f_cli.tiling.seams import _is_cut, _Object, _seam_regions, _union, _with_full_pass
@@ -225,8 +229,8 @@ class TileMerger:
                     if kind == HOLDS and not self.entries[j].cut and j not in decay:
                         decay[j] = self.settings.held
                 p = seed.part
-                out.append(_Object(p.label, p.score * decay.get(seed.id, 1.0), p.r0, p.c0, p.rle, p.area,
-                                   complete=True))
+                score = p.score * decay.get(seed.id, 1.0) * self._confirmed(seed)
+                out.append(_Object(p.label, score, p.r0, p.c0, p.rle, p.area, complete=True))
                 whole_out[seed.id] = out[-1]
         for seed in (e for e in group if e.cut):
             if seed.id in taken:
@@ -246,6 +250,17 @@ class TileMerger:
                             del whole_out[j]
             out.append(o)
         return out
+
+    def _confirmed(self, seed: _Entry) -> float:
+        """A whole part: the share of the tiles that see all of it (its own and the others that hold it
+        away from their inner borders) that found it too (a SAME or CLASS link): a tile that sees it
+        whole and finds nothing there is an observation at mask probability 0, as in _unconfirmed."""
+        b = seed.part.box
+        seeing = {t for t in self.near[seed.part.tile] if _sees_whole(self.boxes[t], b, self.size)}
+        if not seeing:
+            return 1.0
+        found = {self.entries[j].part.tile for j, kind, _ in self.links[seed.id] if kind in (SAME, CLASS)}
+        return (1 + len(found & seeing)) / (1 + len(seeing))
 
     def _unconfirmed(self, p: Part) -> float:
         """A cut piece no other tile continues: the share of its observations that are its own, the
@@ -303,6 +318,12 @@ class TileMerger:
                     and m.part.box.intersect(regions[1]) is not None:
                 return False
         return True
+
+
+def _sees_whole(tile: Box, b: Box, size: tuple[int, int]) -> bool:
+    """Whether a tile holds box b away from its borders that lie inside the image."""
+    return ((b.r0 > tile.r0 or tile.r0 == 0 <= b.r0) and (b.c0 > tile.c0 or tile.c0 == 0 <= b.c0)
+            and (b.r1 < tile.r1 or b.r1 <= tile.r1 == size[0]) and (b.c1 < tile.c1 or b.c1 <= tile.c1 == size[1]))
 
 
 def _joined(parts: list[Part], label: int) -> _Object:
