@@ -184,8 +184,8 @@ def test_trained_fixture_results_equal_the_clis_files_at_every_batch_size(tmp_pa
             assert np.array_equal(a.label_map, b.label_map)
 
 
-@pytest.mark.parametrize("ahead,prior", [(True, False), (False, False), (False, True)])
-def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(ahead, prior, monkeypatch):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(ahead, monkeypatch):
     """engines.batches on CPU: the first batch runs on the caller's thread; then, where the
     post-processing is worth it (AHEAD_SHARE 0: always; inf: never), forwards run on one thread of
     the call, the next started before a batch's post-processing: the same results either way, and
@@ -194,7 +194,6 @@ def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(
 
     from m2f_cli.engines import batches
     monkeypatch.setattr(batches, "AHEAD_SHARE", 0.0 if ahead else float("inf"))
-    monkeypatch.setattr(batches, "AHEAD_PIXELS", 0 if prior else 10 ** 9)  # the first batch's guess
     received: list = []
     seen: list[tuple[str, int, int]] = []  # (thread, call number, results received when it ran)
     predictor = PlantedPredictor()
@@ -207,13 +206,10 @@ def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(
     assert [r.index for r in received] == list(range(9))
     for r in received:
         assert r.to_json()["instances"] == received[r.index % 3].to_json()["instances"]
-    main, thread = threading.main_thread().name, "m2f-forward_0"  # serial batches: the caller's thread
-    if prior:  # guessed worth it from the size, measured not: two forwards ahead, then serial
-        assert [name for name, _, _ in seen] == [thread] * 2 + [main] * 7
-    else:
-        assert [name for name, _, _ in seen] == [main] + [thread if ahead else main] * 8
+    main = threading.main_thread().name  # serial batches run on the caller's thread
+    assert [name for name, _, _ in seen] == [main] + ["m2f-forward_0" if ahead else main] * 8
     started_early = [k for _, k, got in seen if got < k]  # forward k (0-based) began before result k-1 came
-    assert bool(started_early) == (ahead or prior), seen
+    assert bool(started_early) == ahead, seen
     gen = m2f_cli.segment(arrays, model=Segmenter(PlantedPredictor()), batch_size=1, workers=0)
     next(gen)
     gen.close()

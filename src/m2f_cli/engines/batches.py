@@ -127,24 +127,20 @@ def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size:
 # is worth it: at least this share of the batch's forward (crowded 12 MP photos: ~2x the forward;
 # ~640x480 photos: ~4%, where two busy threads on 2 cores only slowed the forward by ~4%).
 AHEAD_SHARE = 0.25
-# Before any batch is measured: worth it from outputs of this many pixels (post-processing works at
-# the output size; 1080p and larger)
-AHEAD_PIXELS = 1920 * 1080
 
 
 def _ahead(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int,
            notify: Optional[Callable[[str], None]]) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
-    """segment_samples on CPU. A batch runs here, forward then post-processing, unless the last
-    measured one's post-processing took AHEAD_SHARE of its forward (before any is measured: the
-    first batch's output has AHEAD_PIXELS); then (each batch decides for the next; outputs are the
-    same either way) forwards run in order on one thread of this call, batch n+1's beside batch n's
-    post-processing. Serial batches stay on this thread: a second thread running torch gets
-    OpenMP threads of its own, which spin beside this thread's (~640x480 photos: 3-7% slower,
-    measured). The thread ends with the call, however it ends (a closed
+    """segment_samples on CPU. A batch runs here, forward then post-processing, until one's
+    post-processing took AHEAD_SHARE of its forward; from then on (each batch decides for the
+    next; outputs are the same either way) forwards run in order on one thread of this call, batch
+    n+1's beside batch n's post-processing. Serial batches stay on this thread: a second thread
+    running torch gets OpenMP threads of its own, which spin beside this thread's (~640x480
+    photos: 3-7% slower, measured). The thread ends with the call, however it ends (a closed
     generator or an error cancels the forwards not started and waits for the running one)."""
     pool: Optional[ThreadPoolExecutor] = None
     in_flight: Optional[Future] = None
-    ahead: Optional[bool] = None  # not measured yet: the first batch's output size decides
+    ahead = False
     times = segmenter.times
 
     def finish(started: StartedBatch) -> list[tuple[int, Union[ImageResult, Failure]]]:
@@ -158,8 +154,6 @@ def _ahead(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int,
 
     try:
         for batch in group_batches(samples, batch_size):
-            if ahead is None:
-                ahead = batch[0].original[0] * batch[0].original[1] >= AHEAD_PIXELS
             if in_flight is not None and (not ahead or batch[0].tiles is not None):
                 yield from finish(in_flight.result())
                 in_flight = None
