@@ -214,3 +214,32 @@ def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(
     next(gen)
     gen.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("m2f-forward")]
+
+
+@pytest.mark.parametrize("setting,kept", [(None, False), ("0", True)])
+def test_the_cli_process_flushes_denormals_unless_told_not_to(setting, kept):
+    """model.runtime.tune_process (what `m2f segment` and its device workers apply first): denormal
+    floats read as zero in the calling thread, in a thread started after it and in torch's OpenMP
+    pool (a large multiplication runs in parallel); M2F_FLUSH_DENORMALS=0 keeps them. In a child
+    process: the setting is per thread and process, and the library never applies it."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import threading, torch\n"
+        "from m2f_cli.model.runtime import tune_process\n"
+        "tune_process()\n"
+        "x = torch.full((1 << 20,), 1e-39)\n"
+        "out = {'main': float((x * 1.0).max())}\n"
+        "t = threading.Thread(target=lambda: out.__setitem__('thread', float((x * 1.0).max())))\n"
+        "t.start(); t.join()\n"
+        "print(out['main'], out['thread'], torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "M2F_FLUSH_DENORMALS"}
+    if setting is not None:
+        env["M2F_FLUSH_DENORMALS"] = setting
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    main, thread, _ = (float(v) for v in r.stdout.split())
+    assert (main > 0, thread > 0) == (kept, kept), r.stdout
+    import torch
+    assert torch.tensor(1e-39).item() > 0  # this process (the library's caller) is untouched

@@ -245,11 +245,10 @@ def _run(config: RunConfig, devices: Optional[str], quiet: bool):
     # instead of raising NotImplementedError; an explicit PYTORCH_ENABLE_MPS_FALLBACK=0 is kept
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     from m2f_cli.errors import UsageError, WorkerError
-    from m2f_cli.model.runtime import tune_malloc
+    from m2f_cli.model.runtime import tune_process
     from m2f_cli.pipeline import run
     from m2f_cli.progress import make_reporter
-    if os.environ.get("M2F_MALLOC_TUNING", "1") != "0":
-        tune_malloc()
+    tune_process()
     with errors_as_exit_codes():
         if not devices:
             return run(config, make_reporter(quiet=quiet))

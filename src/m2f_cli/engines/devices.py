@@ -88,6 +88,8 @@ def _child(config: RunConfig, q, worker: int) -> None:
         os.setpgid(0, 0)
     except OSError:
         pass
+    from m2f_cli.model.runtime import tune_process
+    tune_process()  # spawned: the parent's settings are not inherited
     if config.device.startswith("cuda"):
         import torch
         torch.cuda.set_device(0)  # the only card CUDA_VISIBLE_DEVICES leaves us
