@@ -269,3 +269,19 @@ def test_only_packages_the_c_interface_covers_run_through_it(tmp_path, extra, co
     with zipfile.ZipFile(tmp_path / "p.pt2") as z:
         member = aoti._library_member(z, "model")
     assert member == ("p/data/aotinductor/model/x.so" if covered else None)
+
+
+def test_each_load_of_a_package_is_a_library_of_its_own(aoti_runs):
+    """dlopen hands back a library already loaded under the same name, and a closed memfd's number
+    comes back for the next one: two packages loaded one after the other as /proc/self/fd/N ran the
+    first package's model for both (seen in the full suite). Each load maps a library of its own."""
+    from m2f_cli.model.startup import aoti
+
+    def libraries() -> int:
+        with open("/proc/self/maps") as f:
+            return len({line.split()[4] for line in f if "m2f-model.so" in line})
+    first = aoti.gil_free(str(aoti_runs["package"]))
+    before = libraries()
+    second = aoti.gil_free(str(aoti_runs["package"]))
+    assert libraries() == before + 1
+    assert second._lib._name != first._lib._name

@@ -17,6 +17,7 @@ torch's loader (``load_runner``), so a package is never unusable because of this
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import logging
 import mmap
@@ -161,6 +162,17 @@ def _drop_constants(runner: GilFreeRunner, fd: int) -> None:
         log.debug("m2f: the compiled library's weights stay mapped (%s)", e)
 
 
+_loads = itertools.count()
+
+
+def _fd_path(fd: int) -> str:
+    """A path to the open file fd that no earlier load in this process used: dlopen returns the
+    library already loaded under the same name, and fd numbers are reused once closed, so a
+    second package loaded as /proc/self/fd/N would run the first one's model. The path's "./"
+    steps make each name unique (the kernel resolves them all to the same file)."""
+    return "/proc/self/fd/" + "./" * next(_loads) + str(fd)
+
+
 def gil_free(package: str, model: str = "model") -> Optional[GilFreeRunner]:
     """A GilFreeRunner for package, or None where the package is not one this module covers.
     The library is copied into an anonymous memory file (memfd: nothing left on disk, even if the
@@ -173,7 +185,7 @@ def gil_free(package: str, model: str = "model") -> Optional[GilFreeRunner]:
             fd = os.memfd_create("m2f-model.so", os.MFD_CLOEXEC)
             try:
                 _member_bytes(package, archive, member, fd)
-                runner = GilFreeRunner(f"/proc/self/fd/{fd}")
+                runner = GilFreeRunner(_fd_path(fd))
                 _drop_constants(runner, fd)
                 return runner
             finally:
