@@ -94,11 +94,11 @@ def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size:
 
     One batch stays in flight while the previous one is post-processed. On CUDA batch n+1 is queued
     (forward and device post-processing) before batch n's host post-processing runs, so the card
-    works while the host encodes masks. On CPU batch n+1's forward runs on a thread of this call
-    (_ahead) while batch n is post-processed here: the compiled forward (model/startup/aoti.py) and
-    torch's kernels release the GIL, and on crowded large photos the mostly single-threaded
-    post-processing costs more than the forward. MPS: each batch is finished before the next starts
-    (its timing syncs).
+    works while the host encodes masks. On CPU (_ahead) batch n+1's forward runs on a thread of this
+    call beside batch n's post-processing where that post-processing is worth it (crowded large
+    photos, where the mostly single-threaded post-processing costs more than the forward; the
+    compiled forward, model/startup/aoti.py, and torch's kernels release the GIL); else each batch
+    is finished before the next starts, as on MPS (its timing syncs).
     """
     if segmenter.device.type == "cpu":
         yield from _ahead(segmenter, samples, batch_size, notify)
@@ -125,7 +125,7 @@ def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size:
 
 # On CPU the next forward runs beside a batch's post-processing only where that post-processing
 # is worth it: at least this share of the batch's forward (crowded 12 MP photos: ~2x the forward;
-# ~640x480 photos: ~4%, where two busy threads on 2 cores only slowed the forward by ~4%).
+# ~640x480 photos: ~4%, where a forward thread made the whole run 3-7% slower on 2 cores).
 AHEAD_SHARE = 0.25
 
 
