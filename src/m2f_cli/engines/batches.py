@@ -5,6 +5,7 @@ each sample's seq."""
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -15,6 +16,24 @@ from m2f_cli.segmenter import InFlight, Segmenter, StageError, describe_error
 from m2f_cli.tiling.driver import infer_tiled
 
 log = logging.getLogger(__name__)
+
+
+def drain(loader: Iterable[Sample], stages, stopping: Callable[[], bool]) -> Iterator[Sample]:
+    """A DataLoader's samples until it ends or stopping() says so, each wait counted as idle time
+    (stages.idle); the loader's iterator, and with it its workers, goes when this generator ends,
+    however it ends (engines/local.py, engines/video.py)."""
+    it = iter(loader)
+    try:
+        while not stopping():
+            t0 = time.perf_counter()
+            try:
+                s = next(it)
+            except StopIteration:
+                return
+            stages.idle += time.perf_counter() - t0
+            yield s
+    finally:
+        del it  # shuts the workers down
 
 
 def _failures(batch: list[Sample], stage: str, error: str) -> list[tuple[int, Failure]]:

@@ -6,8 +6,8 @@ memory, one batch in flight on CUDA, tiles by tiling.py) is what the Ray actors 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from typing import Callable, Iterator, Optional, Union
 
 from m2f_cli.inputs.batch import ImageDataset, Sample, make_loader
@@ -15,7 +15,7 @@ from m2f_cli.config import RunConfig
 from m2f_cli.progress import Stages
 from m2f_cli.records import Failure, ImageRef, ImageResult
 from m2f_cli.segmenter import Segmenter
-from m2f_cli.engines.batches import segment_samples
+from m2f_cli.engines.batches import drain, segment_samples
 from m2f_cli.engines.video import VideoJob, local_results_with_videos
 
 log = logging.getLogger(__name__)
@@ -37,20 +37,11 @@ def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef],
     loader = make_loader(dataset, workers, mid_run=mid_run)
 
     def samples() -> Iterator[Sample]:
-        it = iter(loader)
-        try:
-            while not stopping():
-                t0 = time.perf_counter()
-                try:
-                    s = next(it)
-                except StopIteration:
-                    return
-                stages.idle += time.perf_counter() - t0
+        with contextlib.closing(drain(loader, stages, stopping)) as drained:
+            for s in drained:
                 stages.decode += s.decode_s
                 stages.preprocess += s.preprocess_s
                 yield s
-        finally:
-            del it  # shuts the workers down
 
     return segment_samples(segmenter, samples(), batch_size, notify)
 

@@ -15,6 +15,7 @@ its ImageRef), read frame by frame where the images are decoded, its frames batc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import Callable, ClassVar, Iterator, Optional, Union
 
 from torch.utils.data import IterableDataset
 
-from m2f_cli.engines.batches import segment_samples
+from m2f_cli.engines.batches import drain, segment_samples
 from m2f_cli.inputs.batch import Sample, make_loader, rgb_sample
 from m2f_cli.inputs.frame_selection import FrameSelection
 from m2f_cli.inputs.video import Anchor, FrameError, ReadStats, frame_ref, read_frames
@@ -145,20 +146,8 @@ def video_results(segmenter, job: VideoJob, seq: int, batch_size: int, workers: 
                          min(workers, 1), mid_run=True)  # one loader per video, made as the run goes
     ends: list = []
 
-    def samples():
-        it = iter(loader)
-        try:
-            while not stopping():
-                t0 = time.perf_counter()
-                try:
-                    s = next(it)
-                except StopIteration:
-                    return
-                stages.idle += time.perf_counter() - t0
-                yield s
-        finally:
-            del it  # shuts the worker down
-    yield from _segmented(segmenter, samples(), batch_size, notify, ends, {}, stages)
+    with contextlib.closing(drain(loader, stages, stopping)) as samples:
+        yield from _segmented(segmenter, samples, batch_size, notify, ends, {}, stages)
     for e in ends:
         yield e.key, e
 
