@@ -17,7 +17,7 @@ the smaller area); only those that could link are intersected exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -171,3 +171,37 @@ def split_cut(crop: np.ndarray, speck: float) -> list[tuple[int, int, np.ndarray
         piece = labels == k if k != main else (labels > 0) & ~np.isin(labels, big[big != main])
         out.append(_tight(piece))
     return out
+
+
+class UnionFind:
+    """Disjoint sets of ids (path halving; a set's root is its smallest id), for both merges: ids
+    may be added as parts stream in (merge.TileMerger) and a finished set removed whole."""
+
+    def __init__(self, ids: Iterable[int] = ()):
+        self.parent: dict[int, int] = {i: i for i in ids}
+
+    def add(self, i: int) -> None:
+        self.parent[i] = i
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def remove(self, i: int) -> None:
+        """Forget i: only for the members of a set removed whole (no other id may point at it)."""
+        del self.parent[i]
+
+    def groups(self) -> list[list[int]]:
+        """The sets, each in the order its ids were added, in the order of their first ids."""
+        out: dict[int, list[int]] = {}
+        for i in self.parent:
+            out.setdefault(self.find(i), []).append(i)
+        return list(out.values())
+

@@ -47,7 +47,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from m2f_cli.tiling.links import CLASS, HOLDS, INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds, link, overlaps, split_cut
+from m2f_cli.tiling.links import (CLASS, HOLDS, INSIDE, MIRROR, SAME, SEAM, TILE, WHOLE, Mask, MaskCache, Thresholds,
+                                  UnionFind, link, overlaps, split_cut)
 from m2f_cli.tiling.grid import Box
 from m2f_cli.tiling.parts import Part, _encode, _tight
 from m2f_cli.tiling.seams import _is_cut, _Object, _seam_regions, _union, _with_full_pass
@@ -101,7 +102,7 @@ class TileMerger:
         self.masks: dict[int, list[Mask]] = {}          # tile -> its masks
         self.on_mask: dict[int, list[_Entry]] = {}      # mask uid -> the candidates on it
         self.links: dict[int, list[tuple[int, str, bool]]] = {}  # entry id -> (other id, kind, other within)
-        self.parent: dict[int, int] = {}
+        self.sets = UnionFind()                          # entry ids linked into one object
         self.entries: dict[int, _Entry] = {}
         self.next_id = 0
 
@@ -154,7 +155,7 @@ class TileMerger:
         e = _Entry(self.next_id, part, m, order_key(part))
         self.next_id += 1
         self.entries[e.id] = e
-        self.parent[e.id] = e.id
+        self.sets.add(e.id)
         self.links[e.id] = []
         return e
 
@@ -173,27 +174,13 @@ class TileMerger:
                 if kind is not None:
                     self.links[x.id].append((y.id, kind, within_v))
                     self.links[y.id].append((x.id, MIRROR[kind], within_u))
-                    self._union(x.id, y.id)
-
-    def _find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def _union(self, a: int, b: int) -> None:
-        ra, rb = self._find(a), self._find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+                    self.sets.union(x.id, y.id)
 
     def flush(self, final: bool = False) -> list[_Object]:
         """The objects of every group of linked parts whose tiles are closed (all neighbours added)."""
         closed = {t for t in self.masks if final or all(n in self.added for n in self.near[t])}
-        groups: dict[int, list[int]] = {}
-        for i in self.entries:
-            groups.setdefault(self._find(i), []).append(i)
         out = []
-        for ids in groups.values():
+        for ids in self.sets.groups():
             if all(self.entries[i].part.tile in closed for i in ids):
                 out += self._objects([self.entries[i] for i in ids])
                 for i in ids:
@@ -211,7 +198,8 @@ class TileMerger:
         on.remove(e)
         if not on:
             del self.on_mask[e.mask.uid]
-        del self.links[i], self.parent[i]
+        del self.links[i]
+        self.sets.remove(i)
 
     def _objects(self, group: list[_Entry]) -> list[_Object]:
         """Greedy clustering of one group of linked parts (module docstring): the whole parts, best

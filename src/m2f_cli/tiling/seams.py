@@ -13,6 +13,7 @@ from m2f_cli.postprocess.instance import PostprocessOptions
 from m2f_cli.postprocess.masks import rle_with_bytes_counts, window_rle
 from m2f_cli.records import Instance
 from m2f_cli.tiling.grid import Box
+from m2f_cli.tiling.links import UnionFind
 from m2f_cli.tiling.parts import Part, _encode, _tight
 
 
@@ -26,28 +27,6 @@ CUT_INSIDE = 0.5    # share of a cut part's pixels on a whole part of a neighbou
 
 
 FULL_INSIDE = 0.8   # share of a mask inside the other's: a coarse duplicate, or a fragment of a large object
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-    def groups(self) -> list[list[int]]:
-        out: dict[int, list[int]] = {}
-        for i in range(len(self.parent)):
-            out.setdefault(self.find(i), []).append(i)
-        return list(out.values())
 
 
 def _seam_regions(a: Box, b: Box) -> Optional[tuple[Box, Box]]:
@@ -190,7 +169,7 @@ def _with_full_pass(objects: list[_Object], full: list[Part], size: tuple[int, i
     if not full:
         return objects
     items: list[Union[_Object, Part]] = [*objects, *full]
-    uf = _UnionFind(len(items))
+    uf = UnionFind(range(len(items)))
     rles = [_full_rle(x, size) for x in items]
     areas = np.array([x.area for x in items], np.float64)
     n = len(objects)
@@ -240,8 +219,8 @@ def merge_parts(parts: Sequence[Part], boxes: Sequence[Box], size: tuple[int, in
                 dropped[c] = True
         elif iou >= SEAM_IOU:
             matches.append((i, j))
-    dup = _UnionFind(len(tiled))     # whole parts and their duplicates
-    seams = _UnionFind(len(tiled))   # the cut parts left, along seams
+    dup = UnionFind(range(len(tiled)))     # whole parts and their duplicates
+    seams = UnionFind(range(len(tiled)))   # the cut parts left, along seams
     for i, j in matches:
         if not cut[i] and not cut[j]:
             dup.union(i, j)
