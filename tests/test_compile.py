@@ -228,7 +228,9 @@ def _rss_shmem_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("RssShmem:"))
 
 
-@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the memory-file path is Linux's")
+@pytest.mark.skipif(not hasattr(os, "memfd_create"),
+                    reason="os.memfd_create is Linux-only; elsewhere aoti.py loads the library from a temporary "
+                           "folder, whose file is gone once loaded (test above), so there is no memory file to punch")
 def test_the_librarys_copy_of_the_weights_is_freed_once_the_container_holds_its_own(aoti_runs):
     """The container copies the weights out of the library when it is created, so aoti.py punches
     the library's constants section out of its memory file: the process keeps one copy, not two
