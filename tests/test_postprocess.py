@@ -233,6 +233,33 @@ def test_cells_equal_full_image_upsampling_on_scattered_masks(valid, original):
         assert abs(m.area - int(want.sum())) <= int(differ.sum())
         ref_score = float(full.sigmoid()[want].sum()) / (float(want.sum()) + 1e-6)
         assert m.score == pytest.approx(ref_score, abs=1e-5)
+        # the RLE built from the cells (never from a window) is pycocotools' encoding of that mask
+        assert m.cells is not None
+        assert m.rle(original)["counts"] == mask_utils.encode(np.asfortranarray(got.astype(np.uint8)))["counts"].decode()
+
+
+@pytest.mark.parametrize("valid,original", [((64, 48), (3000, 4000)), ((90, 110), (997, 1213))])
+def test_cells_rle_where_runs_cross_cells_and_columns(valid, original):
+    """A mask held as cells whose runs go on across cell rows (vertically adjacent active cells),
+    reach the image's last row and go on at the top of the next column (the first and last source
+    rows positive), and fill the last partial cell column: its RLE is pycocotools' encoding of its
+    window, and its area the RLE's."""
+    from m2f_cli.postprocess.sampling import _Sampler
+    vh, vw = valid
+    low = torch.full(valid, -3.0)
+    low[0], low[-1], low[:, -1] = 4.0, 4.0, 4.0      # top and bottom rows, last column
+    low[vh // 2, ::3] = 2.0                            # specks in between
+    sampler = _Sampler(valid, original, torch.device("cpu"))
+    m = sampler.measure(low)
+    assert m.cells is not None                         # the cell path
+    full = np.zeros(original, np.uint8)
+    full[m.r0:m.r0 + m.binary.shape[0], m.c0:m.c0 + m.binary.shape[1]] = m.binary
+    assert full[0].all() and full[-1].all() and full[:, -1].all()
+    rle = m.rle(original)
+    assert rle["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"].decode()
+    assert m.area == int(full.sum()) == int(mask_utils.area({"size": rle["size"], "counts": rle["counts"].encode()}))
+    want = F.interpolate(low[None, None], size=original, mode="bilinear", align_corners=False)[0, 0] > 0
+    assert (want.numpy() == full.astype(bool)).all()
 
 
 def test_scattered_candidates_instance_map_matches_painting_in_score_order():
@@ -258,6 +285,36 @@ def test_scattered_candidates_instance_map_matches_painting_in_score_order():
                        size=original, mode="bilinear", align_corners=False)[0]
     near_zero = (up.abs() < 1e-5).any(0).numpy()
     assert len(out) >= 8 and (imap == want)[~near_zero].all()
+
+
+def test_instance_map_of_cell_and_window_masks_together():
+    """Scattered candidates (held as cells, painted in a cell-major map) and compact ones (dense
+    windows, painted in the map itself) on one large image: the map equals painting every
+    full-size mask in ascending score, whichever kind owns a pixel."""
+    g = torch.Generator().manual_seed(11)
+    q, padded, original = 16, (96, 96), (997, 1213)
+    cls = torch.randn(q, 81, generator=g)
+    cls[:, 0] += 9.0; cls[:, 80] = -5.0
+    yy, xx = torch.meshgrid(torch.arange(24).float(), torch.arange(24).float(), indexing="ij")
+    blobs = [6.0 * (1 - ((yy - 3 * k) ** 2 + (xx - 2 * k - 2) ** 2).sqrt() / 5.0) for k in range(1, 8)]
+    masks = torch.stack([_scattered_low(24, 24, g, 0.1) for _ in range(q - len(blobs))] + blobs)
+    out, imap = segment_instances(cls, masks, padded, padded, original, COCO,
+                                  PostprocessOptions(threshold=0.3, map_threshold=0.3, top_k=q))
+    scores, labels, ref_masks = _reference(cls, masks, padded, padded, original, top_k=q)
+    order = [i for i in sorted(range(q), key=lambda i: -float(scores[i])) if float(scores[i]) >= 0.3]
+    want = np.zeros(original, np.uint16)
+    for n in range(len(order), 0, -1):
+        want[ref_masks[order[n - 1]].numpy()] = n
+    up = F.interpolate(F.interpolate(masks[None], size=padded, mode="bilinear", align_corners=False),
+                       size=original, mode="bilinear", align_corners=False)[0]
+    near_zero = (up.abs() < 1e-5).any(0).numpy()
+    owners = set(np.unique(imap).tolist())
+    assert len(out) >= 12 and (imap == want)[~near_zero].all()
+    assert {i.id for i in out if i.bbox[2] * i.bbox[3] < 0.2 * original[0] * original[1]} & owners  # blobs drawn
+    assert {i.id for i in out if i.bbox[2] > 1000} & owners                                        # scattered drawn
+    for inst in out:  # each RLE is its reference mask (up to rounding at 0)
+        ref = ref_masks[order[inst.id - 1]].numpy()
+        assert ((mask_utils.decode(inst.rle).astype(bool) != ref) & ~near_zero).sum() == 0
 
 
 _MEMORY_PROBE = """

@@ -11,22 +11,24 @@ For one image (docs/mask2former.md, "The original test protocol"):
 Optimised but exact: a candidate whose class probability is already below the score threshold
 cannot pass it (the mask score is <= 1), so only the surviving queries are upsampled, in chunks
 whose size bounds memory whatever the image size, and each only where it can be positive
-(sampling.py). Its RLE is built from that window (masks.window_rle), never from a full-size mask;
-only the windows of the queries drawn in the instance map are kept, 1 bit a pixel (_Packed), and
-the map is painted from them at the end, in ascending score.
+(sampling.py; a mask scattered over a large image only on its active cells, cells.py). Its RLE is
+built from that window or those cells (masks.Measured.rle), never from a full-size mask; only the
+masks of the queries drawn in the instance map are kept, 1 bit a pixel (_Packed, cells.PackedCells),
+and the map is painted from them at the end, in ascending score.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from m2f_cli.model.categories import CategoryTable
-from m2f_cli.postprocess.masks import _bbox, window_rle
-from m2f_cli.postprocess.sampling import Measured, _Sampler
+from m2f_cli.postprocess.cells import PackedCells, merge_cell_map, new_cell_map
+from m2f_cli.postprocess.masks import Measured, _bbox, window_rle
+from m2f_cli.postprocess.sampling import _Sampler
 from m2f_cli.postprocess.upsample import _crop_to_valid
 from m2f_cli.records import Instance
 
@@ -83,11 +85,17 @@ class _Packed:
     bits: np.ndarray
 
     @classmethod
-    def of(cls, m: Measured) -> "_Packed":
-        return cls(m.r0, m.c0, m.binary.shape, np.packbits(m.binary, axis=None))
+    def of(cls, m: Measured) -> Union["_Packed", PackedCells]:
+        """m's mask packed: its window's bits, or its cells' (cells.CellMask.packed)."""
+        if m.cells is not None:
+            return m.cells.packed()
+        return cls(m.r0, m.c0, m.dense.shape, np.packbits(m.dense, axis=None))
 
-    def binary(self) -> np.ndarray:
-        return np.unpackbits(self.bits, count=self.shape[0] * self.shape[1]).view(np.bool_).reshape(self.shape)
+    def paint(self, imap: np.ndarray, value: int) -> None:
+        """Set the mask's pixels of imap to value."""
+        b = np.unpackbits(self.bits, count=self.shape[0] * self.shape[1]).view(np.bool_).reshape(self.shape)
+        region = imap[self.r0:self.r0 + self.shape[0], self.c0:self.c0 + self.shape[1]]
+        np.copyto(region, np.uint16(value), where=b)
 
 
 # query -> (tight [x, y, w, h] box, area, RLE) of its mask at the original size
@@ -131,7 +139,7 @@ def segment_instances(class_logits: torch.Tensor, mask_logits: torch.Tensor,
 
 def _measure_queries(mask_logits: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int],
                      original: tuple[int, int], best_p: dict[int, float], map_threshold: float
-                     ) -> tuple[dict[int, float], Geometry, dict[int, _Packed]]:
+                     ) -> tuple[dict[int, float], Geometry, dict[int, Union[_Packed, PackedCells]]]:
     """Every query of best_p (query -> its best class probability) measured at the original
     (H0, W0) size, in chunks of CHUNK_BYTES of valid-area logits. mask_logits, padded, valid: as
     segment_instances. Returns query -> mask score, query -> Geometry, and the packed windows of
@@ -140,7 +148,7 @@ def _measure_queries(mask_logits: torch.Tensor, padded: tuple[int, int], valid: 
     sampler = _Sampler(valid, original, mask_logits.device)
     mask_score: dict[int, float] = {}
     geometry: Geometry = {}
-    windows: dict[int, _Packed] = {}
+    windows: dict[int, Union[_Packed, PackedCells]] = {}
     empty = window_rle(np.zeros((0, 0), np.bool_), 0, 0, original)
     per_chunk = max(1, CHUNK_BYTES // max(1, valid[0] * valid[1] * 4))
     for start in range(0, len(uniq), per_chunk):
@@ -152,18 +160,20 @@ def _measure_queries(mask_logits: torch.Tensor, padded: tuple[int, int], valid: 
                 mask_score[q], geometry[q] = 0.0, ((0, 0, 0, 0), 0, empty)
                 continue
             mask_score[q] = m.score
-            rle = window_rle(m.binary, m.r0, m.c0, original)
+            rle = m.rle(original)
             geometry[q] = (_bbox(rle), m.area, rle)
             if m.area and best_p[q] * m.score >= map_threshold:
                 windows[q] = _Packed.of(m)
     return mask_score, geometry, windows
 
 
-def _paint(out: list[Instance], cand: list[tuple], windows: dict[int, _Packed], original: tuple[int, int],
+def _paint(out: list[Instance], cand: list[tuple], windows: dict[int, Union[_Packed, PackedCells]], original: tuple[int, int],
            map_threshold: float) -> np.ndarray:
     """The (H0, W0) uint16 instance map: out[i] (id i + 1) is candidate cand[i], (-score, rank,
     score, label, query), in descending score; windows (emptied here): query -> its packed window."""
     imap = np.zeros(original, np.uint16)
+    cell_map: Optional[np.ndarray] = None  # masks held as cells paint into a map of their own
+    grid = None
     # Paint in ascending score so the best instance owns each pixel; a query listed with several
     # classes is drawn once, as its best-scoring instance (its first in this order).
     first: dict[int, int] = {}                             # query -> id of its best instance
@@ -173,9 +183,13 @@ def _paint(out: list[Instance], cand: list[tuple], windows: dict[int, _Packed], 
     for inst, (_, _, s, _, q) in zip(reversed(out), reversed(cand)):
         if first.get(q) == inst.id:
             w = windows.pop(q)
-            region = imap[w.r0:w.r0 + w.shape[0], w.c0:w.c0 + w.shape[1]]
-            np.copyto(region, np.uint16(inst.id), where=w.binary())
-    return imap
+            if isinstance(w, PackedCells):
+                grid = w.grid
+                cell_map = new_cell_map(grid) if cell_map is None else cell_map
+                w.paint(cell_map, inst.id)
+            else:
+                w.paint(imap, inst.id)
+    return imap if cell_map is None else merge_cell_map(grid, cell_map, imap)
 
 
 def instances_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor,
