@@ -79,6 +79,14 @@ def test_a_duplicate_under_two_classes_is_one_track_with_one_class():
     assert out[0][1].duplicate_of == 0
 
 
+def test_a_looser_weaker_mask_of_a_tracked_object_is_no_second_track():
+    # a second, weaker and looser mask of the same object (IoU ~0.58 with it, half of it outside it:
+    # not covered) is a duplicate, not a second object that would persist as a false track
+    frames = [[(disc(20 + 4 * k, 30), 0.9, KITE), (disc(20 + 4 * k, 30, 10.5), 0.65, KITE)] for k in range(5)]
+    assert run(frames) == [[1, 1]] * 5
+    assert run(frames, TrackerConfig(dup_iou=0.7))[1:] == [[1, 2]] * 4  # the former default: a second track
+
+
 def test_a_track_unseen_longer_than_max_lost_ends():
     cfg = TrackerConfig(max_lost=2)
     frames = [[(disc(30, 30), 0.9, KITE)], [], [], [], [(disc(30, 30), 0.9, KITE)]]

@@ -50,7 +50,7 @@ class TrackerConfig:
     high: float = 0.5       # detections at or above start tracks and are matched first
     low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
     match_iou: float = 0.2  # least mask IoU of a match
-    dup_iou: float = 0.7    # two detections of one frame with at least this mask IoU are one object
+    dup_iou: float = 0.5    # two detections of one frame with at least this mask IoU are one object
     dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
     span_inside: float = 0.5  # a strong detection this much inside a larger mask is a part of it
     span_iou: float = 0.3   # two parts with less IoU than this are two objects
