@@ -151,6 +151,20 @@ def test_a_mask_over_two_tracked_objects_is_not_merged_away():
     assert out[-1][0].duplicate_of == 1 and out[-1][1].duplicate_of is None and out[-1][2].duplicate_of is None
 
 
+def test_a_tracked_object_inside_a_pair_mask_keeps_its_track():
+    # A and B tracked apart; then the detector returns a stronger mask over both and B alone (no A
+    # alone, so no span): B, covered by the pair mask, would be merged into it and B's track lost;
+    # the rescue gives it back to B's track, left unmatched, whose predicted mask it meets
+    a, b = disc(40, 30, 12), disc(70, 30, 6)
+    pair = disc(40, 30, 13) | disc(70, 30, 7)
+    frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(pair, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
+    t = Tracker()
+    out = [t.step([Detection(*d) for d in f]) for f in frames]
+    assert [[x.track_id for x in f] for f in out] == [[1, 2]] * 5
+    assert all(x.duplicate_of is None for x in out[-1]) and out[-1][1].cls == FRISBEE
+    assert run(frames, TrackerConfig(rescue_iou=0))[3:] == [[1, 1]] * 2  # without: merged into the pair
+
+
 def test_a_mask_with_one_part_inside_is_kept():
     # one strong detection inside a bigger mask is not a pair: the bigger one stays an object
     big, small = disc(50, 30, 16), disc(45, 30, 6)
