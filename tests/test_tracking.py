@@ -79,6 +79,14 @@ def test_a_duplicate_under_two_classes_is_one_track_with_one_class():
     assert out[0][1].duplicate_of == 0
 
 
+def test_a_looser_weaker_mask_of_a_tracked_object_is_no_second_track():
+    # a second, weaker and looser mask of the same object (IoU ~0.58 with it, half of it outside it:
+    # not covered) is a duplicate, not a second object that would persist as a false track
+    frames = [[(disc(20 + 4 * k, 30), 0.9, KITE), (disc(20 + 4 * k, 30, 10.5), 0.65, KITE)] for k in range(5)]
+    assert run(frames) == [[1, 1]] * 5
+    assert run(frames, TrackerConfig(dup_iou=0.7))[1:] == [[1, 2]] * 4  # the former default: a second track
+
+
 def test_a_track_unseen_longer_than_max_lost_ends():
     cfg = TrackerConfig(max_lost=2)
     frames = [[(disc(30, 30), 0.9, KITE)], [], [], [], [(disc(30, 30), 0.9, KITE)]]
@@ -141,6 +149,20 @@ def test_a_mask_over_two_tracked_objects_is_not_merged_away():
     out = [t.step([Detection(*d) for d in f]) for f in frames]
     assert [x.track_id for x in out[-1]] == [1, 1, 2]
     assert out[-1][0].duplicate_of == 1 and out[-1][1].duplicate_of is None and out[-1][2].duplicate_of is None
+
+
+def test_a_tracked_object_inside_a_pair_mask_keeps_its_track():
+    # A and B tracked apart; then the detector returns a stronger mask over both and B alone (no A
+    # alone, so no span): B, covered by the pair mask, would be merged into it and B's track lost;
+    # the rescue gives it back to B's track, left unmatched, whose predicted mask it meets
+    a, b = disc(40, 30, 12), disc(70, 30, 6)
+    pair = disc(40, 30, 13) | disc(70, 30, 7)
+    frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(pair, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
+    t = Tracker()
+    out = [t.step([Detection(*d) for d in f]) for f in frames]
+    assert [[x.track_id for x in f] for f in out] == [[1, 2]] * 5
+    assert all(x.duplicate_of is None for x in out[-1]) and out[-1][1].cls == FRISBEE
+    assert run(frames, TrackerConfig(rescue_iou=0))[3:] == [[1, 1]] * 2  # without: merged into the pair
 
 
 def test_a_mask_with_one_part_inside_is_kept():

@@ -19,7 +19,12 @@ and a class) and returns each one's track. In order:
    mask; then the detections between ``low`` and ``high`` against the tracks left (ByteTrack's
    second pass: a weak detection keeps a track alive but never starts one); then the high ones left
    against the tracks' last observed masks, unshifted (OC-SORT's observation-centric recovery, for a
-   track whose velocity went wrong).
+   track whose velocity went wrong). Then a fourth, the rescue: the strong detections step 1 merged
+   only because a larger mask covered them (not by IoU, nor as the pair mask of the span rule)
+   against the confirmed tracks still left, at IoU >= ``rescue_iou`` with the predicted mask: such
+   a detection is the object that track follows, seen inside a mask over it and a neighbour
+   (Mask2Former returns the pair as one instance, and only one part of it on its own, so the span
+   rule does not apply); it continues the track and is no duplicate.
 4. each high detection left starts a track. A track is confirmed, and takes the next id (1, 2, ...
    per sequence), at once when its first detection scores >= ``confirm``, else when it is matched
    again in the next frame; until then it is tentative: its detection gets no track id, and a
@@ -50,7 +55,7 @@ class TrackerConfig:
     high: float = 0.5       # detections at or above start tracks and are matched first
     low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
     match_iou: float = 0.2  # least mask IoU of a match
-    dup_iou: float = 0.7    # two detections of one frame with at least this mask IoU are one object
+    dup_iou: float = 0.5    # two detections of one frame with at least this mask IoU are one object
     dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
     span_inside: float = 0.5  # a strong detection this much inside a larger mask is a part of it
     span_iou: float = 0.3   # two parts with less IoU than this are two objects
@@ -60,6 +65,8 @@ class TrackerConfig:
                             # one's track is tentative (no track_id written) until seen again next frame
     smoothing: float = 0.5  # weight of the newest observed velocity (the rest: the previous estimate)
     grid: int = 256         # masks are compared on a grid of at most this many cells per side
+    rescue_iou: float = 0.4  # a strong detection merged as covered continues a confirmed track left unmatched
+                             # whose predicted mask it meets at this IoU (step 3's rescue); 0: never
 
     def record(self) -> dict:
         return dict(self.__dict__)
@@ -158,8 +165,9 @@ class Tracker:
         """JSON-able; Tracker(config, state) continues exactly from here."""
         return {"step": self.steps, "next_id": self.next_id, "tracks": [t.to_json() for t in self.tracks]}
 
-    def duplicates(self, dets: list[Detection]) -> tuple[list[int], dict[int, int]]:
-        """(the detections at or above low that are kept, by descending score; duplicate -> kept:
+    def duplicates(self, dets: list[Detection]) -> tuple[list[int], dict[int, int], list[int]]:
+        """(the detections at or above low that are kept, by descending score; duplicate -> kept;
+        the duplicates merged only as covered (IoU < dup_iou, no span), in order. Duplicates:
         a mask over two detected objects (spans()), merged into the part it overlaps most; the same
         mask (IoU >= dup_iou with a kept one) or mostly covered by the kept ones together (>= dup_cover
         of its pixels), merged into the kept one it overlaps most).
@@ -172,18 +180,21 @@ class Tracker:
         kept: list[int] = []  # positions in order
         dup: dict[int, int] = {}
         covered = np.zeros_like(dets[order[0]].mask) if order else None
+        parts: list[int] = []
         for a, i in enumerate(order):
             m = dets[i].mask
             b = max(kept, key=lambda b: iou[a, b], default=None)  # ties: the higher score
             cover = (m & covered).sum() / m.sum() if m.shape == covered.shape else 0.0
             if b is not None and (iou[a, b] >= self.config.dup_iou or cover >= self.config.dup_cover):
                 dup[i] = order[b] if iou[a, b] > 0 else order[kept[0]]
+                if iou[a, b] < self.config.dup_iou:
+                    parts.append(i)
             else:
                 kept.append(a)
                 if m.shape == covered.shape:
                     covered |= m
         dup.update({i: dup.get(j, j) for i, j in span.items()})
-        return [order[b] for b in kept], dup
+        return [order[b] for b in kept], dup, parts
 
     def spans(self, dets: list[Detection], order: list[int]) -> dict[int, int]:
         """The detections that are two detected objects under one mask: a mask that holds (each
@@ -213,7 +224,7 @@ class Tracker:
         """Advance one frame: each detection's Assignment, in the order given."""
         cfg = self.config
         self.steps += 1
-        kept, dup = self.duplicates(dets)
+        kept, dup, parts = self.duplicates(dets)
         shape = dets[kept[0]].mask.shape if kept else None
         masks = [d.mask for d in dets]
         pairs: list[tuple[int, int]] = []
@@ -228,6 +239,12 @@ class Tracker:
             p2, _, left_t = hungarian(pred, low, left_t, cfg.match_iou)
             p3, high, left_t = hungarian(last, high, left_t, cfg.match_iou)
             pairs = p1 + p2 + p3
+            if cfg.rescue_iou > 0:  # covered strong detections that are a left track's object
+                strong = [i for i in parts if dets[i].score >= cfg.high]
+                p4, _, _ = hungarian(pred, strong, [k for k in left_t if self.tracks[k].confirmed], cfg.rescue_iou)
+                for i, _k in p4:
+                    del dup[i]
+                pairs += p4
             for i in high:  # new tracks, in descending score
                 self.tracks.append(Track(0, dets[i].mask, None, last=self.steps, hits=0, confirmed=False))
                 pairs.append((i, len(self.tracks) - 1))
