@@ -37,8 +37,11 @@ def auto_settings(device: torch.device, config: RunConfig, padded: Optional[tupl
     """(batch_size, workers, threads) for the device unless the user chose them.
 
     CPU: the model's threads own the cores; one decode worker (two on bigger machines) is enough
-    to keep up with a ~1 s forward, and batching does not pay on CPU. CUDA: the batch size the
-    card's memory holds at the model input size padded (accel.cuda_batch_size; an OOM still splits
+    to keep up with a ~1 s forward, and batching does not pay on CPU (the compiled package runs a
+    batch image by image; eager batches of 2 or 4 measured no faster), so batches are single
+    images: the next forward can then run beside each image's post-processing where that is heavy
+    (engines/batches._ahead; 4 crowded photos in batches of 2 hid none of their forwards).
+    CUDA: the batch size the card's memory holds at the model input size padded (accel.cuda_batch_size; an OOM still splits
     the batch), and every core but two decoding (a GPU forward of Swin-T takes a few ms an image,
     decoding a 640x480 JPEG and resizing it ~5-10 ms a core), at most 16.
     """
@@ -50,7 +53,7 @@ def auto_settings(device: torch.device, config: RunConfig, padded: Optional[tupl
     elif device.type == "mps":
         bs, workers = 4, min(4, cores)
     else:
-        bs, workers = 2, (1 if cores <= 4 else 2)
+        bs, workers = 1, (1 if cores <= 4 else 2)
     return (config.batch_size or bs,
             workers if config.workers is None else config.workers,
             config.threads)

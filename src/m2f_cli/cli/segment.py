@@ -94,7 +94,7 @@ def segment(
     dtype: str = typer.Option(DEFAULTS.dtype, help="auto (float32 on CPU, bfloat16/float16 on CUDA), float32, "
                               "bfloat16 or float16."),
     batch_size: Optional[int] = typer.Option(DEFAULTS.batch_size, "--batch-size", "-b",
-                                             help="Images per forward pass (auto: 2 on CPU, 4 on MPS, on CUDA "
+                                             help="Images per forward pass (auto: 1 on CPU, 4 on MPS, on CUDA "
                                              "what the card's memory holds; split and retried on out of memory)."),
     workers: Optional[int] = typer.Option(DEFAULTS.workers, help="Decode/preprocess worker processes "
                                           "(auto: 1 on small CPUs; on CUDA every core but two, at most 16); 0 decodes in-process."),
