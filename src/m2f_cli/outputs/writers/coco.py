@@ -90,19 +90,22 @@ def _names(cats: list, n: int = 6) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
-@register
-class CocoWriter(Writer):
-    name = "coco"
-    recorded = ("coco_annotations",)
-    default_threshold = 0.0
+class JournaledImagesWriter(Writer):
+    """What the run-level COCO files (instance results here, panoptic results in panoptic.py)
+    share: a journal of one record per image ({"rel", "image": {id, file_name, width, height,
+    video fields}, ...}) that the files are rebuilt from at the end of every run; image ids from
+    --coco-annotations (images it does not list are left out, with one warning each) or given in
+    order by the run, never repeated across resumed runs (every id ever journaled counts)."""
+
+    journal_name = ""   # the journal's name in the output folder
+    results_file = ""   # the file the unlisted-image warning names
 
     def __init__(self, ctx):
         super().__init__(ctx)
         ann = ctx.options.get("coco_annotations")
         self.index = AnnotationIndex(ann) if ann else None
         self.cat_map = self.index.category_map(ctx.categories, ann) if self.index is not None else None
-        self.journal = ctx.folder.journal("coco", fresh=ctx.overwrite)
-        self._done: set[str] = set()
+        self.journal = ctx.folder.journal(self.journal_name, fresh=ctx.overwrite)
         self._next_id = 1
         self._unlisted: set[str] = set()
         for r in self.journal.records():  # every id ever given, also those of dropped records
@@ -116,43 +119,55 @@ class CocoWriter(Writer):
     def has_outputs(self, refs) -> bool:
         return bool(self._done)
 
-    def done(self, ref: ImageRef) -> bool:
-        if ref.rel in self._done:
-            return True
-        if self.index is not None and self.index.lookup(ref.name) is None:
-            self._report_unlisted(ref)
-            return True  # nothing to write for it
-        return False
-
-    def _report_unlisted(self, ref: ImageRef) -> None:
+    def _unlisted_ref(self, ref: ImageRef) -> bool:
+        """Whether --coco-annotations is given and does not list ref (warned once per image)."""
+        if self.index is None or self.index.lookup(ref.name) is not None:
+            return False
         if ref.rel not in self._unlisted:
             self._unlisted.add(ref.rel)
-            log.warning("%s: not listed in --coco-annotations; left out of predictions.json", ref.path)
+            log.warning("%s: not listed in --coco-annotations; left out of %s", ref.path, self.results_file)
+        return True
+
+    def _image(self, result: ImageResult) -> dict:
+        """The image record of a listed image, with its id: the annotation file's, else the next."""
+        ref = result.ref
+        if self.index is not None:
+            image_id = self.index.lookup(ref.name)
+        else:
+            image_id, self._next_id = self._next_id, self._next_id + 1
+        return {"id": image_id, "file_name": ref.name, "width": result.width, "height": result.height,
+                **ref.video_fields()}
+
+    def _images_array(self, f) -> None:
+        """Write the records' images as a JSON array's items to f (binary)."""
+        for n, r in enumerate(self._records()):
+            f.write((b"," if n else b"") + json.dumps(r["image"], ensure_ascii=False).encode())
+
+
+@register
+class CocoWriter(JournaledImagesWriter):
+    name = "coco"
+    recorded = ("coco_annotations",)
+    default_threshold = 0.0
+    journal_name = "coco"
+    results_file = "predictions.json"
+
+    def done(self, ref: ImageRef) -> bool:
+        return ref.rel in self._done or self._unlisted_ref(ref)  # an unlisted image: nothing to write
 
     def write(self, result: ImageResult) -> None:
         ref = result.ref
-        if ref.rel in self._done:
+        if ref.rel in self._done or self._unlisted_ref(ref):
             # Already journaled (a run killed between this writer and the next one redoes the image
             # for the others): one record per image, with the id it was given first.
             return
-        if self.index is not None:
-            image_id = self.index.lookup(ref.name)
-            if image_id is None:
-                self._report_unlisted(ref)
-                return
-        else:
-            image_id = self._next_id
-            self._next_id += 1
         cmap = self.cat_map
         dets = [{"category_id": i.category_id if cmap is None else cmap[i.category_id],
                  "score": round(i.score, 6), "segmentation": i.rle, "bbox": list(i.bbox),
                  **({"track_id": i.track_id} if i.track_id is not None else {})}
                 for i in result.instances_above(self.threshold)
                 if cmap is None or i.category_id in cmap]
-        self.journal.append({"rel": ref.rel, "image": {"id": image_id, "file_name": ref.name,
-                                                       "width": result.width, "height": result.height,
-                                                       **ref.video_fields()},
-                             "dets": dets})
+        self.journal.append({"rel": ref.rel, "image": self._image(result), "dets": dets})
         self._done.add(ref.rel)
 
     def close(self) -> None:
@@ -186,8 +201,7 @@ class CocoWriter(Writer):
 
         def images(f):
             f.write(b'{"info":' + json.dumps(info).encode() + b',"images":[')
-            for n, r in enumerate(self._records()):
-                f.write((b"," if n else b"") + json.dumps(r["image"], ensure_ascii=False).encode())
+            self._images_array(f)
             f.write(b'],"annotations":[],"categories":')
             f.write(json.dumps(categories, ensure_ascii=False).encode() + b"}\n")
         folder.write_atomic(folder.run_file("images", ".json"), images)

@@ -24,8 +24,8 @@ import numpy as np
 
 from m2f_cli.outputs import coco_panoptic
 from m2f_cli.records import ImageRef, ImageResult
-from m2f_cli.outputs.writers.base import Writer, register_variant, unique_records
-from m2f_cli.outputs.writers.coco import AnnotationIndex
+from m2f_cli.outputs.writers.base import register_variant
+from m2f_cli.outputs.writers.coco import JournaledImagesWriter
 
 log = logging.getLogger(__name__)
 
@@ -33,45 +33,20 @@ PNG_FOLDER = "panoptic"
 
 
 @register_variant("panoptic")
-class PanopticCocoWriter(Writer):
+class PanopticCocoWriter(JournaledImagesWriter):
     name = "coco"
     recorded = ("coco_annotations",)
     default_threshold = 0.0
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        ann = ctx.options.get("coco_annotations")
-        self.index = AnnotationIndex(ann) if ann else None
-        self.cat_map = self.index.category_map(ctx.categories, ann) if self.index is not None else None
-        self.journal = ctx.folder.journal("coco_panoptic", fresh=ctx.overwrite)
-        self._next_id = 1
-        self._unlisted: set[str] = set()
-        for r in self.journal.records():  # every id ever given, also those of dropped records
-            self._next_id = max(self._next_id, int(r["image"]["id"]) + 1)
-        self._done = {r["rel"] for r in self._records()}
-
-    def _records(self):
-        return unique_records(self.journal.records(), lambda r: r["image"]["id"])
+    journal_name = "coco_panoptic"
+    results_file = "panoptic.json"
 
     def _png(self, ref: ImageRef) -> str:
         return self.ctx.folder.path(f"{PNG_FOLDER}/{ref.rel}", ".png")
 
-    def has_outputs(self, refs) -> bool:
-        return bool(self._done)
-
     def done(self, ref: ImageRef) -> bool:
-        if self.index is not None and self.index.lookup(ref.name) is None:
-            if ref.rel not in self._unlisted:
-                self._unlisted.add(ref.rel)
-                log.warning("%s: not listed in --coco-annotations; left out of panoptic.json", ref.path)
+        if self._unlisted_ref(ref):
             return True  # nothing to write for it
         return ref.rel in self._done and self.ctx.folder.complete(self._png(ref))
-
-    def _image_id(self, ref: ImageRef):
-        if self.index is not None:
-            return self.index.lookup(ref.name)
-        self._next_id += 1
-        return self._next_id - 1
 
     def segments(self, result: ImageResult) -> tuple[np.ndarray, list[dict]]:
         """The (H, W) uint32 id map to encode and its segments_info, in the output's category ids."""
@@ -88,15 +63,13 @@ class PanopticCocoWriter(Writer):
 
     def write(self, result: ImageResult) -> None:
         ref = result.ref
-        if self.index is not None and self.index.lookup(ref.name) is None:
+        if self._unlisted_ref(ref):
             return
         ids, info = self.segments(result)
         self.ctx.folder.write_bytes(self._png(ref), coco_panoptic.encode_png(ids))
         if ref.rel in self._done:  # journaled by a run killed before its PNG landed: keep its id
             return
-        self.journal.append({"rel": ref.rel, "image": {"id": self._image_id(ref), "file_name": ref.name,
-                                                       "width": result.width, "height": result.height,
-                                                       **ref.video_fields()},
+        self.journal.append({"rel": ref.rel, "image": self._image(result),
                              "ann": {"file_name": f"{ref.rel}.png", "segments_info": info}})
         self._done.add(ref.rel)
 
@@ -117,8 +90,7 @@ class PanopticCocoWriter(Writer):
 
         def write(f):
             f.write(b'{"info":' + json.dumps(info).encode() + b',"images":[')
-            for n, r in enumerate(self._records()):
-                f.write((b"," if n else b"") + json.dumps(r["image"], ensure_ascii=False).encode())
+            self._images_array(f)
             f.write(b'],"annotations":[')
             for n, r in enumerate(self._records()):
                 ann = {"image_id": r["image"]["id"], **r["ann"]}
