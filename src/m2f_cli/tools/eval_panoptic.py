@@ -17,14 +17,14 @@ cases and against pq_compute itself (tests/test_eval_panoptic.py, docs/panoptic-
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from m2f_cli.outputs import coco_panoptic
 from m2f_cli.errors import EvalError
-from m2f_cli.tools.evaluate import _load_json, _match_by_name
+from m2f_cli.tools.evaluate import PerClassResult, _load_json, _match_by_name, pct
 
 _OFFSET = np.uint64(1 << 24)
 HEADLINE = ("PQ", "SQ", "RQ", "N", "PQ_th", "SQ_th", "RQ_th", "N_th", "PQ_st", "SQ_st", "RQ_st", "N_st")
@@ -109,21 +109,10 @@ def pq_summary(counts: dict[int, CategoryCounts], categories: list[dict]) -> tup
     return stats, rows
 
 
-@dataclass
-class PanopticResult:
+class PanopticResult(PerClassResult):
     """stats: HEADLINE numbers in [0, 1] (N: categories averaged); per_class: pq_summary's rows."""
 
-    stats: dict
-    per_class: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-    images: int = 0
-
-    def to_json(self) -> dict:
-        return {**self.stats, "images": self.images, "per_class": self.per_class}
-
     def table(self) -> str:
-        def pct(v):
-            return "    -" if v is None else f"{100 * v:5.1f}"
         lines = [f"{'':10s}|    PQ     SQ     RQ     N", "-" * 38]
         for name, s in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
             lines.append(f"{name:10s}| {pct(self.stats['PQ' + s])}  {pct(self.stats['SQ' + s])}  "

@@ -19,13 +19,12 @@ name where unique, without extension and Cityscapes' ``_leftImg8bit`` / ``_gtFin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from m2f_cli.errors import EvalError
-from m2f_cli.tools.evaluate import _load_json
+from m2f_cli.tools.evaluate import PerClassResult, _load_json, pct
 
 IGNORE = 255
 _SUFFIXES = ("_gtFine_labelTrainIds", "_leftImg8bit")
@@ -66,21 +65,10 @@ def scores(conf: np.ndarray, names: list[str]) -> tuple[dict, list[dict]]:
     return stats, rows
 
 
-@dataclass
-class SemanticResult:
+class SemanticResult(PerClassResult):
     """stats: HEADLINE numbers in [0, 1]; per_class: scores' rows of the classes present."""
 
-    stats: dict
-    per_class: list = field(default_factory=list)
-    notes: list = field(default_factory=list)
-    images: int = 0
-
-    def to_json(self) -> dict:
-        return {**self.stats, "images": self.images, "per_class": self.per_class}
-
     def table(self) -> str:
-        def pct(v):
-            return "    -" if v is None else f"{100 * v:5.1f}"
         lines = ["  ".join(f"{k} {pct(self.stats[k])}" for k in HEADLINE), ""]
         lines += [f"{str(r['name'])[:24]:24s} IoU {pct(r['iou'])}  Acc {pct(r['acc'])}"
                   for r in self.per_class]

@@ -49,6 +49,25 @@ class EvalResult:
     images: int = 0
 
 
+@dataclass
+class PerClassResult:
+    """A segmentation metric's result (eval_panoptic.py, eval_semantic.py): stats, its headline
+    numbers in [0, 1]; per_class, one row per category; notes, one line each; images counted."""
+
+    stats: dict
+    per_class: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    images: int = 0
+
+    def to_json(self) -> dict:
+        return {**self.stats, "images": self.images, "per_class": self.per_class}
+
+
+def pct(v: Optional[float]) -> str:
+    """A share in [0, 1] as a 5-wide percentage for the tables; "-" for None."""
+    return "    -" if v is None else f"{100 * v:5.1f}"
+
+
 def _run_images(pred_path: str, images_path: Optional[str]) -> Optional[list[dict]]:
     """The run's images ({id, file_name, width, height}) from the images.json next to the
     predictions (or images_path), or None when there is none."""
