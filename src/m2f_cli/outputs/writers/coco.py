@@ -97,6 +97,9 @@ class JournaledImagesWriter(Writer):
     --coco-annotations (images it does not list are left out, with one warning each) or given in
     order by the run, never repeated across resumed runs (every id ever journaled counts)."""
 
+    name = "coco"       # --format coco, for instance and panoptic models
+    recorded = ("coco_annotations",)
+    default_threshold = 0.0
     journal_name = ""   # the journal's name in the output folder
     results_file = ""   # the file the unlisted-image warning names
 
@@ -146,9 +149,6 @@ class JournaledImagesWriter(Writer):
 
 @register
 class CocoWriter(JournaledImagesWriter):
-    name = "coco"
-    recorded = ("coco_annotations",)
-    default_threshold = 0.0
     journal_name = "coco"
     results_file = "predictions.json"
 

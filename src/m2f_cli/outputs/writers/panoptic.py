@@ -34,9 +34,6 @@ PNG_FOLDER = "panoptic"
 
 @register_variant("panoptic")
 class PanopticCocoWriter(JournaledImagesWriter):
-    name = "coco"
-    recorded = ("coco_annotations",)
-    default_threshold = 0.0
     journal_name = "coco_panoptic"
     results_file = "panoptic.json"
 
