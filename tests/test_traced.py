@@ -260,6 +260,26 @@ def test_same_size_same_mtime_weights_of_other_values_get_a_new_trace(tmp_path, 
     torch.testing.assert_close(new(x)[1], want[1], rtol=0, atol=1e-4)
 
 
+def test_weights_hashed_ahead_give_the_same_digest_once(tmp_path, cache, monkeypatch):
+    """fingerprint.prefetch_digests (the CLI's, while torch is imported): the weights are hashed
+    on a thread of their own, file_digest takes that result (not hashing again) and memoizes it,
+    and the fingerprint equals the one computed without it; a folder that is gone is no error."""
+    from m2f_cli.model.startup import fingerprint
+    d = make_tiny_model(str(tmp_path / "m"), seed=8)
+    want = fingerprint._hash(os.path.realpath(os.path.join(d, "model.safetensors")))
+    hashed = []
+    real_hash = fingerprint._hash
+    monkeypatch.setattr(fingerprint, "_hash", lambda real: hashed.append(real) or real_hash(real))
+    fingerprint.prefetch_digests(d)
+    fingerprint.prefetch_digests(d)  # the same file is hashed once
+    assert fingerprint.file_digest(os.path.join(d, "model.safetensors")) == want
+    assert hashed == [os.path.realpath(os.path.join(d, "model.safetensors"))]
+    assert want in json.loads((cache.parent / "digests.json").read_text()).values()
+    fingerprint.prefetch_digests(d)  # memoized now: nothing hashed ahead
+    assert fingerprint.model_fingerprint(d) and len(hashed) == 1 and not fingerprint._ahead
+    fingerprint.prefetch_digests(str(tmp_path / "gone"))
+
+
 def _plant(cache: Path, name: str, size: int, age_s: float) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     p = cache / name

@@ -244,6 +244,10 @@ def _run(config: RunConfig, devices: Optional[str], quiet: bool):
     # torch reads this when it loads: ops MPS lacks then run on the CPU (Segmenter says which, once)
     # instead of raising NotImplementedError; an explicit PYTORCH_ENABLE_MPS_FALLBACK=0 is kept
     os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
+    if config.model and os.path.isdir(config.model):
+        # a model's first run: its weights hashed (fingerprint.py) while torch is imported
+        from m2f_cli.model.startup.fingerprint import prefetch_digests
+        prefetch_digests(config.model)
     from m2f_cli.errors import UsageError, WorkerError
     from m2f_cli.model.runtime import tune_process
     from m2f_cli.pipeline import run

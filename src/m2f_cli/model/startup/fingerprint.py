@@ -21,6 +21,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,8 @@ def file_digest(path: str) -> str:
         memo = _read_memo()
         if key in memo:
             return memo[key]
-    h = hashlib.blake2b(digest_size=16)
-    with open(real, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
+        ahead = _ahead.pop(key, None)
+    digest = ahead.result() if ahead is not None else _hash(real)
     with _lock:
         memo = _read_memo()
         # keep one entry per file: a file's older versions are never asked for again
@@ -89,6 +87,64 @@ def file_digest(path: str) -> str:
         memo[key] = digest
         _write_memo(memo)
     return digest
+
+
+def _hash(real: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(real, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Ahead:
+    """A digest computed on a thread of its own (prefetch_digests); result() waits for it and
+    raises what the hashing raised."""
+
+    def __init__(self, real: str):
+        self._done = threading.Event()
+        self._value: Optional[str] = None
+        self._error: Optional[BaseException] = None
+        threading.Thread(target=self._run, args=(real,), name="m2f-digest", daemon=True).start()
+
+    def _run(self, real: str) -> None:
+        try:
+            self._value = _hash(real)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the digest
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self) -> str:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+# stat key -> the digest being computed ahead for it
+_ahead: dict[str, _Ahead] = {}
+
+
+def prefetch_digests(local_dir: str) -> None:
+    """Start hashing a model folder's weight files that the memo does not know, each on a daemon
+    thread, so that a model's first run hashes its ~190 MB (~0.25 s) while the CLI imports torch
+    (~1 s of Python; hashlib releases the GIL). file_digest takes the result instead of hashing
+    again; the thread writes nothing (file_digest writes the memo), so a process that ends first
+    leaves nothing behind. Never raises: a folder it cannot read is hashed, or refused, later."""
+    try:
+        names = sorted(os.listdir(local_dir))
+        with _lock:
+            memo = _read_memo()
+            for name in names:
+                path = os.path.join(local_dir, name)
+                if name.endswith(_WEIGHTS) and os.path.isfile(path):
+                    real = os.path.realpath(path)
+                    key = _stat_key(real)
+                    if key not in memo and key not in _ahead:
+                        _ahead[key] = _Ahead(real)
+    except OSError as e:
+        log.debug("weights not hashed ahead (%s)", e)
 
 
 def model_fingerprint(local_dir: str) -> str:
