@@ -212,6 +212,22 @@ def test_the_packages_library_is_checked_and_loads_without_memfd_too(aoti_runs, 
     with pytest.raises(OSError, match="CRC mismatch"):
         aoti.gil_free(str(damaged))
 
+    # a check passed is remembered for the file as it is: the next load skips the CRC, a file
+    # written again (a damaged copy put in its place) is checked again
+    monkeypatch.setenv("M2F_CACHE_DIR", str(tmp_path / "memo"))
+    crcs = []
+    real_crc32 = aoti.zlib.crc32
+    monkeypatch.setattr(aoti.zlib, "crc32", lambda view: crcs.append(1) or real_crc32(view))
+    good = tmp_path / "good.pt2"
+    shutil.copy(package, good)
+    aoti.gil_free(str(good)).close()
+    aoti.gil_free(str(good)).close()
+    assert len(crcs) == 1
+    shutil.copy(damaged, good)
+    with pytest.raises(OSError, match="CRC mismatch"):
+        aoti.gil_free(str(good))
+    assert len(crcs) == 2
+
     monkeypatch.delattr(aoti.os, "memfd_create")
     made = []
     real_mkdtemp = aoti.tempfile.mkdtemp

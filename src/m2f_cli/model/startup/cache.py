@@ -10,7 +10,7 @@ Torch-free on purpose: ``m2f cache`` must not import torch.
   ``m2f cache clear``) first takes a non-blocking exclusive flock on it and skips the file when
   that fails, so a trace another live process uses is never deleted under it.
 - Size cap: ``M2F_CACHE_MAX_BYTES`` (bytes, or with a K/M/G suffix; default 2G; 0: no cap). After a
-  trace is built, the least recently used traces (by mtime, which every load touches) are evicted
+  trace is built, the least recently used traces (by mtime, which a load touches hourly) are evicted
   until the traces fit, never the one just built nor one in use.
 - Where flock is unsupported (some network filesystems), the cache is not used: CacheLockError
   names the filesystem and the way out (a local M2F_CACHE_DIR, or --startup-cache off).
@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional
@@ -38,6 +39,10 @@ SUFFIXES = (SUFFIX, ".pt2")  # traces (traced.py) and compiled packages (compile
 # being written, so neither `m2f cache list`, the size cap, eviction nor `m2f cache clear` touch it.
 PARTIAL = ".partial"
 _ADOPTED: dict[str, int] = {}  # build locks this process holds through an inherited fd (builds.py)
+# A load touches a cache file's mtime (its last use, for the size cap's LRU eviction) only when it
+# is older than this: touching changes the file's ctime, which would make aoti.py check the
+# compiled library's CRC (~0.1 s) on every load instead of once.
+TOUCH_AFTER_S = 3600
 
 
 class BuildBusy(Exception):
@@ -104,7 +109,9 @@ def no_flock(path: Path, e: OSError) -> CacheLockError:
 
 def open_in_use(path: Path) -> Optional[IO[bytes]]:
     """path opened for reading with a shared flock held (the file is 'in use' until it is closed),
-    its mtime touched (least recently used = oldest mtime); None when there is no such file.
+    its mtime touched when older than TOUCH_AFTER_S (least recently used = oldest mtime, to the
+    hour: a file left as it is keeps the checks remembered for it, aoti.py); None when there is no
+    such file.
     The lock is taken on the open file, then the file is checked to still be the one at path, so
     an eviction between the open and the lock cannot leave us holding a deleted file."""
     for _ in range(3):
@@ -114,11 +121,13 @@ def open_in_use(path: Path) -> Optional[IO[bytes]]:
             return None
         try:
             _flock(f, fcntl.LOCK_SH, path)
-            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
-                try:
-                    os.utime(path)
-                except OSError:
-                    pass  # a read-only cache still loads
+            st = os.stat(path)
+            if os.fstat(f.fileno()).st_ino == st.st_ino:
+                if time.time() - st.st_mtime > TOUCH_AFTER_S:
+                    try:
+                        os.utime(path)
+                    except OSError:
+                        pass  # a read-only cache still loads
                 return f
         except FileNotFoundError:
             pass

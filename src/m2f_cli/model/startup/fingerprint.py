@@ -59,6 +59,7 @@ def _read_memo() -> dict:
 
 
 def _write_memo(memo: dict) -> None:
+    memo = {k: v for k, v in memo.items() if os.path.exists(k.split("\0", 1)[0])}  # files gone: forgotten
     path = _memo_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +88,32 @@ def file_digest(path: str) -> str:
         memo[key] = digest
         _write_memo(memo)
     return digest
+
+
+def checked(path: str, check: str) -> bool:
+    """Whether check (a name, e.g. "crc:<member>") was passed by this file at its current stat
+    (remember_check): the same (path, size, mtime, ctime, inode) memo as the digests, so any
+    write, rename or copy over the file asks for the check again."""
+    try:
+        key = _stat_key(os.path.realpath(path)) + "\0" + check
+    except OSError:
+        return False
+    with _lock:
+        return _read_memo().get(key) == "passed"
+
+
+def remember_check(path: str, check: str) -> None:
+    """Record that the file passed check at its current stat (checked)."""
+    try:
+        key = _stat_key(os.path.realpath(path)) + "\0" + check
+    except OSError:
+        return
+    with _lock:
+        memo = _read_memo()
+        real, tail = key.split("\0", 1)[0], "\0" + check
+        memo = {k: v for k, v in memo.items() if not (k.split("\0", 1)[0] == real and k.endswith(tail))}
+        memo[key] = "passed"
+        _write_memo(memo)
 
 
 def _hash(real: str) -> str:
