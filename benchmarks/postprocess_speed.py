@@ -6,7 +6,7 @@
 
 --masks scattered: every query confident and its positive logits scattered over the whole image
 (the crowded-photos worst case: each window is the photo, the mask a fraction of it); the host
-path then takes postprocess.sampling._Cells where the image is >= 4x the model input. ``window`` is the
+path then takes postprocess.sampling.CellGrid where the image is >= 4x the model input. ``window`` is the
 host path with the cells turned off (CELL_SHARE = 0), ``cells`` with them always on.
 
 The logits look like the benchmark checkpoint's (benchmarks/README.md): 100 queries, masks at 1/4 of a

@@ -180,10 +180,10 @@ def test_window_rle_of_a_window_with_many_runs_equals_pycocotools(rows):
 def test_window_upsampling_equals_full_image_upsampling(valid, original):
     """Both window paths (separable over a small window; torch's kernel over the whole image for a
     large one) give the full-image bilinear logits on the window, and nothing positive outside it."""
-    from m2f_cli.postprocess.sampling import FULL_WINDOW, _Sampler
+    from m2f_cli.postprocess.sampling import FULL_WINDOW, MaskSampler
     g = torch.Generator().manual_seed(sum(original))
     vh, vw = valid
-    sampler = _Sampler(valid, original, torch.device("cpu"))
+    sampler = MaskSampler(valid, original, torch.device("cpu"))
     yy, xx = torch.meshgrid(torch.arange(vh).float(), torch.arange(vw).float(), indexing="ij")
     sizes = []
     for radius in (1.5, 4.0, 12.0, 0.45 * max(vh, vw)):   # small blobs to nearly the whole image
@@ -211,12 +211,12 @@ def _scattered_low(vh, vw, g, density):
 @pytest.mark.parametrize("valid,original", [((96, 96), (480, 640)), ((90, 110), (997, 1213)),
                                             ((64, 48), (3000, 4000)), ((50, 160), (640, 700))])
 def test_cells_equal_full_image_upsampling_on_scattered_masks(valid, original):
-    """The cell path (_Cells: only the output cells that sample a positive logit) gives the mask,
+    """The cell path (CellGrid: only the output cells that sample a positive logit) gives the mask,
     its area and its mask score of the full-image bilinear upsampling, on masks scattered enough
     to take it, at sizes whose cells are uneven (clamped edges, a last partial column)."""
-    from m2f_cli.postprocess.sampling import CELL_SHARE, _Sampler, _positive_box, _scattered
+    from m2f_cli.postprocess.sampling import CELL_SHARE, MaskSampler, _positive_box, _scattered
     g = torch.Generator().manual_seed(sum(original))
-    sampler = _Sampler(valid, original, torch.device("cpu"))
+    sampler = MaskSampler(valid, original, torch.device("cpu"))
     assert sampler.cells is not None
     for density in (0.002, 0.01, 0.03):
         low = _scattered_low(*valid, g, density)
@@ -244,12 +244,12 @@ def test_cells_rle_where_runs_cross_cells_and_columns(valid, original):
     reach the image's last row and go on at the top of the next column (the first and last source
     rows positive), and fill the last partial cell column: its RLE is pycocotools' encoding of its
     window, and its area the RLE's."""
-    from m2f_cli.postprocess.sampling import _Sampler
+    from m2f_cli.postprocess.sampling import MaskSampler
     vh, vw = valid
     low = torch.full(valid, -3.0)
     low[0], low[-1], low[:, -1] = 4.0, 4.0, 4.0      # top and bottom rows, last column
     low[vh // 2, ::3] = 2.0                            # specks in between
-    sampler = _Sampler(valid, original, torch.device("cpu"))
+    sampler = MaskSampler(valid, original, torch.device("cpu"))
     m = sampler.measure(low)
     assert m.cells is not None                         # the cell path
     full = np.zeros(original, np.uint8)

@@ -24,7 +24,7 @@ from m2f_cli.model.categories import CategoryTable
 from m2f_cli.cli import app
 from m2f_cli.errors import UsageError
 from m2f_cli.postprocess.instance import PostprocessOptions, segment_instances
-from m2f_cli.postprocess.sampling import _Sampler
+from m2f_cli.postprocess.sampling import MaskSampler
 from m2f_cli.inputs.preprocess import PreprocessSpec, preprocess
 from m2f_cli.segmenter import Segmenter
 from m2f_cli.tiling.grid import Box, cut_tiles, tile_grid, tile_pixels
@@ -106,7 +106,7 @@ def test_one_tile_over_the_image_gives_segment_instances():
     want, want_map = segment_instances(cls, masks, padded, valid, original, COCO, opts)
     want = [i for i in want if i.area > 0]  # the tiled path drops empty masks
     parts = tile_parts(cls, masks, padded, valid, Box(0, 0, *original), 0,
-                       _Sampler(valid, original, torch.device("cpu")), opts)
+                       MaskSampler(valid, original, torch.device("cpu")), opts)
     every = [_Object(p.label, p.score, p.r0, p.c0, p.rle, p.area, True) for p in parts]
     got, got_map = instances_of(every, original, COCO, opts)
     assert len(want) >= 5

@@ -1,7 +1,7 @@
 """A query's mask on large images measured on the cells of the output grid that can be positive.
 
 A mask whose positive logits are scattered over the image (a diffuse query on a crowded photo) has
-the whole photo as its window, while the mask covers a few percent of it. _Cells computes it only on
+the whole photo as its window, while the mask covers a few percent of it. CellGrid computes it only on
 the output cells that sample a positive logit, and CellMask keeps it that way: its RLE, its area,
 its mask score and its painting into the instance map all cost what the active cells hold, never
 the window (a 12 MP photo's 100 diffuse queries: ~1 M cell pixels each against 8 M in the window).
@@ -34,14 +34,14 @@ class _Active:
     share: float
 
 
-class _Cells:
+class CellGrid:
     """The output image as a grid of cells, for masks upscaled >= 4x along both axes (usable).
 
     A cell row is a run of output rows that blend the same two source rows (y0, y1; runs longer
     than the others, at the clamped image edges, are split), padded to hm rows; a cell column is wc
     consecutive output columns (the last one padded past the image). The x-direction is torch's own
     kernel at full width (one row of source logits -> W0 values, cheap); each cell's rows are then
-    the y blend of two of those rows, exactly as _Sampler.window computes them. A cell can be
+    the y blend of two of those rows, exactly as MaskSampler.window computes them. A cell can be
     positive only if one of the source logits it samples is: its two source rows and (wc <= 1 /
     x-scale, so at most 3) source columns. Only those cells are computed, as one (n, hm, wc) batch,
     their padding set negative: the cost follows the mask's area however scattered its positive
@@ -124,7 +124,7 @@ class CellMask:
     """A mask held on its active cells: b (n, hm, wc) bool, cell n at cell row ii[n], cell column
     jj[n] of grid (False on the padding); k0:k1 x m0:m1 the cells' bounding box."""
 
-    grid: _Cells
+    grid: CellGrid
     ii: np.ndarray
     jj: np.ndarray
     b: np.ndarray
@@ -174,7 +174,7 @@ class CellMask:
 class PackedCells:
     """A CellMask kept for painting the instance map, 1 bit a cell pixel."""
 
-    grid: _Cells
+    grid: CellGrid
     ii: np.ndarray
     jj: np.ndarray
     shape: tuple[int, int, int]
@@ -190,13 +190,13 @@ class PackedCells:
         cell_map[at] = region
 
 
-def new_cell_map(grid: _Cells) -> np.ndarray:
+def new_cell_map(grid: CellGrid) -> np.ndarray:
     """An empty instance map in cell-major order, (cells, hm * wc) uint16: a cell's pixels are one
     contiguous row, so a mask held as cells paints at the cost of its cells (PackedCells.paint)."""
     return np.zeros((len(grid.rs_np) * grid.ncc, grid.hm * grid.wc), np.uint16)
 
 
-def merge_cell_map(grid: _Cells, cell_map: np.ndarray, imap: np.ndarray) -> np.ndarray:
+def merge_cell_map(grid: CellGrid, cell_map: np.ndarray, imap: np.ndarray) -> np.ndarray:
     """imap ((H0, W0) uint16) with cell_map's instances added: at each pixel the smaller id of
     the two (ids rank by descending score, so the best instance owns the pixel, as painting every
     mask in ascending score does), 0 only where both are 0."""

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.postprocess.instance import PostprocessOptions
 from m2f_cli.postprocess.masks import window_rle
-from m2f_cli.postprocess.upsample import _crop_to_valid
+from m2f_cli.postprocess.upsample import crop_to_valid
 from m2f_cli.records import Instance
 
 # float32 full-resolution logits upsampled at once on the device (bounds the device memory)
@@ -187,7 +187,7 @@ class PendingBatch:
         top_p, top_i, alive = self.top
         parts, packed = [], []
         for b in images:
-            low = _crop_to_valid(self.mask_logits[b], self.padded, self.valids[b])
+            low = crop_to_valid(self.mask_logits[b], self.padded, self.valids[b])
             area, inside, box, pk = _query_stats(low, self.originals[b])
             packed.append(pk)
             parts += [top_p[b].contiguous().view(torch.int32), top_i[b].to(torch.int32), alive[b].to(torch.int32),

@@ -27,9 +27,9 @@ import torch
 
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.postprocess.cells import PackedCells, merge_cell_map, new_cell_map
-from m2f_cli.postprocess.masks import Measured, _bbox, window_rle
-from m2f_cli.postprocess.sampling import _Sampler
-from m2f_cli.postprocess.upsample import _crop_to_valid
+from m2f_cli.postprocess.masks import Measured, rle_bbox, window_rle
+from m2f_cli.postprocess.sampling import MaskSampler
+from m2f_cli.postprocess.upsample import crop_to_valid
 from m2f_cli.records import Instance
 
 # Bytes of float32 full-resolution mask logits processed at once.
@@ -145,7 +145,7 @@ def _measure_queries(mask_logits: torch.Tensor, padded: tuple[int, int], valid: 
     segment_instances. Returns query -> mask score, query -> Geometry, and the packed windows of
     the queries whose best instance reaches map_threshold (the ones the map may draw)."""
     uniq = sorted(best_p)
-    sampler = _Sampler(valid, original, mask_logits.device)
+    sampler = MaskSampler(valid, original, mask_logits.device)
     mask_score: dict[int, float] = {}
     geometry: Geometry = {}
     windows: dict[int, Union[_Packed, PackedCells]] = {}
@@ -153,7 +153,7 @@ def _measure_queries(mask_logits: torch.Tensor, padded: tuple[int, int], valid: 
     per_chunk = max(1, CHUNK_BYTES // max(1, valid[0] * valid[1] * 4))
     for start in range(0, len(uniq), per_chunk):
         qs = uniq[start:start + per_chunk]
-        low = _crop_to_valid(mask_logits[qs], padded, valid)  # (n, vh, vw), cheap
+        low = crop_to_valid(mask_logits[qs], padded, valid)  # (n, vh, vw), cheap
         for j, q in enumerate(qs):
             m = sampler.measure(low[j])
             if m is None:
@@ -161,7 +161,7 @@ def _measure_queries(mask_logits: torch.Tensor, padded: tuple[int, int], valid: 
                 continue
             mask_score[q] = m.score
             rle = m.rle(original)
-            geometry[q] = (_bbox(rle), m.area, rle)
+            geometry[q] = (rle_bbox(rle), m.area, rle)
             if m.area and best_p[q] * m.score >= map_threshold:
                 windows[q] = _Packed.of(m)
     return mask_score, geometry, windows

@@ -17,7 +17,7 @@ def rle_with_bytes_counts(rle: dict) -> dict:
     return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
 
 
-def _bbox(rle: dict) -> tuple[int, int, int, int]:
+def rle_bbox(rle: dict) -> tuple[int, int, int, int]:
     """Tight [x, y, w, h] of an RLE mask (integers; zeros when empty), straight from the runs."""
     x, y, w, h = mask_utils.toBbox(rle_with_bytes_counts(rle)).tolist()
     return (int(x), int(y), int(w), int(h))

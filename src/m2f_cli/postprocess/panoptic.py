@@ -11,7 +11,7 @@ import torch
 
 from m2f_cli.model.categories import COCO_NAMES, CategoryTable
 from m2f_cli.postprocess.masks import _region_stats
-from m2f_cli.postprocess.upsample import _crop_to_valid, upsample_stripes
+from m2f_cli.postprocess.upsample import crop_to_valid, upsample_stripes
 from m2f_cli.records import Segment
 
 # Thing classes of the label sets Mask2Former ships (COCO's 80 things, Cityscapes' 8); everything
@@ -50,7 +50,7 @@ def panoptic_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     if not bool(keep.any()):
         return np.zeros((h0, w0), np.uint16), []
     k_scores, k_labels = scores[keep], labels[keep]
-    cropped = _crop_to_valid(mask_logits[keep], padded, valid)
+    cropped = crop_to_valid(mask_logits[keep], padded, valid)
     winner = torch.empty((h0, w0), dtype=torch.long)
     confident = torch.empty((h0, w0), dtype=torch.bool)
     own_area = torch.zeros(len(k_scores), dtype=torch.long)

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m2f_cli.postprocess.cells import _Cells
+from m2f_cli.postprocess.cells import CellGrid
 from m2f_cli.postprocess.masks import Measured
-from m2f_cli.postprocess.upsample import _source_rows
+from m2f_cli.postprocess.upsample import source_rows
 
 # Windows larger than this share of the image are upsampled over the whole image in one pass
 # (torch's fused kernel); smaller ones separably over the window. Measured per query at 12 MP:
 # separable 2.4 ms vs 40 ms at 4% of the image, 20 vs 49 ms at 34%, about even at 60-70%.
 FULL_WINDOW = 0.6
-# A mask upscaled at least 4x along both axes is measured on its active cells (_Cells) when they are
+# A mask upscaled at least 4x along both axes is measured on its active cells (CellGrid) when they are
 # under this share of the cells of its window; above it the dense window is cheaper. Measured on
 # the crowded benchmark's logits and on compact blobs (docs/performance.md, "Crowded photos"):
 # cells ~2.4x the window's cost per computed pixel, when both still shared the RLE and painting
@@ -32,7 +32,7 @@ FULL_WINDOW = 0.6
 CELL_SHARE = 0.35
 
 
-class _Sampler:
+class MaskSampler:
     """Bilinear (align_corners=False) from the (vh, vw) valid-area logits to the original size,
     evaluated only on output windows.
 
@@ -45,10 +45,10 @@ class _Sampler:
     def __init__(self, valid: tuple[int, int], original: tuple[int, int], device: torch.device):
         (vh, vw), (h0, w0) = valid, original
         self.original, self.full_pixels = original, h0 * w0
-        rows, cols = _source_rows(torch.arange(h0), vh, h0), _source_rows(torch.arange(w0), vw, w0)  # CPU
+        rows, cols = source_rows(torch.arange(h0), vh, h0), source_rows(torch.arange(w0), vw, w0)  # CPU
         self.ry0, self.ry1, self.wy = (t.to(device) for t in rows)
         self.cx0, self.cx1 = (t.to(device) for t in cols[:2])
-        self.cells = _Cells(valid, original, *rows, cols[0]) if _Cells.usable(valid, original) else None
+        self.cells = CellGrid(valid, original, *rows, cols[0]) if CellGrid.usable(valid, original) else None
 
     @staticmethod
     def _span(lo_idx: torch.Tensor, hi_idx: torch.Tensor, first: int, last: int) -> tuple[int, int]:
@@ -83,7 +83,7 @@ class _Sampler:
 
     def measure(self, low: torch.Tensor) -> Optional[Measured]:
         """low: (vh, vw) logits -> the mask at the original size, or None when no output pixel can
-        be positive. On its active cells (_Cells) when they are few, else on its window."""
+        be positive. On its active cells (CellGrid) when they are few, else on its window."""
         pos = low > 0
         box = _positive_box(pos)
         if box is None:

@@ -9,7 +9,7 @@ import torch
 
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.postprocess.masks import _region_stats
-from m2f_cli.postprocess.upsample import STRIPE_BYTES, _crop_to_valid, upsample_stripes
+from m2f_cli.postprocess.upsample import STRIPE_BYTES, crop_to_valid, upsample_stripes
 from m2f_cli.records import Segment
 
 
@@ -20,7 +20,7 @@ def semantic_from_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     Returns ((H0, W0) map of category ids (uint8 when they fit, else uint16), list of Segment
     records, one per class present, score None)."""
     probs = class_logits.float().softmax(-1)[:, :-1]  # (Q, C)
-    cropped = _crop_to_valid(mask_logits, padded, valid)
+    cropped = crop_to_valid(mask_logits, padded, valid)
     ids = torch.tensor([c.id for c in categories.categories])
     h0, w0 = original
     dtype = np.uint8 if int(ids.max()) < 256 else np.uint16

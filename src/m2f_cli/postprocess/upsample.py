@@ -18,13 +18,13 @@ import torch.nn.functional as F
 STRIPE_BYTES = 64 * 1024 * 1024
 
 
-def _crop_to_valid(mask_logits: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
+def crop_to_valid(mask_logits: torch.Tensor, padded: tuple[int, int], valid: tuple[int, int]) -> torch.Tensor:
     """(Q, h, w) logits -> (Q, vh, vw): bilinear to the padded input size, padding cropped."""
     x = F.interpolate(mask_logits[None].float(), size=padded, mode="bilinear", align_corners=False)[0]
     return x[:, : valid[0], : valid[1]]
 
 
-def _source_rows(out_rows: torch.Tensor, in_h: int, out_h: int, device: Optional[torch.device] = None):
+def source_rows(out_rows: torch.Tensor, in_h: int, out_h: int, device: Optional[torch.device] = None):
     """Bilinear (align_corners=False) source rows and weights for output rows, as torch computes them.
 
     out_rows: (n,) int64 on the CPU. Computed in float64 there (a few thousand values), then moved to
@@ -50,6 +50,6 @@ def upsample_stripes(logits: torch.Tensor, size: tuple[int, int], stripe_rows: O
     wide = F.interpolate(logits[None].float(), size=(h, w0), mode="bilinear", align_corners=False)[0]
     for r0 in range(0, h0, stripe_rows):
         r1 = min(h0, r0 + stripe_rows)
-        y0, y1, w1 = _source_rows(torch.arange(r0, r1), h, h0, logits.device)
+        y0, y1, w1 = source_rows(torch.arange(r0, r1), h, h0, logits.device)
         w1 = w1.to(wide.device).view(1, -1, 1)
         yield r0, r1, wide[:, y0] * (1 - w1) + wide[:, y1] * w1

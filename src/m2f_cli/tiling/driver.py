@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Optional, Union
 import torch
-from m2f_cli.postprocess.sampling import _Sampler
+from m2f_cli.postprocess.sampling import MaskSampler
 from m2f_cli.records import Failure, ImageRef, ImageResult
 from m2f_cli.tiling.grid import Box, TiledImage, tile_pixels
 from m2f_cli.inputs.raster import RasterError
@@ -35,7 +35,7 @@ def segment_tiled(segmenter, ref: ImageRef, tiled: TiledImage, original: tuple[i
         cls, masks = _forward(segmenter, x)
         t1 = time.perf_counter()
         if sampler is None:
-            sampler = _Sampler(valid, tiled.tile, masks.device)
+            sampler = MaskSampler(valid, tiled.tile, masks.device)
         for b, i in enumerate(idx):
             parts += tile_parts(cls[b], masks[b], tuple(x.shape[-2:]), valid, tiled.boxes[i], i, sampler, options)
         segmenter.times.postprocess_s += time.perf_counter() - t1
@@ -45,7 +45,7 @@ def segment_tiled(segmenter, ref: ImageRef, tiled: TiledImage, original: tuple[i
         t1 = time.perf_counter()
         whole = Box(0, 0, *original)
         parts += tile_parts(cls[0], masks[0], tuple(pixel_values.shape[-2:]), valid, whole, -1,
-                            _Sampler(valid, original, masks.device), options)
+                            MaskSampler(valid, original, masks.device), options)
         segmenter.times.postprocess_s += time.perf_counter() - t1
     t1 = time.perf_counter()
     objects = merge_parts(parts, tiled.boxes, original)  # on the masks (tiling/merge.py, issue 28)

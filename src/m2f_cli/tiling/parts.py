@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from m2f_cli.postprocess.instance import PostprocessOptions, top_candidates
-from m2f_cli.postprocess.sampling import _Sampler
-from m2f_cli.postprocess.upsample import _crop_to_valid
+from m2f_cli.postprocess.sampling import MaskSampler
+from m2f_cli.postprocess.upsample import crop_to_valid
 from m2f_cli.tiling.grid import Box
 
 
@@ -62,7 +62,7 @@ def _tight(b: np.ndarray) -> tuple[int, int, np.ndarray]:
 
 
 def tile_parts(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tuple[int, int],
-               valid: tuple[int, int], box: Box, tile: int, sampler: _Sampler,
+               valid: tuple[int, int], box: Box, tile: int, sampler: MaskSampler,
                options: PostprocessOptions) -> list[Part]:
     """One tile's candidates as Parts in original-image coordinates.
 
@@ -75,7 +75,7 @@ def tile_parts(class_logits: torch.Tensor, mask_logits: torch.Tensor, padded: tu
     top_p, labels, queries = top_candidates(class_logits, options, floor)
     if top_p.numel() == 0:
         return []
-    low = _crop_to_valid(mask_logits[sorted(set(queries))], padded, valid)
+    low = crop_to_valid(mask_logits[sorted(set(queries))], padded, valid)
     row = {q: j for j, q in enumerate(sorted(set(queries)))}
     masks: dict[int, Optional[tuple[float, int, int, dict, int]]] = {}
     for q, j in row.items():

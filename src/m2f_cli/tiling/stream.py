@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m2f_cli.postprocess.sampling import _Sampler
+from m2f_cli.postprocess.sampling import MaskSampler
 from m2f_cli.inputs.preprocess import PreprocessSpec
 from m2f_cli.inputs.raster import RasterError, is_tiff, open_raster, raster_size
 from m2f_cli.records import ImageRef, ImageResult
@@ -127,7 +127,7 @@ def segment_raster(segmenter, ref: ImageRef, tiles: RasterTiles, batch_size: int
             cls, masks = _forward(segmenter, x)
             t1 = time.perf_counter()
             if sampler is None:
-                sampler = _Sampler(inputs[0].valid, tiles.tile, masks.device)
+                sampler = MaskSampler(inputs[0].valid, tiles.tile, masks.device)
             for b, k in enumerate(chunk):
                 i = idx[k]
                 merger.add(i, tile_parts(cls[b], masks[b], tuple(x.shape[-2:]), inputs[0].valid, tiles.boxes[i], i,

@@ -14,14 +14,14 @@ from typing import Optional, Union
 from m2f_cli.outputs.coco_panoptic import is_panoptic_doc
 from m2f_cli.tools.eval_panoptic import PanopticResult, evaluate_panoptic
 from m2f_cli.tools.eval_semantic import SemanticResult, evaluate_semantic
-from m2f_cli.tools.evaluate import _load_json
+from m2f_cli.tools.evaluate import load_json
 
 
 def ground_truth_kind(gt: str) -> str:
     """"semantic", "panoptic" or "instance"."""
     if os.path.isdir(gt):
         return "semantic"
-    if os.path.isfile(gt) and is_panoptic_doc(_load_json(gt, "ground truth")):
+    if os.path.isfile(gt) and is_panoptic_doc(load_json(gt, "ground truth")):
         return "panoptic"
     return "instance"
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from m2f_cli.outputs import coco_panoptic
 from m2f_cli.errors import EvalError
-from m2f_cli.tools.evaluate import PerClassResult, _load_json, _match_by_name, pct
+from m2f_cli.tools.evaluate import PerClassResult, load_json, match_by_name, pct
 
 _OFFSET = np.uint64(1 << 24)
 HEADLINE = ("PQ", "SQ", "RQ", "N", "PQ_th", "SQ_th", "RQ_th", "N_th", "PQ_st", "SQ_st", "RQ_st", "N_st")
@@ -127,7 +127,7 @@ class PanopticResult(PerClassResult):
 
 
 def _load_doc(path: str, what: str) -> dict:
-    doc = _load_json(path, what)
+    doc = load_json(path, what)
     if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list) \
             or not all(isinstance(a, dict) and "segments_info" in a for a in doc["annotations"]):
         raise EvalError(f"{path}: not a COCO panoptic file (needs annotations with segments_info)")
@@ -142,7 +142,7 @@ def _pairs(gt: dict, pred: dict, gt_path: str, pred_path: str, notes: list) -> l
     gt_ann = {int(a["image_id"]): a for a in gt["annotations"]}
     pred_ann = {int(a["image_id"]): a for a in pred["annotations"]}
     if pred.get("images"):
-        match = _match_by_name(pred["images"], gt_images)
+        match = match_by_name(pred["images"], gt_images)
         how = "by file name"
         for im in pred["images"]:
             g = match.get(int(im["id"]))

@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from m2f_cli.errors import EvalError
-from m2f_cli.tools.evaluate import PerClassResult, _load_json, pct
+from m2f_cli.tools.evaluate import PerClassResult, load_json, pct
 
 IGNORE = 255
 _SUFFIXES = ("_gtFine_labelTrainIds", "_leftImg8bit")
@@ -108,7 +108,7 @@ def _predictions(pred: str) -> tuple[str, dict[str, str], Optional[list[str]]]:
     legend = os.path.join(folder, "labels.json")
     names = None
     if os.path.isfile(legend):
-        doc = _load_json(legend, "the run's labels.json")
+        doc = load_json(legend, "the run's labels.json")
         try:
             names = [str(c["name"]) for c in sorted(doc["classes"], key=lambda c: int(c["index"]))]
         except (KeyError, TypeError, ValueError):

@@ -30,7 +30,7 @@ STAT_LABELS = (
 )
 
 
-def _load_json(path: str, what: str):
+def load_json(path: str, what: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -76,13 +76,13 @@ def _run_images(pred_path: str, images_path: Optional[str]) -> Optional[list[dic
                                        .replace("predictions", "images"))
     if images_path is None and (path == os.path.abspath(pred_path) or not os.path.isfile(path)):
         return None
-    doc = _load_json(path, "the run's images")
+    doc = load_json(path, "the run's images")
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise EvalError(f"{path}: not an images.json written by m2f (needs images)")
     return doc["images"]
 
 
-def _match_by_name(run_images: list[dict], gt_images: list[dict]) -> dict[int, dict]:
+def match_by_name(run_images: list[dict], gt_images: list[dict]) -> dict[int, dict]:
     """Run image id -> ground-truth image, by file name: the relative path first, then the base
     name where it is unique in the ground truth (the rule --coco-annotations uses). A video frame
     (an entry with "video" and "frame") matches the ground-truth image with the same frame index
@@ -148,8 +148,8 @@ def evaluate_run(gt_path: str, pred_path: str, iou_type: str = "segm", images_pa
     """
     if iou_type not in ("segm", "bbox"):
         raise EvalError(f"--iou-type {iou_type!r}: expected segm or bbox")
-    gt = _load_json(gt_path, "ground truth")
-    preds = _load_json(pred_path, "predictions")
+    gt = load_json(gt_path, "ground truth")
+    preds = load_json(pred_path, "predictions")
     if not isinstance(gt, dict) or not isinstance(gt.get("images"), list) or "annotations" not in gt:
         raise EvalError(f"{gt_path}: not a COCO annotation file (needs images and annotations)")
     if not isinstance(preds, list):
@@ -181,7 +181,7 @@ def evaluate_run(gt_path: str, pred_path: str, iou_type: str = "segm", images_pa
 def _align_images(preds, run_images, gt, gt_by_id, gt_path, pred_path, notes) -> tuple[list, list[int]]:
     """Predictions with ground-truth image ids, and the ids of the images to evaluate."""
     if run_images is not None:
-        match = _match_by_name(run_images, gt["images"])
+        match = match_by_name(run_images, gt["images"])
         if not match:
             raise EvalError(f"{pred_path}: none of the run's {len(run_images)} images (by file name in its "
                             f"images.json) is in {gt_path}; is it the right ground truth?")
