@@ -154,7 +154,7 @@ def test_a_mask_over_two_tracked_objects_is_not_merged_away():
 def test_a_tracked_object_inside_a_pair_mask_keeps_its_track():
     # A and B tracked apart; then the detector returns a stronger mask over both and B alone (no A
     # alone, so no span): B, covered by the pair mask, would be merged into it and B's track lost;
-    # the rescue gives it back to B's track, left unmatched, whose predicted mask it meets
+    # taken into the first assignment, B fits its own track best and keeps it
     a, b = disc(40, 30, 12), disc(70, 30, 6)
     pair = disc(40, 30, 13) | disc(70, 30, 7)
     frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(pair, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
@@ -162,7 +162,18 @@ def test_a_tracked_object_inside_a_pair_mask_keeps_its_track():
     out = [t.step([Detection(*d) for d in f]) for f in frames]
     assert [[x.track_id for x in f] for f in out] == [[1, 2]] * 5
     assert all(x.duplicate_of is None for x in out[-1]) and out[-1][1].cls == FRISBEE
-    assert run(frames, TrackerConfig(rescue_iou=0))[3:] == [[1, 1]] * 2  # without: merged into the pair
+    assert run(frames, TrackerConfig(covered_match=False))[3:] == [[1, 1]] * 2  # without: merged
+
+
+def test_a_covered_detection_that_fits_a_track_best_takes_it_in_the_first_assignment():
+    # A and B tracked apart; then a stronger loose mask over B and part of A (nearer B's track than
+    # A's: IoU 0.29 vs 0.24) and B alone, covered by it: merged as covered, B's track went to the
+    # loose mask and A's was left. Taking B into the first assignment gives B its own track and the
+    # loose mask A's (the most IoU in all)
+    a, b, loose = disc(40, 30, 10), disc(58, 30, 7), disc(51, 30, 12)
+    frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(loose, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
+    assert run(frames)[3:] == [[1, 2]] * 2
+    assert run(frames, TrackerConfig(covered_match=False))[3:] == [[2, 2]] * 2  # without: B merged, A lost
 
 
 def test_a_mask_with_one_part_inside_is_kept():

@@ -15,16 +15,17 @@ and a class) and returns each one's track. In order:
 2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
    centroids of its observations, smoothed) times the frames since it was seen.
 3. three Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
-   IoU >= ``match_iou``): the detections at or above ``high`` against every live track's predicted
-   mask; then the detections between ``low`` and ``high`` against the tracks left (ByteTrack's
-   second pass: a weak detection keeps a track alive but never starts one); then the high ones left
-   against the tracks' last observed masks, unshifted (OC-SORT's observation-centric recovery, for a
-   track whose velocity went wrong). Then a fourth, the rescue: the strong detections step 1 merged
-   only because a larger mask covered them (not by IoU, nor as the pair mask of the span rule)
-   against the confirmed tracks still left, at IoU >= ``rescue_iou`` with the predicted mask: such
-   a detection is the object that track follows, seen inside a mask over it and a neighbour
-   (Mask2Former returns the pair as one instance, and only one part of it on its own, so the span
-   rule does not apply); it continues the track and is no duplicate.
+   IoU >= ``match_iou``): the detections at or above ``high``, and with them (``covered_match``)
+   the strong detections step 1 merged only because a larger mask covered them (not by IoU, nor as
+   the pair mask of the span rule), against every live track's predicted mask; then the detections
+   between ``low`` and ``high`` against the tracks left (ByteTrack's second pass: a weak detection
+   keeps a track alive but never starts one); then the high ones left against the tracks' last
+   observed masks, unshifted (OC-SORT's observation-centric recovery, for a track whose velocity
+   went wrong). A covered detection matched in the first is that track's object, seen inside a mask
+   over it and a neighbour (Mask2Former returns the pair as one instance, and only one part of it on
+   its own, so the span rule does not apply): it is no duplicate, and its cover, when no track takes
+   it, starts none. One not matched stays merged (the usual case: a partial mask of one object,
+   which fits the track less than the whole does).
 4. each high detection left starts a track. A track is confirmed, and takes the next id (1, 2, ...
    per sequence), at once when its first detection scores >= ``confirm``, else when it is matched
    again in the next frame; until then it is tentative: its detection gets no track id, and a
@@ -65,8 +66,8 @@ class TrackerConfig:
                             # one's track is tentative (no track_id written) until seen again next frame
     smoothing: float = 0.5  # weight of the newest observed velocity (the rest: the previous estimate)
     grid: int = 256         # masks are compared on a grid of at most this many cells per side
-    rescue_iou: float = 0.4  # a strong detection merged as covered continues a confirmed track left unmatched
-                             # whose predicted mask it meets at this IoU (step 3's rescue); 0: never
+    covered_match: bool = True  # the strong detections merged only as covered take part in step 3's first
+                                # assignment (a track they fit best takes them; their cover starts no track)
 
     def record(self) -> dict:
         return dict(self.__dict__)
@@ -235,17 +236,15 @@ class Tracker:
                                       for t in self.tracks])
             high = [i for i in kept if dets[i].score >= cfg.high]
             low = [i for i in kept if dets[i].score < cfg.high]
-            p1, high, left_t = hungarian(pred, high, left_t, cfg.match_iou)
+            covered = [i for i in parts if dets[i].score >= cfg.high] if cfg.covered_match else []
+            p1, high, left_t = hungarian(pred, high + covered, left_t, cfg.match_iou)
+            covers = {dup.pop(i) for i, _k in p1 if i in covered}  # a covered one matched is no duplicate
+            high = [i for i in high if i not in covered]
             p2, _, left_t = hungarian(pred, low, left_t, cfg.match_iou)
             p3, high, left_t = hungarian(last, high, left_t, cfg.match_iou)
             pairs = p1 + p2 + p3
-            if cfg.rescue_iou > 0:  # covered strong detections that are a left track's object
-                strong = [i for i in parts if dets[i].score >= cfg.high]
-                p4, _, _ = hungarian(pred, strong, [k for k in left_t if self.tracks[k].confirmed], cfg.rescue_iou)
-                for i, _k in p4:
-                    del dup[i]
-                pairs += p4
-            for i in high:  # new tracks, in descending score
+            for i in [i for i in high if i not in covers]:  # new tracks, by descending score; a mask
+                # covering a detection that step 3 matched is that object (and a neighbour): no new track
                 self.tracks.append(Track(0, dets[i].mask, None, last=self.steps, hits=0, confirmed=False))
                 pairs.append((i, len(self.tracks) - 1))
         return self._update(dets, pairs, dup)
