@@ -84,7 +84,18 @@ def test_a_looser_weaker_mask_of_a_tracked_object_is_no_second_track():
     # not covered) is a duplicate, not a second object that would persist as a false track
     frames = [[(disc(20 + 4 * k, 30), 0.9, KITE), (disc(20 + 4 * k, 30, 10.5), 0.65, KITE)] for k in range(5)]
     assert run(frames) == [[1, 1]] * 5
-    assert run(frames, TrackerConfig(dup_iou=0.7))[1:] == [[1, 2]] * 4  # the former default: a second track
+    assert run(frames, TrackerConfig(dup_iou=0.7, same_class_iou=0.7))[1:] == [[1, 2]] * 4  # the former defaults: a second track
+
+
+def test_two_masks_of_one_class_at_iou_0_4_are_one_object():
+    # Mask2Former's two queries on one object under the same class: two masks at IoU 0.44 (under
+    # dup_iou 0.5, neither covered by the other) made a second track beside the first
+    a = [disc(20 + 3 * k, 30, 8) for k in range(5)]
+    b = [disc(25 + 3 * k, 30, 8) for k in range(5)]
+    assert run([[(a[k], 0.9, KITE), (b[k], 0.8, KITE)] for k in range(5)]) == [[1, 1]] * 5
+    assert run([[(a[k], 0.9, KITE), (b[k], 0.8, KITE)] for k in range(5)],
+               TrackerConfig(same_class_iou=0.5)) == [[1, 2]] * 5     # without: a second track
+    assert run([[(a[k], 0.9, KITE), (b[k], 0.8, FRISBEE)] for k in range(5)]) == [[1, 2]] * 5  # two classes: dup_iou
 
 
 def test_a_track_unseen_longer_than_max_lost_ends():

@@ -9,7 +9,8 @@ and a class) and returns each one's track. In order:
    the part it overlaps most, whatever its score. Then the detections at or above ``low`` are taken
    by descending score; one whose mask has IoU >= ``dup_iou`` with a detection already kept is the
    same object (Mask2Former keeps the top-k (query, class) pairs, so one object can come twice under
-   two classes), and one whose mask is ``dup_cover`` or more covered by the kept ones together is no
+   two classes), or IoU >= ``same_class_iou`` when both have the same class (two queries on one
+   object, their masks often further apart than two classes' masks), and one whose mask is ``dup_cover`` or more covered by the kept ones together is no
    new object: it joins the track of the kept detection it overlaps most and adds its score to that
    track's class votes.
 2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
@@ -57,6 +58,7 @@ class TrackerConfig:
     low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
     match_iou: float = 0.2  # least mask IoU of a match
     dup_iou: float = 0.5    # two detections of one frame with at least this mask IoU are one object
+    same_class_iou: float = 0.4  # ... or at least this when they have the same class (two queries, one object)
     dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
     span_inside: float = 0.5  # a strong detection this much inside a larger mask is a part of it
     span_iou: float = 0.3   # two parts with less IoU than this are two objects
@@ -170,9 +172,10 @@ class Tracker:
         """(the detections at or above low that are kept, by descending score; duplicate -> kept;
         the duplicates merged only as covered (IoU < dup_iou, no span), in order. Duplicates:
         a mask over two detected objects (spans()), merged into the part it overlaps most; the same
-        mask (IoU >= dup_iou with a kept one) or mostly covered by the kept ones together (>= dup_cover
+        mask (IoU >= dup_iou with a kept one; >= same_class_iou when of its class) or mostly covered by the kept ones together (>= dup_cover
         of its pixels), merged into the kept one it overlaps most).
         A detection whose grid mask is empty (smaller than a cell) is left out: nothing to follow."""
+        cfg = self.config
         order = sorted((i for i, d in enumerate(dets) if d.score >= self.config.low and d.mask.any()),
                        key=lambda i: (-dets[i].score, i))
         span = self.spans(dets, order)
@@ -186,9 +189,11 @@ class Tracker:
             m = dets[i].mask
             b = max(kept, key=lambda b: iou[a, b], default=None)  # ties: the higher score
             cover = (m & covered).sum() / m.sum() if m.shape == covered.shape else 0.0
-            if b is not None and (iou[a, b] >= self.config.dup_iou or cover >= self.config.dup_cover):
+            same = b is not None and iou[a, b] >= (cfg.same_class_iou if dets[order[b]].cls == dets[i].cls
+                                                   else cfg.dup_iou)
+            if b is not None and (same or cover >= cfg.dup_cover):
                 dup[i] = order[b] if iou[a, b] > 0 else order[kept[0]]
-                if iou[a, b] < self.config.dup_iou:
+                if not same:
                     parts.append(i)
             else:
                 kept.append(a)
