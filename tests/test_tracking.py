@@ -51,6 +51,18 @@ def test_occluded_for_a_few_frames_is_picked_up_again_with_its_id():
     assert [f[1] for f in ids if len(f) == 2] == [2] * 16
 
 
+def test_an_object_back_from_hiding_off_its_predicted_path_is_re_identified():
+    # A moves right, hides for three frames, and comes back having turned (it bounced): neither its
+    # predicted mask nor its last one meets the new detection at IoU 0.2, but the detection is near
+    # (0.85 track sizes), of its size and class: the same track, not a new one
+    xs = [20 + 4 * k for k in range(6)] + [None] * 3 + [28 - 4 * j for j in range(3)]
+    frames = [[(disc(100, 45), 0.95, FRISBEE)] + ([(disc(x, 20), 0.9, KITE)] if x else []) for x in xs]
+    assert [f[1:] for f in run(frames)] == [[2]] * 6 + [[]] * 3 + [[2]] * 3
+    assert [f[1:] for f in run(frames, TrackerConfig(reid_dist=0))][9:] == [[3]] * 3  # without: a new track
+    other = [f[:1] + [(f[1][0], 0.9, FRISBEE)] if len(f) > 1 and k >= 9 else f for k, f in enumerate(frames)]
+    assert [f[1:] for f in run(other)][9:] == [[3]] * 3  # another class: a new track
+
+
 def test_a_missed_detection_and_a_weak_one_continue_the_track():
     frames = [[(disc(10 + 6 * k, 30), 0.9, KITE)] for k in range(12)]
     frames[5] = []                                        # missed

@@ -15,14 +15,17 @@ and a class) and returns each one's track. In order:
    track's class votes.
 2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
    centroids of its observations, smoothed) times the frames since it was seen.
-3. three Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
+3. four Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
    IoU >= ``match_iou``): the detections at or above ``high``, and with them (``covered_match``)
    the strong detections step 1 merged only because a larger mask covered them (not by IoU, nor as
    the pair mask of the span rule), against every live track's predicted mask; then the detections
    between ``low`` and ``high`` against the tracks left (ByteTrack's second pass: a weak detection
    keeps a track alive but never starts one); then the high ones left against the tracks' last
    observed masks, unshifted (OC-SORT's observation-centric recovery, for a track whose velocity
-   went wrong). A covered detection matched in the first is that track's object, seen inside a mask
+   went wrong); then the high ones left against the confirmed tracks left, by the distance of their
+   centroids, ``reid_dist`` track sizes at most, when area (``reid_area``) and class agree (the
+   re-identification of an object hidden a few frames whose motion estimate went wrong, which
+   would start a new track). A covered detection matched in the first is that track's object, seen inside a mask
    over it and a neighbour (Mask2Former returns the pair as one instance, and only one part of it on
    its own, so the span rule does not apply): it is no duplicate, and its cover, when no track takes
    it, starts none. One not matched stays merged (the usual case: a partial mask of one object,
@@ -68,6 +71,9 @@ class TrackerConfig:
                             # one's track is tentative (no track_id written) until seen again next frame
     smoothing: float = 0.5  # weight of the newest observed velocity (the rest: the previous estimate)
     grid: int = 256         # masks are compared on a grid of at most this many cells per side
+    reid_dist: float = 2.0  # a high detection left continues a confirmed track left (step 3's re-identification)
+    reid_area: float = 2.0  # when its centroid is this near the track's last one (in sqrt(track area)), its
+                            # area within this factor of the track's and its class the track's; 0: never
     covered_match: bool = True  # the strong detections merged only as covered take part in step 3's first
                                 # assignment (a track they fit best takes them; their cover starts no track)
 
@@ -247,12 +253,40 @@ class Tracker:
             high = [i for i in high if i not in covered]
             p2, _, left_t = hungarian(pred, low, left_t, cfg.match_iou)
             p3, high, left_t = hungarian(last, high, left_t, cfg.match_iou)
-            pairs = p1 + p2 + p3
+            p4, high = self.reid(dets, high, left_t)
+            pairs = p1 + p2 + p3 + p4
             for i in [i for i in high if i not in covers]:  # new tracks, by descending score; a mask
                 # covering a detection that step 3 matched is that object (and a neighbour): no new track
                 self.tracks.append(Track(0, dets[i].mask, None, last=self.steps, hits=0, confirmed=False))
                 pairs.append((i, len(self.tracks) - 1))
         return self._update(dets, pairs, dup)
+
+    def reid(self, dets: list[Detection], high: list[int], left_t: list[int]) -> tuple[list, list[int]]:
+        """Step 3's re-identification: the high detections left (each would start a track) against
+        the confirmed tracks left, on the distance between the detection's centroid and the track's
+        last observed one, in units of the square root of the track's last mask area, a pair kept at
+        <= reid_dist when the areas are within a factor reid_area and the classes are the same (the
+        detection's, the track's vote). (pairs (detection, track), the detections left)."""
+        cfg = self.config
+        ts = [k for k in left_t if self.tracks[k].confirmed and self.tracks[k].c is not None]
+        if cfg.reid_dist <= 0 or not high or not ts:
+            return [], high
+        cost = np.full((len(high), len(ts)), np.inf)
+        for a, i in enumerate(high):
+            m, c = dets[i].mask, centroid(dets[i].mask)
+            for b, k in enumerate(ts):
+                t = self.tracks[k]
+                area = float(t.mask.sum())
+                if t.mask.shape != m.shape or t.cls() != dets[i].cls or not (
+                        area <= cfg.reid_area * m.sum() and m.sum() <= cfg.reid_area * area):
+                    continue
+                d = float(np.hypot(c[0] - t.c[0], c[1] - t.c[1])) / np.sqrt(area)
+                if d <= cfg.reid_dist:
+                    cost[a, b] = d
+        finite = np.where(np.isfinite(cost), cost, 1e9)
+        pairs = [(high[a], ts[b]) for a, b in zip(*linear_sum_assignment(finite)) if np.isfinite(cost[a, b])]
+        used = {i for i, _k in pairs}
+        return pairs, [i for i in high if i not in used]
 
     def _update(self, dets: list[Detection], pairs: list[tuple[int, int]], dup: dict[int, int]) -> list[Assignment]:
         out: list[Assignment] = [Assignment(None)] * len(dets)
