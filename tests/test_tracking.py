@@ -51,6 +51,18 @@ def test_occluded_for_a_few_frames_is_picked_up_again_with_its_id():
     assert [f[1] for f in ids if len(f) == 2] == [2] * 16
 
 
+def test_an_object_back_from_hiding_off_its_predicted_path_is_re_identified():
+    # A moves right, hides for three frames, and comes back having turned (it bounced): neither its
+    # predicted mask nor its last one meets the new detection at IoU 0.2, but the detection is near
+    # (0.85 track sizes), of its size and class: the same track, not a new one
+    xs = [20 + 4 * k for k in range(6)] + [None] * 3 + [28 - 4 * j for j in range(3)]
+    frames = [[(disc(100, 45), 0.95, FRISBEE)] + ([(disc(x, 20), 0.9, KITE)] if x else []) for x in xs]
+    assert [f[1:] for f in run(frames)] == [[2]] * 6 + [[]] * 3 + [[2]] * 3
+    assert [f[1:] for f in run(frames, TrackerConfig(reid_dist=0))][9:] == [[3]] * 3  # without: a new track
+    other = [f[:1] + [(f[1][0], 0.9, FRISBEE)] if len(f) > 1 and k >= 9 else f for k, f in enumerate(frames)]
+    assert [f[1:] for f in run(other)][9:] == [[3]] * 3  # another class: a new track
+
+
 def test_a_missed_detection_and_a_weak_one_continue_the_track():
     frames = [[(disc(10 + 6 * k, 30), 0.9, KITE)] for k in range(12)]
     frames[5] = []                                        # missed
@@ -84,7 +96,18 @@ def test_a_looser_weaker_mask_of_a_tracked_object_is_no_second_track():
     # not covered) is a duplicate, not a second object that would persist as a false track
     frames = [[(disc(20 + 4 * k, 30), 0.9, KITE), (disc(20 + 4 * k, 30, 10.5), 0.65, KITE)] for k in range(5)]
     assert run(frames) == [[1, 1]] * 5
-    assert run(frames, TrackerConfig(dup_iou=0.7))[1:] == [[1, 2]] * 4  # the former default: a second track
+    assert run(frames, TrackerConfig(dup_iou=0.7, same_class_iou=0.7))[1:] == [[1, 2]] * 4  # the former defaults: a second track
+
+
+def test_two_masks_of_one_class_at_iou_0_4_are_one_object():
+    # Mask2Former's two queries on one object under the same class: two masks at IoU 0.44 (under
+    # dup_iou 0.5, neither covered by the other) made a second track beside the first
+    a = [disc(20 + 3 * k, 30, 8) for k in range(5)]
+    b = [disc(25 + 3 * k, 30, 8) for k in range(5)]
+    assert run([[(a[k], 0.9, KITE), (b[k], 0.8, KITE)] for k in range(5)]) == [[1, 1]] * 5
+    assert run([[(a[k], 0.9, KITE), (b[k], 0.8, KITE)] for k in range(5)],
+               TrackerConfig(same_class_iou=0.5)) == [[1, 2]] * 5     # without: a second track
+    assert run([[(a[k], 0.9, KITE), (b[k], 0.8, FRISBEE)] for k in range(5)]) == [[1, 2]] * 5  # two classes: dup_iou
 
 
 def test_a_track_unseen_longer_than_max_lost_ends():
@@ -154,7 +177,7 @@ def test_a_mask_over_two_tracked_objects_is_not_merged_away():
 def test_a_tracked_object_inside_a_pair_mask_keeps_its_track():
     # A and B tracked apart; then the detector returns a stronger mask over both and B alone (no A
     # alone, so no span): B, covered by the pair mask, would be merged into it and B's track lost;
-    # the rescue gives it back to B's track, left unmatched, whose predicted mask it meets
+    # taken into the first assignment, B fits its own track best and keeps it
     a, b = disc(40, 30, 12), disc(70, 30, 6)
     pair = disc(40, 30, 13) | disc(70, 30, 7)
     frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(pair, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
@@ -162,7 +185,18 @@ def test_a_tracked_object_inside_a_pair_mask_keeps_its_track():
     out = [t.step([Detection(*d) for d in f]) for f in frames]
     assert [[x.track_id for x in f] for f in out] == [[1, 2]] * 5
     assert all(x.duplicate_of is None for x in out[-1]) and out[-1][1].cls == FRISBEE
-    assert run(frames, TrackerConfig(rescue_iou=0))[3:] == [[1, 1]] * 2  # without: merged into the pair
+    assert run(frames, TrackerConfig(covered_match=False))[3:] == [[1, 1]] * 2  # without: merged
+
+
+def test_a_covered_detection_that_fits_a_track_best_takes_it_in_the_first_assignment():
+    # A and B tracked apart; then a stronger loose mask over B and part of A (nearer B's track than
+    # A's: IoU 0.29 vs 0.24) and B alone, covered by it: merged as covered, B's track went to the
+    # loose mask and A's was left. Taking B into the first assignment gives B its own track and the
+    # loose mask A's (the most IoU in all)
+    a, b, loose = disc(40, 30, 10), disc(58, 30, 7), disc(51, 30, 12)
+    frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(loose, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
+    assert run(frames)[3:] == [[1, 2]] * 2
+    assert run(frames, TrackerConfig(covered_match=False))[3:] == [[2, 2]] * 2  # without: B merged, A lost
 
 
 def test_a_mask_with_one_part_inside_is_kept():

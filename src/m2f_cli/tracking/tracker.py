@@ -9,22 +9,27 @@ and a class) and returns each one's track. In order:
    the part it overlaps most, whatever its score. Then the detections at or above ``low`` are taken
    by descending score; one whose mask has IoU >= ``dup_iou`` with a detection already kept is the
    same object (Mask2Former keeps the top-k (query, class) pairs, so one object can come twice under
-   two classes), and one whose mask is ``dup_cover`` or more covered by the kept ones together is no
+   two classes), or IoU >= ``same_class_iou`` when both have the same class (two queries on one
+   object, their masks often further apart than two classes' masks), and one whose mask is ``dup_cover`` or more covered by the kept ones together is no
    new object: it joins the track of the kept detection it overlaps most and adds its score to that
    track's class votes.
 2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
    centroids of its observations, smoothed) times the frames since it was seen.
-3. three Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
-   IoU >= ``match_iou``): the detections at or above ``high`` against every live track's predicted
-   mask; then the detections between ``low`` and ``high`` against the tracks left (ByteTrack's
-   second pass: a weak detection keeps a track alive but never starts one); then the high ones left
-   against the tracks' last observed masks, unshifted (OC-SORT's observation-centric recovery, for a
-   track whose velocity went wrong). Then a fourth, the rescue: the strong detections step 1 merged
-   only because a larger mask covered them (not by IoU, nor as the pair mask of the span rule)
-   against the confirmed tracks still left, at IoU >= ``rescue_iou`` with the predicted mask: such
-   a detection is the object that track follows, seen inside a mask over it and a neighbour
-   (Mask2Former returns the pair as one instance, and only one part of it on its own, so the span
-   rule does not apply); it continues the track and is no duplicate.
+3. four Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
+   IoU >= ``match_iou``): the detections at or above ``high``, and with them (``covered_match``)
+   the strong detections step 1 merged only because a larger mask covered them (not by IoU, nor as
+   the pair mask of the span rule), against every live track's predicted mask; then the detections
+   between ``low`` and ``high`` against the tracks left (ByteTrack's second pass: a weak detection
+   keeps a track alive but never starts one); then the high ones left against the tracks' last
+   observed masks, unshifted (OC-SORT's observation-centric recovery, for a track whose velocity
+   went wrong); then the high ones left against the confirmed tracks left, by the distance of their
+   centroids, ``reid_dist`` track sizes at most, when area (``reid_area``) and class agree (the
+   re-identification of an object hidden a few frames whose motion estimate went wrong, which
+   would start a new track). A covered detection matched in the first is that track's object, seen inside a mask
+   over it and a neighbour (Mask2Former returns the pair as one instance, and only one part of it on
+   its own, so the span rule does not apply): it is no duplicate, and its cover, when no track takes
+   it, starts none. One not matched stays merged (the usual case: a partial mask of one object,
+   which fits the track less than the whole does).
 4. each high detection left starts a track. A track is confirmed, and takes the next id (1, 2, ...
    per sequence), at once when its first detection scores >= ``confirm``, else when it is matched
    again in the next frame; until then it is tentative: its detection gets no track id, and a
@@ -56,6 +61,7 @@ class TrackerConfig:
     low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
     match_iou: float = 0.2  # least mask IoU of a match
     dup_iou: float = 0.5    # two detections of one frame with at least this mask IoU are one object
+    same_class_iou: float = 0.4  # ... or at least this when they have the same class (two queries, one object)
     dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
     span_inside: float = 0.5  # a strong detection this much inside a larger mask is a part of it
     span_iou: float = 0.3   # two parts with less IoU than this are two objects
@@ -65,8 +71,11 @@ class TrackerConfig:
                             # one's track is tentative (no track_id written) until seen again next frame
     smoothing: float = 0.5  # weight of the newest observed velocity (the rest: the previous estimate)
     grid: int = 256         # masks are compared on a grid of at most this many cells per side
-    rescue_iou: float = 0.4  # a strong detection merged as covered continues a confirmed track left unmatched
-                             # whose predicted mask it meets at this IoU (step 3's rescue); 0: never
+    reid_dist: float = 2.0  # a high detection left continues a confirmed track left (step 3's re-identification)
+    reid_area: float = 2.0  # when its centroid is this near the track's last one (in sqrt(track area)), its
+                            # area within this factor of the track's and its class the track's; 0: never
+    covered_match: bool = True  # the strong detections merged only as covered take part in step 3's first
+                                # assignment (a track they fit best takes them; their cover starts no track)
 
     def record(self) -> dict:
         return dict(self.__dict__)
@@ -169,9 +178,10 @@ class Tracker:
         """(the detections at or above low that are kept, by descending score; duplicate -> kept;
         the duplicates merged only as covered (IoU < dup_iou, no span), in order. Duplicates:
         a mask over two detected objects (spans()), merged into the part it overlaps most; the same
-        mask (IoU >= dup_iou with a kept one) or mostly covered by the kept ones together (>= dup_cover
+        mask (IoU >= dup_iou with a kept one; >= same_class_iou when of its class) or mostly covered by the kept ones together (>= dup_cover
         of its pixels), merged into the kept one it overlaps most).
         A detection whose grid mask is empty (smaller than a cell) is left out: nothing to follow."""
+        cfg = self.config
         order = sorted((i for i, d in enumerate(dets) if d.score >= self.config.low and d.mask.any()),
                        key=lambda i: (-dets[i].score, i))
         span = self.spans(dets, order)
@@ -185,9 +195,11 @@ class Tracker:
             m = dets[i].mask
             b = max(kept, key=lambda b: iou[a, b], default=None)  # ties: the higher score
             cover = (m & covered).sum() / m.sum() if m.shape == covered.shape else 0.0
-            if b is not None and (iou[a, b] >= self.config.dup_iou or cover >= self.config.dup_cover):
+            same = b is not None and iou[a, b] >= (cfg.same_class_iou if dets[order[b]].cls == dets[i].cls
+                                                   else cfg.dup_iou)
+            if b is not None and (same or cover >= cfg.dup_cover):
                 dup[i] = order[b] if iou[a, b] > 0 else order[kept[0]]
-                if iou[a, b] < self.config.dup_iou:
+                if not same:
                     parts.append(i)
             else:
                 kept.append(a)
@@ -235,20 +247,46 @@ class Tracker:
                                       for t in self.tracks])
             high = [i for i in kept if dets[i].score >= cfg.high]
             low = [i for i in kept if dets[i].score < cfg.high]
-            p1, high, left_t = hungarian(pred, high, left_t, cfg.match_iou)
+            covered = [i for i in parts if dets[i].score >= cfg.high] if cfg.covered_match else []
+            p1, high, left_t = hungarian(pred, high + covered, left_t, cfg.match_iou)
+            covers = {dup.pop(i) for i, _k in p1 if i in covered}  # a covered one matched is no duplicate
+            high = [i for i in high if i not in covered]
             p2, _, left_t = hungarian(pred, low, left_t, cfg.match_iou)
             p3, high, left_t = hungarian(last, high, left_t, cfg.match_iou)
-            pairs = p1 + p2 + p3
-            if cfg.rescue_iou > 0:  # covered strong detections that are a left track's object
-                strong = [i for i in parts if dets[i].score >= cfg.high]
-                p4, _, _ = hungarian(pred, strong, [k for k in left_t if self.tracks[k].confirmed], cfg.rescue_iou)
-                for i, _k in p4:
-                    del dup[i]
-                pairs += p4
-            for i in high:  # new tracks, in descending score
+            p4, high = self.reid(dets, high, left_t)
+            pairs = p1 + p2 + p3 + p4
+            for i in [i for i in high if i not in covers]:  # new tracks, by descending score; a mask
+                # covering a detection that step 3 matched is that object (and a neighbour): no new track
                 self.tracks.append(Track(0, dets[i].mask, None, last=self.steps, hits=0, confirmed=False))
                 pairs.append((i, len(self.tracks) - 1))
         return self._update(dets, pairs, dup)
+
+    def reid(self, dets: list[Detection], high: list[int], left_t: list[int]) -> tuple[list, list[int]]:
+        """Step 3's re-identification: the high detections left (each would start a track) against
+        the confirmed tracks left, on the distance between the detection's centroid and the track's
+        last observed one, in units of the square root of the track's last mask area, a pair kept at
+        <= reid_dist when the areas are within a factor reid_area and the classes are the same (the
+        detection's, the track's vote). (pairs (detection, track), the detections left)."""
+        cfg = self.config
+        ts = [k for k in left_t if self.tracks[k].confirmed and self.tracks[k].c is not None]
+        if cfg.reid_dist <= 0 or not high or not ts:
+            return [], high
+        cost = np.full((len(high), len(ts)), np.inf)
+        for a, i in enumerate(high):
+            m, c = dets[i].mask, centroid(dets[i].mask)
+            for b, k in enumerate(ts):
+                t = self.tracks[k]
+                area = float(t.mask.sum())
+                if t.mask.shape != m.shape or t.cls() != dets[i].cls or not (
+                        area <= cfg.reid_area * m.sum() and m.sum() <= cfg.reid_area * area):
+                    continue
+                d = float(np.hypot(c[0] - t.c[0], c[1] - t.c[1])) / np.sqrt(area)
+                if d <= cfg.reid_dist:
+                    cost[a, b] = d
+        finite = np.where(np.isfinite(cost), cost, 1e9)
+        pairs = [(high[a], ts[b]) for a, b in zip(*linear_sum_assignment(finite)) if np.isfinite(cost[a, b])]
+        used = {i for i, _k in pairs}
+        return pairs, [i for i in high if i not in used]
 
     def _update(self, dets: list[Detection], pairs: list[tuple[int, int]], dup: dict[int, int]) -> list[Assignment]:
         out: list[Assignment] = [Assignment(None)] * len(dets)
