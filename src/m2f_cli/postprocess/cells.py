@@ -196,15 +196,20 @@ def new_cell_map(grid: CellGrid) -> np.ndarray:
     return np.zeros((len(grid.rs_np) * grid.ncc, grid.hm * grid.wc), np.uint16)
 
 
-def merge_cell_map(grid: CellGrid, cell_map: np.ndarray, imap: np.ndarray) -> np.ndarray:
+def merge_cell_map(grid: CellGrid, cell_map: np.ndarray, imap: np.ndarray, band: int = 64) -> np.ndarray:
     """imap ((H0, W0) uint16) with cell_map's instances added: at each pixel the smaller id of
     the two (ids rank by descending score, so the best instance owns the pixel, as painting every
-    mask in ascending score does), 0 only where both are 0."""
-    ncr = len(grid.rs_np)
-    dense = cell_map.reshape(ncr, grid.ncc, grid.hm, grid.wc).transpose(0, 2, 1, 3).reshape(
-        ncr * grid.hm, grid.ncc * grid.wc)[grid.real_rows, :grid.w0]
-    dense -= 1   # 0 (no instance) wraps to 65535: the minimum then ignores it
-    imap -= 1
-    np.minimum(imap, dense, out=imap)
+    mask in ascending score does), 0 only where both are 0. band cell rows at a time, so the
+    image-order copy of the cell map is never whole."""
+    ncr, hm, wc, ncc = len(grid.rs_np), grid.hm, grid.wc, grid.ncc
+    imap -= 1    # 0 (no instance) wraps to 65535: the minimum then ignores it
+    for k0 in range(0, ncr, band):
+        k1 = min(ncr, k0 + band)
+        lo, hi = np.searchsorted(grid.real_rows, [k0 * hm, k1 * hm])
+        part = cell_map[k0 * ncc:k1 * ncc].reshape(k1 - k0, ncc, hm, wc).transpose(0, 2, 1, 3).reshape(
+            (k1 - k0) * hm, ncc * wc)[grid.real_rows[lo:hi] - k0 * hm, :grid.w0]
+        part -= 1
+        rows = imap[int(grid.rs_np[k0]):int(grid.rs_np[k0]) + hi - lo]
+        np.minimum(rows, part, out=rows)
     imap += 1
     return imap
