@@ -216,6 +216,30 @@ def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(
     assert not [t for t in threading.enumerate() if t.name.startswith("m2f-forward")]
 
 
+def test_a_first_batch_of_large_images_runs_ahead_from_the_start(monkeypatch):
+    """engines.batches: before any batch is measured, a first batch with an image of at least
+    AHEAD_FIRST_PIXELS is guessed worth running ahead: every forward on the forward thread, the
+    second started before the first result came; the same results as serial batches."""
+    import threading
+
+    from m2f_cli.engines import batches
+    monkeypatch.setattr(batches, "AHEAD_FIRST_PIXELS", 1)
+    monkeypatch.setattr(batches, "AHEAD_SHARE", 0.0)
+    received: list = []
+    seen: list[tuple[str, int, int]] = []
+    predictor = PlantedPredictor()
+    real = predictor.__call__
+    monkeypatch.setattr(PlantedPredictor, "__call__", lambda self, x: seen.append(
+        (threading.current_thread().name, self.calls, len(received))) or real(x))
+    arrays = _planted_arrays() * 2
+    for r in m2f_cli.segment(arrays, model=Segmenter(predictor), batch_size=1, workers=0):
+        received.append(r)
+    assert [name for name, _, _ in seen] == ["m2f-forward_0"] * 6  # the first one too
+    assert [k for _, k, got in seen if got < k], seen  # a forward began before the result before it came
+    for r in received:
+        assert r.to_json()["instances"] == received[r.index % 3].to_json()["instances"]
+
+
 @pytest.mark.parametrize("setting,kept", [(None, False), ("0", True)])
 def test_the_cli_process_flushes_denormals_unless_told_not_to(setting, kept):
     """model.runtime.tune_process (what `m2f segment` and its device workers apply first): denormal

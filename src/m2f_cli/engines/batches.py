@@ -146,12 +146,18 @@ def segment_samples(segmenter: Segmenter, samples: Iterable[Sample], batch_size:
 # is worth it: at least this share of the batch's forward (crowded 12 MP photos: ~2x the forward;
 # ~640x480 photos: ~4%, where a forward thread made the whole run 3-7% slower on 2 cores).
 AHEAD_SHARE = 0.25
+# Before any batch has been measured, the first one is guessed worth it when an image of it has at
+# least this many pixels (post-processing cost follows the output size): 4 crowded photos 7.0 ->
+# 6.85 s (the first photo's post-processing beside the second forward); a wrong guess costs one
+# batch's overlap, then the measured rule above decides.
+AHEAD_FIRST_PIXELS = 2_000_000
 
 
 def _ahead(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int,
            notify: Optional[Callable[[str], None]]) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
     """segment_samples on CPU. A batch runs here, forward then post-processing, until one's
-    post-processing took AHEAD_SHARE of its forward; from then on (each batch decides for the
+    post-processing took AHEAD_SHARE of its forward (the first batch: guessed from its images'
+    size, AHEAD_FIRST_PIXELS); from then on (each batch decides for the
     next; outputs are the same either way) forwards run in order on one thread of this call, batch
     n+1's beside batch n's post-processing. Serial batches stay on this thread: a second thread
     running torch gets OpenMP threads of its own, which spin beside this thread's (~640x480
@@ -159,7 +165,7 @@ def _ahead(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int,
     generator or an error cancels the forwards not started and waits for the running one)."""
     pool: Optional[ThreadPoolExecutor] = None
     in_flight: Optional[Future] = None
-    ahead = False
+    ahead: Optional[bool] = None  # None: no batch decided yet (AHEAD_FIRST_PIXELS guesses)
     times = segmenter.times
 
     def finish(started: StartedBatch) -> list[tuple[int, Union[ImageResult, Failure]]]:
@@ -173,6 +179,8 @@ def _ahead(segmenter: Segmenter, samples: Iterable[Sample], batch_size: int,
 
     try:
         for batch in group_batches(samples, batch_size):
+            if ahead is None:
+                ahead = max(s.original[0] * s.original[1] for s in batch) >= AHEAD_FIRST_PIXELS
             if in_flight is not None and (not ahead or batch[0].tiles is not None):
                 yield from finish(in_flight.result())
                 in_flight = None
