@@ -196,7 +196,9 @@ def test_a_covered_detection_that_fits_a_track_best_takes_it_in_the_first_assign
     a, b, loose = disc(40, 30, 10), disc(58, 30, 7), disc(51, 30, 12)
     frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(loose, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
     assert run(frames)[3:] == [[1, 2]] * 2
-    assert run(frames, TrackerConfig(covered_match=False))[3:] == [[2, 2]] * 2  # without: B merged, A lost
+    assert run(frames, TrackerConfig(match_iou=0.2))[3:] == [[1, 2]] * 2
+    # without, at match_iou 0.2 (the loose mask matches B's track at 0.29): B merged, A lost
+    assert run(frames, TrackerConfig(covered_match=False, match_iou=0.2))[3:] == [[2, 2]] * 2
 
 
 def test_a_mask_with_one_part_inside_is_kept():

@@ -59,7 +59,7 @@ class TrackerConfig:
 
     high: float = 0.5       # detections at or above start tracks and are matched first
     low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
-    match_iou: float = 0.2  # least mask IoU of a match
+    match_iou: float = 0.3  # least mask IoU of a match
     dup_iou: float = 0.5    # two detections of one frame with at least this mask IoU are one object
     same_class_iou: float = 0.4  # ... or at least this when they have the same class (two queries, one object)
     dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
