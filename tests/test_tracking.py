@@ -218,3 +218,18 @@ def test_an_unconfirmed_one_frame_blip_yields_no_track():
     ids = run(frames)
     assert ids == [[1], [1], [1, None], [1], [1, None], [1, 2]]  # ids given in order of confirmation
     assert run([[(disc(90, 40), 0.85, FRISBEE)]]) == [[1]]      # strong (>= confirm): a track at once
+
+
+def test_a_match_of_another_size_leaves_the_velocity():
+    # a disc moving 3 cells a frame, then matched once to a mask over it and a neighbour (2.25x its
+    # area, centroid 6 cells ahead): that centroid moved with the shape, not the object
+    frames = [[(disc(20 + 3 * k, 30), 0.9, KITE)] for k in range(4)] + [[(disc(38, 30, 12), 0.9, KITE)]]
+
+    def velocity(config: TrackerConfig) -> float:
+        t = Tracker(config)
+        for f in frames:
+            t.step([Detection(m, s, c) for m, s, c in f])
+        return t.tracks[0].v[0]
+
+    assert abs(velocity(TrackerConfig()) - 3.0) < 1e-6
+    assert velocity(TrackerConfig(velocity_area=0)) > 5.5  # 0: every match updates it (9 observed, smoothed)
