@@ -20,8 +20,10 @@ Columns: IDF1, ID switches, MOTA, false positives, misses, fragmentations (motme
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/track_bench.py [--frames 40] [--out /tmp/track_bench]
 
-The "tuned" sets are the ones the tracker's rules and defaults were chosen on; the "untuned" ones
-use seeds, speeds and densities that were only measured.
+The "tuned" and "tuned-2" sets are the ones the tracker's rules and defaults were chosen on; the
+"untuned" ones use seeds, speeds and densities that were only measured. The summary gives per role
+the mean IDF1 gain over naive and how many sets meet each target. --tracker key=value (repeatable)
+replays with other TrackerConfig settings (with --replay: trying a setting without editing code).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ except ImportError:
 MODEL = os.path.join(ROOT, "tests", "fixtures", "shapes_model")
 W, H = 192, 144
 # (role, seed, shapes per video, speed in px/frame, videos). tuned: looked at while choosing the
-# tracker's rules and defaults; untuned: only measured.
+# tracker's rules and defaults; tuned-2: a second group of such sets (seeds 31-38, added 2026-12-07
+# so that rules are chosen on more than five sets); untuned: only measured.
 SETS = [("tuned", 1, 4, 3.0, 2),
         ("tuned", 2, 5, 4.0, 2),
         ("tuned", 3, 3, 2.5, 2),
@@ -71,7 +74,15 @@ SETS = [("tuned", 1, 4, 3.0, 2),
         ("untuned", 13, 5, 6.0, 2),
         ("untuned", 21, 8, 2.5, 2),
         ("untuned", 22, 4, 5.0, 2),
-        ("untuned", 23, 2, 3.0, 2)]
+        ("untuned", 23, 2, 3.0, 2),
+        ("tuned-2", 31, 3, 4.0, 2),
+        ("tuned-2", 32, 5, 2.0, 2),
+        ("tuned-2", 33, 8, 3.5, 2),
+        ("tuned-2", 34, 4, 6.0, 2),
+        ("tuned-2", 35, 6, 1.5, 2),
+        ("tuned-2", 36, 7, 5.0, 2),
+        ("tuned-2", 37, 5, 3.0, 2),
+        ("tuned-2", 38, 3, 2.5, 2)]
 
 
 def moving_shapes(rng: np.random.Generator, n: int, speed: float, frames: int):
@@ -164,12 +175,12 @@ def oracle_ids(truth: list[dict], frames: list[list[dict]]) -> list[list[Optiona
     return out
 
 
-def replay(frames: list[list[dict]], video: str, threshold: float = 0.5
+def replay(frames: list[list[dict]], video: str, threshold: float = 0.5, config: Optional[TrackerConfig] = None
            ) -> tuple[list[list[dict]], list[list[Optional[int]]]]:
     """--track replayed on an untracked run's instances (score >= the tracker's low) through the
     real stage (tracking/stage.py), then the writers' filter (score >= threshold): what a --track run
     writes, without running the model again (main checks that it equals the real run)."""
-    stage = TrackingStage(TrackerConfig())
+    stage = TrackingStage(config or TrackerConfig())
     kept, ids = [], []
     for k, inst in enumerate(frames):
         h, w = inst[0]["segmentation"]["size"] if inst else (H, W)
@@ -249,6 +260,39 @@ def markdown(rows: list[tuple]) -> None:
         m, n, o = by[(name, "m2f --track")], by[(name, "naive")], by[(name, "oracle")]
         print(f"| {name} | {m[2] - n[2]:+.3f} ({o[2] - n[2]:+.3f}) | {'yes' if m[2] - n[2] >= 0.15 else 'no'} "
               f"| {int(m[3])} ({int(n[3])}) | {'yes' if 3 * m[3] <= n[3] else 'no'} |")
+    summary(rows, True)
+
+
+def targets(rows: list[tuple]) -> list[tuple[str, float, bool, bool]]:
+    """Per set: (role, IDF1 gain over naive, IDF1 target met, switch target met)."""
+    by = {(r[0], r[1]): r for r in rows}
+    out = []
+    for name in dict.fromkeys(r[0] for r in rows):
+        m, n = by[(name, "m2f --track")], by[(name, "naive")]
+        out.append((name.split(":")[0], m[2] - n[2], m[2] - n[2] >= 0.15, 3 * m[3] <= n[3]))
+    return out
+
+
+def summary(rows: list[tuple], md: bool) -> None:
+    """Per role (and all tuned roles together): sets, mean IDF1 gain, sets meeting the IDF1 target,
+    the switch target, both."""
+    t = targets(rows)
+    roles = list(dict.fromkeys(r for r, *_ in t))
+    tuned = [r for r in roles if r.startswith("tuned")]
+    groups = [(r, [x for x in t if x[0] == r]) for r in roles]
+    if len(tuned) > 1:
+        groups.append(("all tuned", [x for x in t if x[0] in tuned]))
+    if md:
+        print("\n| role | sets | mean IDF1 gain | IDF1 target | switch target | both |\n|---|---|---|---|---|---|")
+    else:
+        print(f"\n{'role':12} {'sets':>4} {'mean gain':>9} {'IDF1 met':>8} {'sw met':>6} {'both':>4}")
+    for role, xs in groups:
+        k, gain = len(xs), float(np.mean([x[1] for x in xs]))
+        idf, sw, both = (sum(x[2] for x in xs), sum(x[3] for x in xs), sum(x[2] and x[3] for x in xs))
+        if md:
+            print(f"| {role} | {k} | {gain:+.3f} | {idf}/{k} | {sw}/{k} | {both}/{k} |")
+        else:
+            print(f"{role:12} {k:4d} {gain:+9.3f} {idf:>6}/{k} {sw:>4}/{k} {both:>2}/{k}")
 
 
 def make_set(folder: str, seed: int, n: int, speed: float, count: int, frames: int) -> dict:
@@ -263,25 +307,37 @@ def make_set(folder: str, seed: int, n: int, speed: float, count: int, frames: i
     return truths
 
 
+def tracker_config(settings: list[str]) -> TrackerConfig:
+    """TrackerConfig from KEY=VALUE strings (each value of the default's type; bools: 1/0, true/false)."""
+    kw = {}
+    for k, v in (x.split("=", 1) for x in settings):
+        default = getattr(TrackerConfig(), k)
+        kw[k] = v.lower() in ("1", "true") if isinstance(default, bool) else type(default)(v)
+    return TrackerConfig(**kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--out", default="/tmp/track_bench")
-    ap.add_argument("--sets", default="all", help="tuned, untuned or all")
+    ap.add_argument("--sets", default="all", help="a role (tuned: also tuned-2), comma-separated roles, or all")
+    ap.add_argument("--tracker", action="append", default=[], metavar="KEY=VALUE",
+                    help="a TrackerConfig setting for the replay (repeatable)")
     ap.add_argument("--reuse", action="store_true", help="reuse the untracked run of an earlier run in --out")
     ap.add_argument("--markdown", action="store_true", help="the tables as Markdown, with the targets")
     ap.add_argument("--replay", action="store_true", help="m2f --track replayed on the raw run (no tracked run)")
     a = ap.parse_args()
-    rows = []
+    rows, want = [], a.sets.split(",")
+    config = tracker_config(a.tracker)
     for role, seed, n, speed, count in SETS:
-        if a.sets not in ("all", role):
+        if "all" not in want and not any(role == w or role.startswith(w + "-") for w in want):
             continue
         name = f"{role}: seed {seed}, {n} shapes, {speed:g} px/frame"
         folder = os.path.join(a.out, f"videos-{seed}-{n}-{speed:g}-{a.frames}")
         truths = make_set(folder, seed, n, speed, count, a.frames)
         raw = segment(folder, folder + "-raw", False, TrackerConfig().low, a.reuse)
         runs = {"naive": {v: (above(raw[v], 0.5), naive_ids(above(raw[v], 0.5))) for v in truths},
-                "m2f --track": {v: replay(raw[v], v) for v in truths}}
+                "m2f --track": {v: replay(raw[v], v, config=config) for v in truths}}
         if not a.replay:
             tracked = segment(folder, folder + "-tracked", True, None, False)
             real = {v: (tracked[v], [[i.get("track_id") for i in f] for f in tracked[v]]) for v in truths}
@@ -296,6 +352,7 @@ def main() -> None:
     print(f"{'set':44} {'tracker':12} {'IDF1':>6} {'IDsw':>5} {'MOTA':>6} {'FP':>5} {'miss':>5} {'frag':>5} {'HOTA':>6}")
     for name, who, idf1, sw, mota, fp, miss, frag, h in rows:
         print(f"{name:44} {who:12} {idf1:6.3f} {int(sw):5d} {mota:6.3f} {int(fp):5d} {int(miss):5d} {int(frag):5d} {h:6.3f}")
+    summary(rows, False)
 
 
 if __name__ == "__main__":

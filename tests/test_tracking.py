@@ -196,7 +196,9 @@ def test_a_covered_detection_that_fits_a_track_best_takes_it_in_the_first_assign
     a, b, loose = disc(40, 30, 10), disc(58, 30, 7), disc(51, 30, 12)
     frames = [[(a, 0.9, KITE), (b, 0.9, FRISBEE)]] * 3 + [[(loose, 0.95, KITE), (b, 0.85, FRISBEE)]] * 2
     assert run(frames)[3:] == [[1, 2]] * 2
-    assert run(frames, TrackerConfig(covered_match=False))[3:] == [[2, 2]] * 2  # without: B merged, A lost
+    assert run(frames, TrackerConfig(match_iou=0.2))[3:] == [[1, 2]] * 2
+    # without, at match_iou 0.2 (the loose mask matches B's track at 0.29): B merged, A lost
+    assert run(frames, TrackerConfig(covered_match=False, match_iou=0.2))[3:] == [[2, 2]] * 2
 
 
 def test_a_mask_with_one_part_inside_is_kept():
@@ -216,3 +218,18 @@ def test_an_unconfirmed_one_frame_blip_yields_no_track():
     ids = run(frames)
     assert ids == [[1], [1], [1, None], [1], [1, None], [1, 2]]  # ids given in order of confirmation
     assert run([[(disc(90, 40), 0.85, FRISBEE)]]) == [[1]]      # strong (>= confirm): a track at once
+
+
+def test_a_match_of_another_size_leaves_the_velocity():
+    # a disc moving 3 cells a frame, then matched once to a mask over it and a neighbour (2.25x its
+    # area, centroid 6 cells ahead): that centroid moved with the shape, not the object
+    frames = [[(disc(20 + 3 * k, 30), 0.9, KITE)] for k in range(4)] + [[(disc(38, 30, 12), 0.9, KITE)]]
+
+    def velocity(config: TrackerConfig) -> float:
+        t = Tracker(config)
+        for f in frames:
+            t.step([Detection(m, s, c) for m, s, c in f])
+        return t.tracks[0].v[0]
+
+    assert abs(velocity(TrackerConfig()) - 3.0) < 1e-6
+    assert velocity(TrackerConfig(velocity_area=0)) > 5.5  # 0: every match updates it (9 observed, smoothed)

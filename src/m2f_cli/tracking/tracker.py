@@ -14,7 +14,10 @@ and a class) and returns each one's track. In order:
    new object: it joins the track of the kept detection it overlaps most and adds its score to that
    track's class votes.
 2. motion: each track's last observed mask is shifted by its velocity (cells per frame, from the
-   centroids of its observations, smoothed) times the frames since it was seen.
+   centroids of its observations, smoothed) times the frames since it was seen. An observation whose
+   mask area is not within a factor ``velocity_area`` of the track's last mask leaves the velocity as
+   it was: its centroid moved with the mask's shape (half hidden, or a mask over it and a neighbour),
+   not with the object.
 3. four Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
    IoU >= ``match_iou``): the detections at or above ``high``, and with them (``covered_match``)
    the strong detections step 1 merged only because a larger mask covered them (not by IoU, nor as
@@ -59,7 +62,7 @@ class TrackerConfig:
 
     high: float = 0.5       # detections at or above start tracks and are matched first
     low: float = 0.2        # detections in [low, high) only continue tracks; below low are ignored
-    match_iou: float = 0.2  # least mask IoU of a match
+    match_iou: float = 0.3  # least mask IoU of a match
     dup_iou: float = 0.5    # two detections of one frame with at least this mask IoU are one object
     same_class_iou: float = 0.4  # ... or at least this when they have the same class (two queries, one object)
     dup_cover: float = 0.7  # a detection this much covered by higher-scoring ones is no new object
@@ -74,6 +77,8 @@ class TrackerConfig:
     reid_dist: float = 2.0  # a high detection left continues a confirmed track left (step 3's re-identification)
     reid_area: float = 2.0  # when its centroid is this near the track's last one (in sqrt(track area)), its
                             # area within this factor of the track's and its class the track's; 0: never
+    velocity_area: float = 1.25  # a match whose mask area is not within this factor of the track's last one
+                                 # leaves the track's velocity as it was (step 2); 0: every match updates it
     covered_match: bool = True  # the strong detections merged only as covered take part in step 3's first
                                 # assignment (a track they fit best takes them; their cover starts no track)
 
@@ -126,10 +131,13 @@ class Track:
         gap = step - self.last
         return shifted(self.mask, self.v[0] * gap, self.v[1] * gap)
 
-    def observe(self, mask: np.ndarray, step: int, smoothing: float) -> None:
+    def observe(self, mask: np.ndarray, step: int, smoothing: float, area: float = 0.0) -> None:
+        """area > 0: a mask whose area is not within this factor of the last one's leaves v as it is."""
         c = centroid(mask)
         c = None if np.isnan(c[0]) else c
-        if c is not None and self.c is not None and mask.shape == self.mask.shape:
+        a0, a1 = float(self.mask.sum()), float(mask.sum())
+        steady = area <= 0 or (a1 <= area * a0 and a0 <= area * a1)  # else the centroid moved with the shape
+        if steady and c is not None and self.c is not None and mask.shape == self.mask.shape:
             gap = step - self.last
             obs = ((c[0] - self.c[0]) / gap, (c[1] - self.c[1]) / gap)
             a = 1.0 if self.hits == 1 else smoothing
@@ -295,7 +303,7 @@ class Tracker:
             t = self.tracks[k]
             if not t.confirmed and (t.hits >= 1 or dets[i].score >= self.config.confirm):
                 t.confirmed, t.id, self.next_id = True, self.next_id, self.next_id + 1  # ids in order
-            t.observe(dets[i].mask, self.steps, self.config.smoothing)
+            t.observe(dets[i].mask, self.steps, self.config.smoothing, self.config.velocity_area)
             t.votes[dets[i].cls] = t.votes.get(dets[i].cls, 0.0) + dets[i].score
             of_det[i] = t
         for i, j in sorted(dup.items()):
