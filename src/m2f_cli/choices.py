@@ -141,7 +141,7 @@ def validate(config: RunConfig) -> None:
     except ValueError as e:
         raise UsageError(str(e)) from None
     tile_of(config)
-    from m2f_cli.outputs.video_resume import selection_of
+    from m2f_cli.inputs.frame_selection import selection_of
     selection_of(config)  # --every/--fps/--start/--end
 
 

@@ -35,7 +35,8 @@ from m2f_cli.outputs.settings_record import (ModelIdentity, Recorder, SettingsCo
 from m2f_cli.outputs.folder import OutputFolder
 from m2f_cli.outputs.open import open_output
 from m2f_cli.inputs.walk import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, WalkResult, is_video_name, shard_of, walk
-from m2f_cli.outputs.video_resume import plan_videos, selection_of, track_states, work_count
+from m2f_cli.inputs.frame_selection import selection_of
+from m2f_cli.outputs.video_resume import plan_videos, track_states, work_count
 from m2f_cli.outputs.writers import Writer, WriterContext, writer_class
 from m2f_cli.outputs.writer_thread import WRITER_GRACE_S, Interrupt, WriterThread, in_order
 

@@ -10,7 +10,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+from m2f_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from m2f_cli.config import RunConfig
 
 _CLOCK = re.compile(r"(?:(\d+):)?(\d+):(\d+(?:\.\d*)?)")
 
@@ -105,3 +110,11 @@ class FrameSelection:
             hi = min(hi, self.end)
         j = math.ceil((lo - self.start) * self.fps - 1e-6)
         return j < (hi - self.start) * self.fps - 1e-6
+
+
+def selection_of(config: RunConfig) -> FrameSelection:
+    """--every/--fps/--start/--end as a FrameSelection; UsageError for a bad value."""
+    try:
+        return FrameSelection.parse(config.every, config.fps, config.start, config.end)
+    except ValueError as e:
+        raise UsageError(str(e)) from None

@@ -22,8 +22,7 @@ from typing import Optional
 
 from m2f_cli.config import RunConfig
 from m2f_cli.engines.video import PIXEL_FORMATS, VideoEnd, VideoJob
-from m2f_cli.errors import UsageError
-from m2f_cli.inputs.frame_selection import FrameSelection
+from m2f_cli.inputs.frame_selection import selection_of
 from m2f_cli.inputs.video import Anchor, estimate_frames, frame_ref
 from m2f_cli.inputs.walk import is_video_name
 from m2f_cli.records import ImageRef
@@ -32,14 +31,6 @@ from m2f_cli.records import ImageRef
 # The progress bar's total counts the frames each video's header announces (one open per video,
 # a few ms each, before the run starts); with more videos than this each counts as one.
 ESTIMATE_MAX_VIDEOS = 200
-
-
-def selection_of(config: RunConfig) -> FrameSelection:
-    """--every/--fps/--start/--end as a FrameSelection; UsageError for a bad value."""
-    try:
-        return FrameSelection.parse(config.every, config.fps, config.start, config.end)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 class FrameLog:
