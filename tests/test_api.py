@@ -184,6 +184,25 @@ def test_trained_fixture_results_equal_the_clis_files_at_every_batch_size(tmp_pa
             assert np.array_equal(a.label_map, b.label_map)
 
 
+def _forwards_seen(monkeypatch, copies: int) -> tuple[list, list]:
+    """segment() over copies x the planted arrays, batch 1, no workers: (the results, and for each
+    forward (its thread's name, its call number, how many results had come when it ran))."""
+    import threading
+
+    received: list = []
+    seen: list[tuple[str, int, int]] = []
+    predictor = PlantedPredictor()
+    real = predictor.__call__
+    monkeypatch.setattr(PlantedPredictor, "__call__", lambda self, x: seen.append(
+        (threading.current_thread().name, self.calls, len(received))) or real(x))
+    for r in m2f_cli.segment(_planted_arrays() * copies, model=Segmenter(predictor), batch_size=1, workers=0):
+        received.append(r)
+    assert [r.index for r in received] == list(range(3 * copies))
+    for r in received:  # the same results whichever thread ran the forwards
+        assert r.to_json()["instances"] == received[r.index % 3].to_json()["instances"]
+    return received, seen
+
+
 @pytest.mark.parametrize("ahead", [True, False])
 def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(ahead, monkeypatch):
     """engines.batches on CPU: the first batch runs on the caller's thread; then, where the
@@ -194,23 +213,12 @@ def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(
 
     from m2f_cli.engines import batches
     monkeypatch.setattr(batches, "AHEAD_SHARE", 0.0 if ahead else float("inf"))
-    received: list = []
-    seen: list[tuple[str, int, int]] = []  # (thread, call number, results received when it ran)
-    predictor = PlantedPredictor()
-    real = predictor.__call__
-    monkeypatch.setattr(PlantedPredictor, "__call__", lambda self, x: seen.append(
-        (threading.current_thread().name, self.calls, len(received))) or real(x))
-    arrays = _planted_arrays() * 3
-    for r in m2f_cli.segment(arrays, model=Segmenter(predictor), batch_size=1, workers=0):
-        received.append(r)
-    assert [r.index for r in received] == list(range(9))
-    for r in received:
-        assert r.to_json()["instances"] == received[r.index % 3].to_json()["instances"]
+    _, seen = _forwards_seen(monkeypatch, 3)
     main = threading.main_thread().name  # serial batches run on the caller's thread
     assert [name for name, _, _ in seen] == [main] + ["m2f-forward_0" if ahead else main] * 8
     started_early = [k for _, k, got in seen if got < k]  # forward k (0-based) began before result k-1 came
     assert bool(started_early) == ahead, seen
-    gen = m2f_cli.segment(arrays, model=Segmenter(PlantedPredictor()), batch_size=1, workers=0)
+    gen = m2f_cli.segment(_planted_arrays() * 3, model=Segmenter(PlantedPredictor()), batch_size=1, workers=0)
     next(gen)
     gen.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("m2f-forward")]
@@ -218,26 +226,14 @@ def test_cpu_forwards_run_on_a_thread_of_the_call_one_batch_ahead_when_worth_it(
 
 def test_a_first_batch_of_large_images_runs_ahead_from_the_start(monkeypatch):
     """engines.batches: before any batch is measured, a first batch with an image of at least
-    AHEAD_FIRST_PIXELS is guessed worth running ahead: every forward on the forward thread, the
-    second started before the first result came; the same results as serial batches."""
-    import threading
-
+    AHEAD_FIRST_PIXELS is guessed worth running ahead: every forward on the forward thread, one
+    started before the result before it came; the same results as serial batches."""
     from m2f_cli.engines import batches
     monkeypatch.setattr(batches, "AHEAD_FIRST_PIXELS", 1)
     monkeypatch.setattr(batches, "AHEAD_SHARE", 0.0)
-    received: list = []
-    seen: list[tuple[str, int, int]] = []
-    predictor = PlantedPredictor()
-    real = predictor.__call__
-    monkeypatch.setattr(PlantedPredictor, "__call__", lambda self, x: seen.append(
-        (threading.current_thread().name, self.calls, len(received))) or real(x))
-    arrays = _planted_arrays() * 2
-    for r in m2f_cli.segment(arrays, model=Segmenter(predictor), batch_size=1, workers=0):
-        received.append(r)
+    _, seen = _forwards_seen(monkeypatch, 2)
     assert [name for name, _, _ in seen] == ["m2f-forward_0"] * 6  # the first one too
-    assert [k for _, k, got in seen if got < k], seen  # a forward began before the result before it came
-    for r in received:
-        assert r.to_json()["instances"] == received[r.index % 3].to_json()["instances"]
+    assert [k for _, k, got in seen if got < k], seen
 
 
 @pytest.mark.parametrize("setting,kept", [(None, False), ("0", True)])
