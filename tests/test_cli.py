@@ -89,6 +89,33 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, image_dir, tiny_model):
     assert r.exit_code == ExitCode.OK, r.output
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads other processes' environments in /proc")
+def test_a_model_that_fails_to_load_leaves_no_decode_worker(tmp_path, image_dir, tiny_model):
+    """The decode workers start before the model loads (engines/local.EarlyLoader); a model that
+    then fails to load (its weights cut short) ends the run with exit 1 and takes them along: no
+    process of the run is left once it has exited."""
+    import shutil
+    import uuid
+    d = tmp_path / "broken"
+    shutil.copytree(tiny_model, d)
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    marker = f"m2f-test-{uuid.uuid4().hex}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "M2F_TEST_MARKER": marker, "M2F_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "m2f_cli", "segment", str(image_dir), "--out", str(tmp_path / "o"),
+                        "--model", str(d), "--startup-cache", "off", "--workers", "1", "-vv"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == ExitCode.FATAL, r.stderr
+    assert "started before the model loads" in r.stderr
+
+    def marked(pid: str) -> bool:
+        try:
+            return marker.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone meanwhile, or not ours to read
+            return False
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and marked(pid)]
+
+
 def test_locked_output_folder_exit_4(tmp_path, image_dir, tiny_model):
     out = tmp_path / "out"
     other = LocalOutputFolder(str(out))

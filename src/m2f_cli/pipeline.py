@@ -19,7 +19,8 @@ import torch
 from m2f_cli.model.categories import CategoryTable
 from m2f_cli.config import RunConfig
 from m2f_cli.engines import Engine
-from m2f_cli.engines.local import LocalEngine
+from m2f_cli.engines.local import EarlyLoader, LocalEngine
+from m2f_cli.engines.video import VideoJob
 from m2f_cli.errors import (EngineError, InputError, NoImagesError, OutputError, RemoteError, StdoutClosed,
     UsageError, WriterError)
 from m2f_cli.outputs.manifest import write_failures, write_manifest
@@ -201,6 +202,30 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     plan, todo = plan_outputs(config, writers, [r for r in found.refs if not is_video_name(r.name)])
     plan, todo = plan_videos(config, folder, writers, plan, todo, found.refs)  # videos: outputs/video_resume.py
     summary.skipped = len(found.refs) - len(todo)
+    early = _early_loader(config, engine, segmenter, m, device, todo)
+    try:
+        return _run_planned(config, reporter, segmenter, folder, found, device, t_start, engine, m, writers,
+                            recorder, summary, plan, todo, early)
+    finally:
+        if early is not None:
+            early.close()  # not taken by the engine (an error first, or another preprocessing): workers go
+
+
+def _early_loader(config, engine, segmenter, m: ModelFacts, device, todo: list) -> Optional[EarlyLoader]:
+    """The CLI's first DataLoader on CPU, started before the model loads (engines/local.EarlyLoader):
+    only where this process runs the model from config.model and there are images and no videos."""
+    if engine is not None or segmenter is not None or not todo or device.type != "cpu" \
+            or any(isinstance(r, VideoJob) for r in todo) or m.source is None or not m.source.local_dir:
+        return None
+    _, workers, _ = auto_settings(device, config)
+    if workers <= 0:
+        return None
+    spec = spec_for_resize(config.resize, load_checkpoint_spec(m.source.local_dir))
+    return EarlyLoader(config, todo, spec, tile_of(config), workers)
+
+
+def _run_planned(config, reporter, segmenter, folder, found, device, t_start, engine, m: ModelFacts, writers,
+                 recorder, summary: RunSummary, plan, todo: list, early: Optional[EarlyLoader]) -> RunSummary:
     segmenter, compiled = _ready_segmenter(config, segmenter, engine, m, device, len(todo), reporter, summary)
     batch_size, workers = _batching(config, segmenter, device, compiled, reporter)
 
@@ -218,7 +243,7 @@ def _run_locked(config, reporter, segmenter, stdout, folder, found, device, dtyp
     with interrupt.installed():
         if todo:
             fatal = _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers,
-                             summary, reporter, interrupt, _tracking(config, plan, todo))
+                             summary, reporter, interrupt, _tracking(config, plan, todo), early)
         fatal = _close(config, folder, writers, plan, segmenter, summary, interrupt.signum, t_start, fatal)
     reporter.finish(summary)
     if fatal is not None:
@@ -320,8 +345,8 @@ def _close(config, folder, writers, plan, segmenter, summary, signum, t_start,
 
 
 def _process(config, segmenter, engine, todo, plan, recorder, batch_size, workers, summary, reporter,
-             interrupt: Interrupt, track: Callable[[Iterator], Iterator] = lambda items: items
-             ) -> Optional[BaseException]:
+             interrupt: Interrupt, track: Callable[[Iterator], Iterator] = lambda items: items,
+             early: Optional[EarlyLoader] = None) -> Optional[BaseException]:
     """Run the engine over todo and hand its results to the writer thread. Returns the fatal
     error, if any; a closed stdout is no error (summary.stdout_closed)."""
     writer = WriterThread(plan, recorder, depth=2 * batch_size + 2, stages=summary.stages)
@@ -334,8 +359,9 @@ def _process(config, segmenter, engine, todo, plan, recorder, batch_size, worker
         if engine is not None:
             results = engine.results(todo, summary.stages, stopping)
         else:
-            results = LocalEngine(config, segmenter, batch_size, workers, notify=reporter.message).results(
-                todo, summary.stages, stopping)
+            started = early.take(segmenter.spec, segmenter.tiling, workers) if early is not None else None
+            results = LocalEngine(config, segmenter, batch_size, workers, notify=reporter.message,
+                                  started=started).results(todo, summary.stages, stopping)
         try:
             _consume(results, writer, summary, reporter, stopping, abandon=interrupt.grace_over, track=track)
         finally:
