@@ -220,8 +220,12 @@ def _early_loader(config, engine, segmenter, m: ModelFacts, device, todo: list) 
     _, workers, _ = auto_settings(device, config)
     if workers <= 0:
         return None
-    spec = spec_for_resize(config.resize, load_checkpoint_spec(m.source.local_dir))
-    return EarlyLoader(config, todo, spec, tile_of(config), workers)
+    return EarlyLoader(config, todo, _checkpoint_spec(config, m), tile_of(config), workers)
+
+
+def _checkpoint_spec(config: RunConfig, m: ModelFacts):
+    """The preprocessing of config.model at config.resize (what its Segmenter will use)."""
+    return spec_for_resize(config.resize, load_checkpoint_spec(m.source.local_dir))
 
 
 def _run_planned(config, reporter, segmenter, folder, found, device, t_start, engine, m: ModelFacts, writers,
@@ -283,7 +287,7 @@ def _ready_segmenter(config, segmenter, engine, m: ModelFacts, device, todo: int
         return segmenter, False
     if engine is not None or not todo:
         return None, False
-    spec = spec_for_resize(config.resize, load_checkpoint_spec(m.source.local_dir))
+    spec = _checkpoint_spec(config, m)
     compiled = resolve_compile(config.compile, device, todo, spec.mode == "fixed")
     try:
         segmenter = Segmenter(**{**segmenter_options(config, m.task), "compile": compiled},

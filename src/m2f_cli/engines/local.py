@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 def local_results(config: RunConfig, segmenter: Segmenter, todo: list[ImageRef], batch_size: int,
                   workers: int, stages: Stages, stopping: Callable[[], bool],
                   notify: Optional[Callable[[str], None]] = None, mid_run: bool = False,
-                  started: Optional[_Once] = None) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
+                  started: Optional[EarlyLoader] = None) -> Iterator[tuple[int, Union[ImageResult, Failure]]]:
     """The local engine: decode + preprocess in DataLoader workers, the model in this process
     (mid_run: inputs.batch.make_loader's, for the loaders a run with videos makes as it goes;
     started: the running loader of an EarlyLoader, for exactly these images).
@@ -55,7 +55,7 @@ class LocalEngine:
     started: an EarlyLoader's running loader over the same todo (EarlyLoader.take)."""
 
     def __init__(self, config: RunConfig, segmenter: Segmenter, batch_size: int, workers: int,
-                 notify: Optional[Callable[[str], None]] = None, started: Optional[_Once] = None):
+                 notify: Optional[Callable[[str], None]] = None, started: Optional[EarlyLoader] = None):
         self.config, self.segmenter = config, segmenter
         self.batch_size, self.workers, self.notify, self.started = batch_size, workers, notify, started
 
@@ -70,9 +70,11 @@ class EarlyLoader:
     """A run's DataLoader started before its model loads, so that its workers decode the first
     images meanwhile (the first 640x480 photo ~0.07 s, a 12 MP one ~0.2 s; the model's load
     0.2-3 s), and forked before the model's memory and the cache files' locks are in the process.
-    take() hands the running loader over when the loaded model preprocesses as it was made for;
-    else, or on close(), its workers are shut down (the iterator dropped: torch's loader stops
-    them when its iterator goes)."""
+    take() hands it over when the loaded model preprocesses as it was made for; iterated (once),
+    it gives its running iterator and keeps no reference, so the one who iterates
+    (engines.batches.drain) holds the only one and the workers stop when that goes, as with a loader
+    made on the spot. Not taken, or on close(), the iterator is dropped: torch's loader stops its
+    workers when its iterator goes."""
 
     def __init__(self, config: RunConfig, todo: list[ImageRef], spec, tiling, workers: int):
         self.made_for = (spec, tiling, workers)
@@ -80,25 +82,18 @@ class EarlyLoader:
         self._running: Optional[Iterator[Sample]] = iter(make_loader(dataset, workers))
         log.debug("%d decode worker(s) started before the model loads", workers)
 
-    def take(self, spec, tiling, workers: int) -> Optional[_Once]:
-        """The running loader if (spec, tiling, workers) is what it was made for, else None."""
-        running, self._running = self._running, None
-        return _Once(running) if running is not None and (spec, tiling, workers) == self.made_for else None
-
-    def close(self) -> None:
-        self._running = None
-
-
-class _Once:
-    """A running loader's iterator handed over once: iter() gives it and keeps no reference, so
-    the one who iterates (engines.batches.drain) holds the only one and its workers stop when that
-    goes, as with a loader made on the spot."""
-
-    def __init__(self, running: Iterator[Sample]):
-        self._running: Optional[Iterator[Sample]] = running
+    def take(self, spec, tiling, workers: int) -> Optional[EarlyLoader]:
+        """This loader if (spec, tiling, workers) is what it was made for, else None (closed)."""
+        if self._running is not None and (spec, tiling, workers) == self.made_for:
+            return self
+        self.close()
+        return None
 
     def __iter__(self) -> Iterator[Sample]:
         running, self._running = self._running, None
         if running is None:
             raise RuntimeError("an early loader is iterated once")
         return running
+
+    def close(self) -> None:
+        self._running = None
