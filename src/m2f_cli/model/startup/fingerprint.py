@@ -90,28 +90,36 @@ def file_digest(path: str) -> str:
     return digest
 
 
+def _check_key(path: str, check: str) -> Optional[tuple[str, str]]:
+    """(the file's resolved path, the memo key of check for the file as it is now), or None when
+    the file cannot be stat'ed."""
+    real = os.path.realpath(path)
+    try:
+        return real, _stat_key(real) + "\0" + check
+    except OSError:
+        return None
+
+
 def checked(path: str, check: str) -> bool:
     """Whether check (a name, e.g. "crc:<member>") was passed by this file at its current stat
     (remember_check): the same (path, size, mtime, ctime, inode) memo as the digests, so any
     write, rename or copy over the file asks for the check again."""
-    try:
-        key = _stat_key(os.path.realpath(path)) + "\0" + check
-    except OSError:
+    at = _check_key(path, check)
+    if at is None:
         return False
     with _lock:
-        return _read_memo().get(key) == "passed"
+        return _read_memo().get(at[1]) == "passed"
 
 
 def remember_check(path: str, check: str) -> None:
-    """Record that the file passed check at its current stat (checked)."""
-    try:
-        key = _stat_key(os.path.realpath(path)) + "\0" + check
-    except OSError:
+    """Record that the file passed check at its current stat (checked), forgetting its older ones."""
+    at = _check_key(path, check)
+    if at is None:
         return
+    real, key = at
+    tail = "\0" + check
     with _lock:
-        memo = _read_memo()
-        real, tail = key.split("\0", 1)[0], "\0" + check
-        memo = {k: v for k, v in memo.items() if not (k.split("\0", 1)[0] == real and k.endswith(tail))}
+        memo = {k: v for k, v in _read_memo().items() if not (k.split("\0", 1)[0] == real and k.endswith(tail))}
         memo[key] = "passed"
         _write_memo(memo)
 
