@@ -65,18 +65,24 @@ class CellGrid:
         self.rs_np = self.rs.numpy()
         rc_t = torch.tensor(rc)
         a = torch.arange(hm)
-        self.row_ok = a < rc_t[:, None]                                   # (ncr, hm)
-        self.row_pad = ~self.row_ok
+        row_ok = a < rc_t[:, None]                                        # (ncr, hm)
+        self.row_pad = ~row_ok
         self.rc_np = rc_t.numpy()
         self.wy = wy[self.rs[:, None] + torch.minimum(a, rc_t[:, None] - 1)]
         self.cy0, self.cy1 = y0[self.rs], y1[self.rs]
-        self.real_rows = np.flatnonzero(self.row_ok.flatten().numpy())    # padded row -> real rows
+        self.real_rows = np.flatnonzero(row_ok.flatten().numpy())         # padded row -> real rows
         self.wc = wc = max(1, w0 // vw)
         first = torch.arange(-(-w0 // wc)) * wc
         self.cx0 = x0[first]
         self.ncc = len(first)
         self.last_wc = w0 - int(first[-1])                                # real columns of the last
         self.cols = (first[:, None] + torch.arange(wc)).clamp(max=w0 - 1)
+
+    def real_rows_of(self, k0: int, k1: int) -> np.ndarray:
+        """The real rows among the padded rows of cell rows k0:k1, counted from k0's first padded
+        row (they are image rows rs[k0], rs[k0] + 1, ...)."""
+        lo, hi = np.searchsorted(self.real_rows, [k0 * self.hm, k1 * self.hm])
+        return self.real_rows[lo:hi] - k0 * self.hm
 
     @staticmethod
     def usable(valid: tuple[int, int], original: tuple[int, int]) -> bool:
@@ -161,9 +167,8 @@ class CellMask:
         nk, nm = self.k1 - self.k0, self.m1 - self.m0
         grid = np.zeros((nk, hm, nm, wc), np.bool_)
         grid[self.ii - self.k0, :, self.jj - self.m0, :] = self.b
-        lo, hi = np.searchsorted(g.real_rows, [self.k0 * hm, self.k1 * hm])
         c0 = self.m0 * wc
-        return grid.reshape(nk * hm, nm * wc)[g.real_rows[lo:hi] - self.k0 * hm, : min(g.w0, self.m1 * wc) - c0]
+        return grid.reshape(nk * hm, nm * wc)[g.real_rows_of(self.k0, self.k1), : min(g.w0, self.m1 * wc) - c0]
 
     def packed(self) -> "PackedCells":
         return PackedCells(self.grid, self.ii.astype(np.int32), self.jj.astype(np.int32), self.b.shape,
@@ -181,7 +186,7 @@ class PackedCells:
     bits: np.ndarray
 
     def paint(self, cell_map: np.ndarray, value: int) -> None:
-        """Set the mask's pixels of cell_map (the grid's new_map()) to value."""
+        """Set the mask's pixels of cell_map (new_cell_map's layout) to value."""
         n, hm, wc = self.shape
         b = np.unpackbits(self.bits, count=n * hm * wc).view(np.bool_).reshape(n, hm * wc)
         at = self.ii.astype(np.int64) * self.grid.ncc + self.jj
@@ -205,11 +210,10 @@ def merge_cell_map(grid: CellGrid, cell_map: np.ndarray, imap: np.ndarray, band:
     imap -= 1    # 0 (no instance) wraps to 65535: the minimum then ignores it
     for k0 in range(0, ncr, band):
         k1 = min(ncr, k0 + band)
-        lo, hi = np.searchsorted(grid.real_rows, [k0 * hm, k1 * hm])
         part = cell_map[k0 * ncc:k1 * ncc].reshape(k1 - k0, ncc, hm, wc).transpose(0, 2, 1, 3).reshape(
-            (k1 - k0) * hm, ncc * wc)[grid.real_rows[lo:hi] - k0 * hm, :grid.w0]
+            (k1 - k0) * hm, ncc * wc)[grid.real_rows_of(k0, k1), :grid.w0]
         part -= 1
-        rows = imap[int(grid.rs_np[k0]):int(grid.rs_np[k0]) + hi - lo]
+        rows = imap[int(grid.rs_np[k0]):int(grid.rs_np[k0]) + len(part)]
         np.minimum(rows, part, out=rows)
     imap += 1
     return imap

@@ -30,7 +30,7 @@ class Measured:
     sigmoid of its logits inside the mask; 0 for an empty mask). The mask itself is either dense,
     the (R, C) bool window at rows r0:r0+R, cols c0:c0+C (zero outside), or, for a mask scattered
     over a large image, its active cells (postprocess/cells.CellMask), whose cost follows the mask's
-    area, not its window's: rle() and paint() work on whichever it holds."""
+    area, not its window's: rle() and binary work on whichever it holds."""
 
     r0: int
     c0: int
