@@ -135,8 +135,8 @@ class Track:
         """area > 0: a mask whose area is not within this factor of the last one's leaves v as it is."""
         c = centroid(mask)
         c = None if np.isnan(c[0]) else c
-        a0, a1 = float(self.mask.sum()), float(mask.sum())
-        steady = area <= 0 or (a1 <= area * a0 and a0 <= area * a1)  # else the centroid moved with the shape
+        # a mask of another size: its centroid moved with the mask's shape, not with the object
+        steady = area <= 0 or within(float(self.mask.sum()), float(mask.sum()), area)
         if steady and c is not None and self.c is not None and mask.shape == self.mask.shape:
             gap = step - self.last
             obs = ((c[0] - self.c[0]) / gap, (c[1] - self.c[1]) / gap)
@@ -153,6 +153,11 @@ class Track:
     def from_json(cls, d: dict) -> "Track":
         return cls(d["id"], unpack(d["mask"]), None if d["c"] is None else tuple(d["c"]), tuple(d["v"]),
                    d["last"], d["hits"], {tuple(v[:-1]): v[-1] for v in d["votes"]}, d.get("confirmed", True))
+
+
+def within(a: float, b: float, factor: float) -> bool:
+    """Whether areas a and b are within a factor of each other (each at most factor times the other)."""
+    return a <= factor * b and b <= factor * a
 
 
 def hungarian(iou: np.ndarray, rows: list[int], cols: list[int], min_iou: float
@@ -280,13 +285,13 @@ class Tracker:
         if cfg.reid_dist <= 0 or not high or not ts:
             return [], high
         cost = np.full((len(high), len(ts)), np.inf)
+        areas = [float(self.tracks[k].mask.sum()) for k in ts]
         for a, i in enumerate(high):
             m, c = dets[i].mask, centroid(dets[i].mask)
-            for b, k in enumerate(ts):
+            m_area = float(m.sum())
+            for b, (k, area) in enumerate(zip(ts, areas)):
                 t = self.tracks[k]
-                area = float(t.mask.sum())
-                if t.mask.shape != m.shape or t.cls() != dets[i].cls or not (
-                        area <= cfg.reid_area * m.sum() and m.sum() <= cfg.reid_area * area):
+                if t.mask.shape != m.shape or t.cls() != dets[i].cls or not within(area, m_area, cfg.reid_area):
                     continue
                 d = float(np.hypot(c[0] - t.c[0], c[1] - t.c[1])) / np.sqrt(area)
                 if d <= cfg.reid_dist:
