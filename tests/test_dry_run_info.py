@@ -100,6 +100,6 @@ def test_verbose_logs_what_m2f_decided(imgs, tmp_path, tiny_model):
                   "off", "--workers", "0"]
     loud = subprocess.run(args + ["-v"], capture_output=True, text=True, timeout=300)
     (line,) = [x for x in loud.stderr.splitlines() if x.startswith("m2f: INFO: model: ")]
-    assert "HFPredictor" in line and "batch size 1" in line and "0 decode workers" in line
+    assert "NativePredictor" in line and "batch size 1" in line and "0 decode workers" in line
     quiet = subprocess.run(args + ["--overwrite"], capture_output=True, text=True, timeout=300)
     assert "INFO" not in quiet.stderr

@@ -19,7 +19,7 @@ from PIL import Image
 
 from m2f_cli import Segmenter
 from m2f_cli.model.startup import traced
-from m2f_cli.model.loading import HFPredictor, load_model, read_categories, resolve_model
+from m2f_cli.model.loading import HFPredictor, eager_predictor, read_categories, resolve_model
 from planted import planted_image
 from tiny import make_tiny_model
 
@@ -45,7 +45,7 @@ def traces(cache: Path) -> list[Path]:
 def test_traced_model_computes_what_the_eager_model_computes(model_dir, cache):
     seg = Segmenter(model_dir, device="cpu")
     assert isinstance(seg.predictor, traced.TracedPredictor)
-    eager = HFPredictor(load_model(resolve_model(model_dir)), CPU)
+    eager = eager_predictor(resolve_model(model_dir), CPU, torch.float32)
     assert list(seg.predictor.categories) == list(eager.categories)  # kept in the archive
     torch.manual_seed(0)
     for batch in (1, 2, 3):  # traced at batch 1: the batch dimension must stay free
@@ -122,7 +122,7 @@ def test_new_weights_replace_the_old_trace(tmp_path, cache):
     assert isinstance(new, traced.TracedPredictor) and new.path != old_path
     assert [p.name for p in traces(cache)] == [new.path.name]  # the stale trace is gone
     x = torch.randn(1, 3, 384, 384)
-    want = HFPredictor(load_model(resolve_model(d)), CPU)(x)
+    want = eager_predictor(resolve_model(d), CPU, torch.float32)(x)
     torch.testing.assert_close(new(x)[0], want[0], rtol=0, atol=1e-4)
 
 
@@ -198,7 +198,7 @@ def test_cached_labels_are_those_transformers_gives(tmp_path, cache):
     built = Segmenter(d, device="cpu", threshold=0.1, task="instance")
     cached = Segmenter(d, device="cpu", threshold=0.1, task="instance")
     assert isinstance(cached.predictor, traced.TracedPredictor) and cached.predictor.path.exists()
-    eager = HFPredictor(load_model(resolve_model(d)), CPU)
+    eager = eager_predictor(resolve_model(d), CPU, torch.float32)
     assert list(cached.categories) == list(built.categories) == list(eager.categories)
     assert list(read_categories(resolve_model(d))) == list(eager.categories)  # without loading
     assert len(eager.categories) == 80 and eager.categories[0].name == "LABEL_0"
@@ -231,7 +231,7 @@ def test_runs_starting_together_build_once(tmp_path, cache):
         assert "waiting for another m2f process" in seen
         assert not path.exists()
         # the builder finishes: its trace appears, then the lock is released
-        traced.build(HFPredictor(load_model(resolve_model(d)), CPU), (384, 384), path)
+        traced.build(eager_predictor(resolve_model(d), CPU, torch.float32), (384, 384), path)
     finally:
         os.close(fd)
     out, err = waiter.communicate(timeout=300)
@@ -256,7 +256,7 @@ def test_same_size_same_mtime_weights_of_other_values_get_a_new_trace(tmp_path, 
     new = Segmenter(d, device="cpu").predictor
     assert isinstance(new, traced.TracedPredictor) and new.path != old.path
     x = torch.randn(1, 3, 384, 384)
-    want = HFPredictor(load_model(resolve_model(other)), CPU)(x)
+    want = eager_predictor(resolve_model(other), CPU, torch.float32)(x)
     torch.testing.assert_close(new(x)[1], want[1], rtol=0, atol=1e-4)
 
 

@@ -143,7 +143,8 @@ class HFPredictor:
         self.model = model.to(device).eval()
         self.device = device
         self.dtype = dtype
-        self.id2label = dict(getattr(model.config, "id2label", None) or {})
+        self.id2label = dict(getattr(getattr(model, "config", None), "id2label", None)
+                             or getattr(model, "id2label", None) or {})
         self.categories = categories_of(self.id2label)
         self.compiling = compile  # torch.compile: the first forward of each input shape compiles
         self._forward = torch.compile(self.model) if compile else self.model
@@ -159,12 +160,40 @@ class HFPredictor:
         return out.class_queries_logits, out.masks_queries_logits
 
 
-def load_model(source: ModelSource, allow_pickle: bool = False) -> torch.nn.Module:
-    """Load the weights of a resolved source. safetensors only unless allow_pickle."""
+class NativePredictor(HFPredictor):
+    """m2f's own definition of the model (model/native), run as HFPredictor runs transformers'."""
+
+    def __call__(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), self._autocast():
+            return self._forward(pixel_values)
+
+
+def eager_predictor(source: "ModelSource", device: torch.device, dtype: torch.dtype, allow_pickle: bool = False,
+                    compile: bool = False) -> HFPredictor:
+    """The model run eagerly (or under torch.compile): m2f's own definition where it covers the
+    checkpoint exactly (no transformers import: ~2 s sooner), else transformers'."""
+    from m2f_cli.model import native
+    if native.enabled():
+        _check_weights(source, allow_pickle)
+        try:
+            model = native.load(source.local_dir, allow_pickle)
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' SafetensorError, ...
+            raise ModelLoadError(f"{source.local_dir}: cannot load the model ({one_line(e)})") from None
+        if model is not None:
+            return NativePredictor(model, device, dtype, compile)
+    return HFPredictor(load_model(source, allow_pickle), device, dtype, compile)
+
+
+def _check_weights(source: "ModelSource", allow_pickle: bool) -> None:
     has_st = any(f.endswith(".safetensors") for f in os.listdir(source.local_dir))
     if not has_st and not allow_pickle:
         raise ModelLoadError(f"{source.local_dir}: no .safetensors weights; pass --allow-pickle to load "
                              f"pytorch_model.bin (it runs pickle: only for files you trust)")
+
+
+def load_model(source: ModelSource, allow_pickle: bool = False) -> torch.nn.Module:
+    """Load the weights of a resolved source. safetensors only unless allow_pickle."""
+    _check_weights(source, allow_pickle)
     from transformers import Mask2FormerForUniversalSegmentation
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -229,7 +258,7 @@ def load(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow
     # torch.compile only where no compiled package can stand for it (GPUs, float16, cache off)
     packages = compiled.eligible(device, dtype) and cache_mode == "auto"
     torch_compile = compile and not packages
-    fresh = lambda: HFPredictor(load_model(source, allow_pickle), device, dtype, torch_compile)  # noqa: E731
+    fresh = lambda: eager_predictor(source, device, dtype, allow_pickle, torch_compile)  # noqa: E731
     if trace_size is None:
         return Loaded(fresh())
     try:
@@ -247,7 +276,7 @@ def load(source: ModelSource, device: torch.device, dtype: torch.dtype, *, allow
             with traced.build_lock(path, notify, wait_s=BUILD_WAIT_S):
                 got = traced.load(path, trace_size, device)  # another process may have built it
                 if got is None:
-                    predictor = HFPredictor(load_model(source, allow_pickle), device, dtype)
+                    predictor = eager_predictor(source, device, dtype, allow_pickle)
                     return Loaded(traced.build(predictor, trace_size, path, notify) or predictor)
         return _leave(got or fresh(), plan, builds, announce or notify)
     except BuildBusy as e:

@@ -129,8 +129,8 @@ def cpu_kind_name() -> str:
 def hint(plan: Plan) -> str:
     """The one line a run that found no compiled package (or trace) ends with."""
     if plan.kind == "trace":
-        return (f"once, `{plan.user_command()}` saves this model's start-up trace (seconds); later runs "
-                f"start ~5 s sooner (no transformers import) and run ~1.3x faster")
+        return (f"once, `{plan.user_command()}` saves this model's start-up trace (seconds); later runs' "
+                f"forward is ~1.15x faster")
     gain = MEASURED_GAIN.get(cpu_kind_name())
     speed = f"later runs: {gain}" if gain else "the gain is not measured on this kind of CPU yet (benchmarks/run.py)"
     return f"once, `{plan.user_command()}` compiles this model for this CPU (~2 min on 2 cores); {speed}"

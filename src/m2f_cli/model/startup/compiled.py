@@ -1,6 +1,6 @@
 """The compiled start-up cache: an AOTInductor package of the model, built once, loaded by later runs.
 
-traced.py keeps a TorchScript trace so that runs skip transformers' import; this keeps the model
+traced.py keeps a TorchScript trace of the eager model; this keeps the model
 *compiled* across runs: ``torch.export`` of the predictor as m2f runs it (pixel_values -> (class
 logits, mask logits), with deformable.py's embedding_bag attention inside the graph), compiled by
 ``torch._inductor.aoti_compile_and_package`` with inductor's freezing (weights folded in as

@@ -1,27 +1,24 @@
-"""The start-up cache: a TorchScript trace of the loaded model, so that later runs skip transformers.
+"""The start-up cache: a TorchScript trace of the model as m2f runs it eagerly, for ~1.15x faster forwards.
 
-On the 2-core build machine a run spends ~8 s before its first forward pass: importing torch
-(~2.5 s), importing transformers' Mask2Former (~4.7 s: it pulls in torch.distributed.tensor,
-torch._dynamo, sympy and scipy.optimize) and ``from_pretrained`` (~0.6-0.9 s). A trace saved with
-``torch.jit.save`` loads in ~0.6 s with torch alone, so a run on a cached model starts ~5 s sooner.
+Before the model had a definition of its own (model/native), the trace's point was the start-up:
+importing transformers' Mask2Former costs ~2 s (torch.distributed.tensor, torch._dynamo, sympy,
+scipy.optimize) and a trace loads with torch alone. Now an eager run imports no transformers
+either, and the trace's gain is its frozen forward: 0.47-0.51 s against 0.54-0.58 s eager at
+384x384 (full Swin-T, batch 1, 2-core AMX Xeon), bit-identical outputs.
 
-What is traced: the model as m2f runs it (``HFPredictor``: pixel_values -> (class logits, mask
-logits), with m2f's deformable attention), on CPU in float32, for ONE input size: a trace records
+What is traced: the predictor loading.eager_predictor gives (m2f's own model where it covers the
+checkpoint, else transformers'; pixel_values -> (class logits, mask logits), with m2f's deformable
+attention), on CPU in float32, for ONE input size: a trace records
 the operations run for that size, so it is only used where preprocessing gives every image the same
 model input size (``--resize checkpoint`` on the COCO checkpoints: 384x384). The batch dimension stays
 free (tested against the eager model at batch sizes 1-3). The trace is frozen (``torch.jit.freeze``:
-weights become constants, ~1.8 s once) and runs under ``torch.jit.optimized_execution(False)``
+weights become constants) and runs under ``torch.jit.optimized_execution(False)``
 (the profiling executor's first two calls cost ~2 extra forwards for no steady-state gain).
 
-Measured with the full Swin-T model at 384x384, batch 1, same process (2-core build machine):
-forward ~1.2 s vs ~1.3-1.4 s eager; peak RSS 619 MB vs 717 MB eager (an unfrozen trace: 976 MB);
-outputs identical at batch 1, within 2.5e-5 (mask logits) at batch 2-3, the size of the last-bit
-changes batch mates already cause in eager mode.
-
 The cache file's name is ``<folder>-<folder hash>-<H>x<W>-<env>-<key>.pt``. ``env`` is a digest of
-what this environment runs the trace with: the versions of torch, transformers, m2f, of this module
-and deformable.py, the dtype and the fast-deformable switch. ``key`` adds the input size and the
-model folder's fingerprint (fingerprint.py): a content hash of its JSON and weight files, each weight
+what this environment runs the trace with: the versions of torch, transformers, m2f, of this module,
+deformable.py and model/native, the dtype and the fast-deformable and native-model switches.
+``key`` adds the input size and the model folder's fingerprint (fingerprint.py): a content hash of its JSON and weight files, each weight
 file's digest computed once and remembered by path, size, mtime, ctime and inode. Content, not
 path/size/mtime: weights retrained with the same shapes and copied with preserved or normalised
 mtimes (``rsync -a``, tar, container images with mtime 0) get another key. (The other way, the
@@ -34,13 +31,13 @@ bounds what accumulates. A trace is held with a shared flock while a process use
 no eviction, replacement or ``m2f cache clear`` deletes it under that process.
 One process builds a trace at a time (``build_lock``); the others wait and load it. Writes are atomic
 (temporary file + rename). Anything wrong with a cache file (unreadable, not a trace) means: warn,
-delete it, load through transformers and rebuild. The archive also keeps the model config's id2label,
+delete it, load the model eagerly and rebuild. The archive also keeps the model config's id2label,
 so a cached load names the classes exactly as a transformers load does.
 
 Why TorchScript: torch 2.13 marks torch.jit deprecated in favour of torch.export, but loading this
 model's ExportedProgram (``torch.export.load``) took ~20 s here, longer than the start-up it would
 save. The jit calls below silence that DeprecationWarning; if a later torch drops torch.jit, building
-fails with a warning and runs go on through transformers.
+fails with a warning and runs go on eagerly.
 
 Location: ``$M2F_CACHE_DIR``, else ``$XDG_CACHE_HOME/m2f``, else ``~/.cache/m2f``; under ``traced/``
 (fingerprint.cache_root, cache.traces_dir). ``--startup-cache off`` (``Segmenter(startup_cache="off")``)
@@ -75,7 +72,9 @@ from m2f_cli.errors import one_line
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when what is traced changes in a way the key below does not see
-_SOURCES = (Path(__file__), Path(deformable.__file__))
+_NATIVE = Path(deformable.__file__).parent / "native"
+_SOURCES = (Path(__file__), Path(deformable.__file__), _NATIVE / "__init__.py", _NATIVE / "swin.py",
+            _NATIVE / "heads.py")
 _META = "m2f.json"  # in the archive: the traced model's config.id2label
 
 
@@ -101,7 +100,11 @@ def _versions() -> dict:
 def env_key(dtype: torch.dtype) -> str:
     """A hex digest of what this environment runs a trace with (versions, dtype, switches): traces
     of other environments sharing the cache have another one, and are never replaced by ours."""
-    doc = {**_versions(), "dtype": str(dtype), "fast_deformable": deformable.enabled()}
+    from m2f_cli.model import native
+    # "native": traces of m2f's own model definition (model/native), not transformers' (their
+    # outputs differ by float rounding; a trace holds the one it was built from)
+    doc = {**_versions(), "dtype": str(dtype), "fast_deformable": deformable.enabled(),
+           "definition": "native" if native.enabled() else "transformers"}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
