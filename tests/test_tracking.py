@@ -188,6 +188,22 @@ def test_a_tracked_object_inside_a_pair_mask_keeps_its_track():
     assert run(frames, TrackerConfig(covered_match=False))[3:] == [[1, 1]] * 2  # without: merged
 
 
+def test_an_object_merged_by_iou_into_a_mask_over_it_and_a_neighbour_keeps_its_track():
+    # A and B tracked apart; then the detector returns a stronger mask over both (same class) and A
+    # alone, no B alone (no span). A lies inside the pair mask at IoU 0.64 (> same_class_iou): merged
+    # into it, A's track went to the pair mask and B's was lost. Taken into the first assignment
+    # (dup_match: the pair mask is >= 1.1 times A's), A keeps its track and the pair mask takes B's
+    a = [disc(20 + 3 * k, 30, 8) for k in range(6)]
+    b = [disc(36 + 3 * k, 30, 6) for k in range(6)]
+    frames = ([[(a[k], 0.9, KITE), (b[k], 0.9, KITE)] for k in range(4)]
+              + [[(a[k] | b[k], 0.95, KITE), (a[k], 0.85, KITE)] for k in (4, 5)])
+    t = Tracker()
+    out = [t.step([Detection(*d) for d in f]) for f in frames]
+    assert [[x.track_id for x in f] for f in out] == [[1, 2]] * 4 + [[2, 1]] * 2
+    assert all(x.duplicate_of is None for x in out[-1])
+    assert run(frames, TrackerConfig(dup_match=0))[4:] == [[1, 1]] * 2  # without: A merged into the pair mask
+
+
 def test_a_covered_detection_that_fits_a_track_best_takes_it_in_the_first_assignment():
     # A and B tracked apart; then a stronger loose mask over B and part of A (nearer B's track than
     # A's: IoU 0.29 vs 0.24) and B alone, covered by it: merged as covered, B's track went to the

@@ -21,14 +21,15 @@ and a class) and returns each one's track. In order:
 3. four Hungarian assignments (scipy's linear_sum_assignment on 1 - IoU, a pair kept only at
    IoU >= ``match_iou``): the detections at or above ``high``, and with them (``covered_match``)
    the strong detections step 1 merged only because a larger mask covered them (not by IoU, nor as
-   the pair mask of the span rule), against every live track's predicted mask; then the detections
+   the pair mask of the span rule), and (``dup_match``) those it merged by IoU into a mask at least
+   ``dup_match`` times larger, against every live track's predicted mask; then the detections
    between ``low`` and ``high`` against the tracks left (ByteTrack's second pass: a weak detection
    keeps a track alive but never starts one); then the high ones left against the tracks' last
    observed masks, unshifted (OC-SORT's observation-centric recovery, for a track whose velocity
    went wrong); then the high ones left against the confirmed tracks left, by the distance of their
    centroids, ``reid_dist`` track sizes at most, when area (``reid_area``) and class agree (the
    re-identification of an object hidden a few frames whose motion estimate went wrong, which
-   would start a new track). A covered detection matched in the first is that track's object, seen inside a mask
+   would start a new track). A covered (or dup_match) detection matched in the first is that track's object, seen inside a mask
    over it and a neighbour (Mask2Former returns the pair as one instance, and only one part of it on
    its own, so the span rule does not apply): it is no duplicate, and its cover, when no track takes
    it, starts none. One not matched stays merged (the usual case: a partial mask of one object,
@@ -81,6 +82,8 @@ class TrackerConfig:
                                  # leaves the track's velocity as it was (step 2); 0: every match updates it
     covered_match: bool = True  # the strong detections merged only as covered take part in step 3's first
                                 # assignment (a track they fit best takes them; their cover starts no track)
+    dup_match: float = 1.1  # ... and with them those merged by IoU into a mask at least this many times
+                            # larger (an object's mask inside a mask over it and a neighbour); 0: none
 
     def record(self) -> dict:
         return dict(self.__dict__)
@@ -189,7 +192,8 @@ class Tracker:
 
     def duplicates(self, dets: list[Detection]) -> tuple[list[int], dict[int, int], list[int]]:
         """(the detections at or above low that are kept, by descending score; duplicate -> kept;
-        the duplicates merged only as covered (IoU < dup_iou, no span), in order. Duplicates:
+        the duplicates that step 3's first assignment also takes: merged only as covered (IoU <
+        dup_iou, no span), or by IoU into a mask >= dup_match times larger, in order. Duplicates:
         a mask over two detected objects (spans()), merged into the part it overlaps most; the same
         mask (IoU >= dup_iou with a kept one; >= same_class_iou when of its class) or mostly covered by the kept ones together (>= dup_cover
         of its pixels), merged into the kept one it overlaps most).
@@ -212,7 +216,7 @@ class Tracker:
                                                    else cfg.dup_iou)
             if b is not None and (same or cover >= cfg.dup_cover):
                 dup[i] = order[b] if iou[a, b] > 0 else order[kept[0]]
-                if not same:
+                if not same or 0 < cfg.dup_match * m.sum() <= dets[order[b]].mask.sum():
                     parts.append(i)
             else:
                 kept.append(a)
