@@ -54,7 +54,19 @@ def iou_matrix(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
     fa = np.stack([m.ravel() for m in a]).astype(np.float32)
     fb = np.stack([m.ravel() for m in b]).astype(np.float32)
     inter = (fa @ fb.T).astype(np.float64)
-    union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+    return iou_of(inter, fa.sum(1), fb.sum(1))
+
+
+def intersections(masks: list[np.ndarray]) -> np.ndarray:
+    """(n, n) float64 pixel counts of each pair's intersection (the diagonal: the areas) of grid
+    masks of one shape."""
+    flat = np.stack([m.ravel() for m in masks]).astype(np.float32)
+    return (flat @ flat.T).astype(np.float64)
+
+
+def iou_of(inter: np.ndarray, area_a: np.ndarray, area_b: np.ndarray) -> np.ndarray:
+    """IoU from intersections (len(a), len(b)) and the masks' areas (0 where both are empty)."""
+    union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 

@@ -54,7 +54,7 @@ from typing import Optional
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from m2f_cli.tracking.masks import centroid, iou_matrix, pack, shifted, unpack
+from m2f_cli.tracking.masks import centroid, intersections, iou_matrix, iou_of, pack, shifted, unpack
 
 
 @dataclass(frozen=True)
@@ -201,9 +201,14 @@ class Tracker:
         cfg = self.config
         order = sorted((i for i, d in enumerate(dets) if d.score >= self.config.low and d.mask.any()),
                        key=lambda i: (-dets[i].score, i))
-        span = self.spans(dets, order)
-        order = [i for i in order if i not in span]
-        iou = iou_matrix([dets[i].mask for i in order], [dets[i].mask for i in order])
+        # one intersection matrix for the frame: spans() and the IoU below read it
+        inter = intersections([dets[i].mask for i in order]) if order else np.zeros((0, 0))
+        span = self.spans(dets, order, inter)
+        rest = [a for a, i in enumerate(order) if i not in span]
+        order = [order[a] for a in rest]
+        inter = inter[np.ix_(rest, rest)]
+        area = np.diag(inter)
+        iou = iou_of(inter, area, area)
         kept: list[int] = []  # positions in order
         dup: dict[int, int] = {}
         covered = np.zeros_like(dets[order[0]].mask) if order else None
@@ -225,17 +230,16 @@ class Tracker:
         dup.update({i: dup.get(j, j) for i, j in span.items()})
         return [order[b] for b in kept], dup, parts
 
-    def spans(self, dets: list[Detection], order: list[int]) -> dict[int, int]:
+    def spans(self, dets: list[Detection], order: list[int], inter: np.ndarray) -> dict[int, int]:
         """The detections that are two detected objects under one mask: a mask that holds (each
         >= span_inside of its pixels inside it) two or more strong (>= high) detections of distinct
         objects (IoU < span_iou between them) covering together >= span_cover of it; -> the part it
-        overlaps most. Taken by ascending size, so a part is never itself such a mask."""
+        overlaps most. Taken by ascending size, so a part is never itself such a mask. inter: the
+        masks' intersections (masks.intersections), in the order of order."""
         cfg = self.config
-        masks = [dets[i].mask for i in order]
-        if len(masks) < 3 or len({m.shape for m in masks}) > 1:
+        if len(order) < 3:
             return {}
-        flat = np.stack([m.ravel() for m in masks]).astype(np.float32)
-        inter = (flat @ flat.T).astype(np.float64)
+        flat = np.stack([dets[i].mask.ravel() for i in order]).astype(np.float32)
         area = np.diag(inter).copy()
         out: dict[int, int] = {}
         for a in sorted(range(len(order)), key=lambda a: (area[a], a)):
