@@ -46,10 +46,7 @@ def _part(mask, tile, label=PERSON, cls=0.9, mprob=0.85):
     b = BOXES[tile]
     m = np.zeros_like(mask)
     m[b.r0:b.r1, b.c0:b.c1] = mask[b.r0:b.r1, b.c0:b.c1]
-    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-    crop = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return Part(label, cls * mprob, tile, int(rows[0]), int(cols[0]),
-                mask_utils.encode(np.asfortranarray(crop.astype(np.uint8))), int(crop.sum()), cls)
+    return Part.of_mask(label, cls * mprob, tile, m, cls)
 
 
 def planted_parts() -> tuple[list[Part], dict[str, np.ndarray]]:

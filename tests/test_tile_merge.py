@@ -39,10 +39,7 @@ def _part(mask: np.ndarray, tile: int, box: Box, label: int = PERSON, cls: float
     """The part tile `tile` (at box) sees of the full-size mask: score = cls x mprob (the paper's rule)."""
     m = np.zeros_like(mask)
     m[box.r0:box.r1, box.c0:box.c1] = mask[box.r0:box.r1, box.c0:box.c1]
-    rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
-    crop = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    return Part(label, cls * mprob, tile, int(rows[0]), int(cols[0]),
-                mask_utils.encode(np.asfortranarray(crop.astype(np.uint8))), int(crop.sum()), cls)
+    return Part.of_mask(label, cls * mprob, tile, m, cls)
 
 
 def _instances(parts, boxes, threshold=0.3):

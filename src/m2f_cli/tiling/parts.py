@@ -49,6 +49,12 @@ class Part:
         """(h, w) bool crop."""
         return mask_utils.decode(self.rle).astype(bool)
 
+    @classmethod
+    def of_mask(cls, label: int, score: float, tile: int, mask: np.ndarray, class_prob: float = 0.0) -> "Part":
+        """The part whose pixels are those of a full-image bool mask (one at least): its tight crop."""
+        r0, c0, crop = _tight(mask)
+        return cls(label, score, tile, r0, c0, _encode(crop), int(crop.sum()), class_prob)
+
 
 def _encode(b: np.ndarray) -> dict:
     return mask_utils.encode(np.asfortranarray(b.astype(np.uint8)))
